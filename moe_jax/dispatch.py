@@ -1,0 +1,166 @@
+"""Three interchangeable ways to send tokens through their experts: one signature, one result.
+
+    y = dispatch(path, x, routing, experts)      x: [S, M], y: [S, M]
+
+`experts` is the experts' parameter dict: w1 [E, M, F], b1 [E, F], w2 [E, F, M], b2 [E, M].
+
+  * "einsum": DeepSpeed's / GShard's one-hot baseline. Builds combine and dispatch [S, E, C] and
+    moves tokens with einsum("sec,sm->ecm") and einsum("sec,ecm->sm"): O(S * E * C * M) work, and
+    since E * C is about S * cf, O(S^2 * M) whatever E is.
+  * "gather": the paper's mapping table. Each copy's row in the flat [E * C] buffer is
+    expert * C + slot; tokens are gathered into the [E, C, M] buffer and the experts' outputs are
+    gathered back and weighted: O(S * k * M + E * C * M) data movement, no [S, E, C] tensor.
+  * "dropless": token copies sorted by expert, then a grouped matmul; capacity plays no part, so
+    nothing is dropped when the routing was computed with drop_tokens=False (copies the routing
+    dropped have weight 0, so with a dropping routing it equals the other paths). Two grouped-matmul
+    implementations: `jax.lax.ragged_dot` (the GPU choice; on CPU XLA expands it to a dense masked
+    matmul, E times the work) and "tiles": groups padded to a multiple of a row tile and one matmul
+    per tile with that tile's expert weights (a scan; the CPU choice).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax.gating import Routing
+
+PATHS = ("einsum", "gather", "dropless")
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """GPT-2/3's tanh approximation of GELU."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+def expert_ffn(experts: dict, buffer: jax.Array) -> jax.Array:
+    """Every expert's FFN on its own rows: buffer [E, C, M] -> [E, C, M]."""
+    dtype = buffer.dtype
+    hidden = jnp.einsum("ecm,emf->ecf", buffer, experts["w1"].astype(dtype)) + experts["b1"][:, None, :].astype(dtype)
+    hidden = gelu(hidden)
+    return jnp.einsum("ecf,efm->ecm", hidden, experts["w2"].astype(dtype)) + experts["b2"][:, None, :].astype(dtype)
+
+
+def dispatch_einsum(x: jax.Array, routing: Routing, experts: dict) -> jax.Array:
+    combine, dispatch_mask = routing.to_dense()
+    buffer = jnp.einsum("sec,sm->ecm", dispatch_mask.astype(x.dtype), x)
+    out = expert_ffn(experts, buffer)
+    return jnp.einsum("sec,ecm->sm", combine.astype(x.dtype), out)
+
+
+def gather_to_buffer(x: jax.Array, routing: Routing) -> jax.Array:
+    """x [S, M] -> the experts' input buffer [E, C, M] (empty slots are zero rows)."""
+    num_tokens, k = routing.expert_index.shape
+    rows = routing.num_experts * routing.capacity
+    position = routing.flat_position().reshape(-1)
+    token = jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), k)
+    # slot -> token that fills it; num_tokens (a zero row) where empty. Dropped copies point past
+    # the end and are discarded by mode="drop".
+    slot_token = jnp.full((rows,), num_tokens, jnp.int32).at[position].set(token, mode="drop")
+    x_padded = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)], axis=0)
+    return x_padded[slot_token].reshape(routing.num_experts, routing.capacity, x.shape[1])
+
+
+def combine_from_buffer(out: jax.Array, routing: Routing) -> jax.Array:
+    """out [E, C, M] -> y [S, M] = sum over each token's kept copies of weight * expert output."""
+    model_dim = out.shape[-1]
+    flat = jnp.concatenate([out.reshape(-1, model_dim), jnp.zeros((1, model_dim), out.dtype)], axis=0)
+    rows = flat[routing.flat_position()]  # [S, k, M]; dropped copies read the zero row
+    return jnp.einsum("skm,sk->sm", rows, routing.weight.astype(out.dtype))
+
+
+def dispatch_gather(x: jax.Array, routing: Routing, experts: dict) -> jax.Array:
+    return combine_from_buffer(expert_ffn(experts, gather_to_buffer(x, routing)), routing)
+
+
+def _sort_copies(routing: Routing):
+    """Copies sorted by expert (stable). Returns (order [N], sorted_expert [N], group_sizes [E])."""
+    flat_expert = routing.expert_index.reshape(-1)
+    order = jnp.argsort(flat_expert, stable=True).astype(jnp.int32)
+    group_sizes = jnp.zeros(routing.num_experts, jnp.int32).at[flat_expert].add(1)
+    return order, flat_expert[order], group_sizes
+
+
+def grouped_ffn_ragged(experts: dict, rows: jax.Array, sorted_expert: jax.Array,
+                       group_sizes: jax.Array) -> jax.Array:
+    """Expert FFN on expert-sorted rows [N, M] with jax.lax.ragged_dot."""
+    dtype = rows.dtype
+    hidden = jax.lax.ragged_dot(rows, experts["w1"].astype(dtype), group_sizes)
+    hidden = gelu(hidden + experts["b1"].astype(dtype)[sorted_expert])
+    out = jax.lax.ragged_dot(hidden, experts["w2"].astype(dtype), group_sizes)
+    return out + experts["b2"].astype(dtype)[sorted_expert]
+
+
+def grouped_ffn_tiles(experts: dict, rows: jax.Array, sorted_expert: jax.Array,
+                      group_sizes: jax.Array, tile: int = 128) -> jax.Array:
+    """Expert FFN on expert-sorted rows [N, M]: each group padded to a multiple of `tile` rows, one
+    [tile, M] x [M, F] x [F, M] FFN per tile with its expert's weights (lax.scan), unused tiles skipped."""
+    num_rows, model_dim = rows.shape
+    num_experts = group_sizes.shape[0]
+    tile = max(8, min(tile, pl2(num_rows)))
+    padded_sizes = (group_sizes + tile - 1) // tile * tile
+    padded_start = jnp.cumsum(padded_sizes) - padded_sizes
+    group_start = jnp.cumsum(group_sizes) - group_sizes
+    destination = padded_start[sorted_expert] + jnp.arange(num_rows, dtype=jnp.int32) - group_start[sorted_expert]
+    num_tiles = (num_rows + num_experts * (tile - 1) + tile - 1) // tile  # static upper bound
+    source = jnp.full((num_tiles * tile,), num_rows, jnp.int32).at[destination].set(
+        jnp.arange(num_rows, dtype=jnp.int32))
+    padded = jnp.concatenate([rows, jnp.zeros((1, model_dim), rows.dtype)])[source]
+    tiles = padded.reshape(num_tiles, tile, model_dim)
+    padded_end = jnp.cumsum(padded_sizes)
+    tile_expert = jnp.minimum(
+        jnp.searchsorted(padded_end, jnp.arange(num_tiles) * tile, side="right"), num_experts - 1)
+    used_tiles = padded_end[-1] // tile
+    dtype = rows.dtype
+
+    def one_tile(_, inputs):
+        index, expert, block = inputs
+
+        def compute(block):
+            w = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, expert, keepdims=False).astype(dtype),
+                             experts)
+            hidden = gelu(block @ w["w1"] + w["b1"])
+            return hidden @ w["w2"] + w["b2"]
+
+        out = jax.lax.cond(index < used_tiles, compute, jnp.zeros_like, block)
+        return None, out
+
+    _, out_tiles = jax.lax.scan(one_tile, None, (jnp.arange(num_tiles), tile_expert, tiles))
+    return out_tiles.reshape(-1, model_dim)[destination]
+
+
+def pl2(n: int) -> int:
+    """Smallest power of two >= n."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def dispatch_dropless(x: jax.Array, routing: Routing, experts: dict, impl: str | None = None) -> jax.Array:
+    num_tokens, k = routing.expert_index.shape
+    impl = impl or ("tiles" if jax.default_backend() == "cpu" else "ragged")
+    order, sorted_expert, group_sizes = _sort_copies(routing)
+    rows = x[order // k]
+    if impl == "ragged":
+        out = grouped_ffn_ragged(experts, rows, sorted_expert, group_sizes)
+    elif impl == "tiles":
+        out = grouped_ffn_tiles(experts, rows, sorted_expert, group_sizes)
+    else:
+        raise ValueError(f"dropless impl={impl!r}; use 'ragged' or 'tiles'")
+    per_copy = jnp.zeros_like(out).at[order].set(out)  # back to (token, choice) order
+    return jnp.einsum("skm,sk->sm", per_copy.reshape(num_tokens, k, -1), routing.weight.astype(x.dtype))
+
+
+_DISPATCH = {"einsum": dispatch_einsum, "gather": dispatch_gather, "dropless": dispatch_dropless}
+
+
+def dispatch(path: str, x: jax.Array, routing: Routing, experts: dict) -> jax.Array:
+    """Runs the experts on x [S, M] as `routing` says, by the named path. Returns y [S, M]."""
+    try:
+        fn = _DISPATCH[path]
+    except KeyError:
+        raise ValueError(f"dispatch path {path!r} is unknown; use one of {PATHS}") from None
+    return fn(x, routing, experts)
+
+
+__all__ = ["PATHS", "dispatch", "dispatch_einsum", "dispatch_gather", "dispatch_dropless", "expert_ffn",
+           "gather_to_buffer", "combine_from_buffer", "grouped_ffn_ragged", "grouped_ffn_tiles",
+           "gelu"]

@@ -1,0 +1,236 @@
+"""Top-k gating with DeepSpeed's semantics, returning the dense token-to-expert mapping table.
+
+`top_k_gating(logits [S, E], ...)` reproduces `deepspeed.moe.sharded_moe.top1gating`,
+`top2gating` and `topkgating` (DeepSpeed 0.19.8; tested against its own outputs in
+tests/data/deepspeed_gating.npz) and returns a `Routing`:
+
+  expert_index [S, k] int32  the k experts of each token (choice order: first, second, ...)
+  slot         [S, k] int32  position of that copy in its expert's buffer (0 where dropped)
+  weight       [S, k] f32    combine weight (0 where dropped)
+  kept         [S, k] bool   whether the copy fits in its expert's capacity
+
+Semantics (REFERENCE.md):
+  * capacity C = max(ceil(S / E * k * cf), min_capacity) evaluated in float32 as DeepSpeed does;
+    with drop_tokens=False nothing is dropped and the static buffer size is C = S (no expert can
+    receive more than S copies, since a token's k experts are distinct).
+  * k=1: expert = argmax softmax (of logits + Gumbel noise under RSample); weight = raw softmax
+    probability. Over-full experts keep their first C tokens, or with random token selection
+    (use_rts) the C tokens with the highest uniform score. Kept tokens are packed in token order.
+    DeepSpeed's non-RTS survivor choice is torch.topk over equal values (unspecified order); this
+    implementation keeps the first C tokens, which is what its cumsum slots intend.
+  * k=2: second expert = argmax of logits (+ Gumbel noise when second_expert_sampling) with the first
+    masked. All first choices take slots before any second choice. Dropping is positional. The two
+    weights are renormalised after dropping: g_i / max(g_1 + g_2, eps).
+  * k>2: experts = top-k of the raw logits; drop policy "probs" keeps, per expert, the C copies with
+    the highest softmax probability (what DeepSpeed 0.19.8 outputs: its golden vectors rank by
+    probability, not by logit), or "position" (first come); slots in token order; weights = softmax
+    renormalised over the surviving experts. DeepSpeed's no-drop path for k>2 is broken; this one
+    works.
+  * aux loss: E * sum_e mean_s(gates)[e] * mean_s(first-choice mask)[e] for k=1,2;
+    E^2 / k * mean_e(mean_s(gates) * mean_s(top-k mask)) for k>2.
+  * router z-loss (ST-MoE): mean_s logsumexp(logits)^2, reported always, weighted by the caller.
+
+The random parts can be passed as arrays (rts_scores, gumbel, rsample_noise) to replay a run
+exactly; otherwise they are drawn from `rng`, and with neither the routing is deterministic
+(no RTS, no sampling).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+
+@struct.dataclass
+class Routing:
+    """The mapping table: where each token's k copies go and with what weight."""
+
+    expert_index: jax.Array  # [S, k] int32
+    slot: jax.Array  # [S, k] int32
+    weight: jax.Array  # [S, k] float32
+    kept: jax.Array  # [S, k] bool
+    aux_loss: jax.Array  # scalar
+    z_loss: jax.Array  # scalar
+    expert_counts: jax.Array  # [E] int32, copies routed to each expert before dropping
+    dropped_fraction: jax.Array  # scalar: dropped copies / (S * k)
+    capacity: int = struct.field(pytree_node=False)
+    num_experts: int = struct.field(pytree_node=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.expert_index.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.expert_index.shape[1]
+
+    def kept_counts(self) -> jax.Array:
+        """[E] copies each expert actually processes."""
+        return jnp.zeros(self.num_experts, jnp.int32).at[self.expert_index.reshape(-1)].add(
+            self.kept.reshape(-1).astype(jnp.int32))
+
+    def flat_position(self) -> jax.Array:
+        """[S, k] row of each copy in the flattened [E * C] buffer; E * C (out of range) where dropped."""
+        position = self.expert_index * self.capacity + self.slot
+        return jnp.where(self.kept, position, self.num_experts * self.capacity)
+
+    def to_dense(self, capacity: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
+        """DeepSpeed's layout: combine_weights [S, E, C] float32 and dispatch_mask [S, E, C] bool."""
+        capacity = self.capacity if capacity is None else capacity
+        expert_hot = jax.nn.one_hot(self.expert_index, self.num_experts, dtype=jnp.float32)  # [S,k,E]
+        slot_hot = jax.nn.one_hot(jnp.where(self.kept, self.slot, capacity), capacity,
+                                  dtype=jnp.float32)  # [S,k,C]; dropped copies are all-zero rows
+        combine = jnp.einsum("ske,skc->sec", expert_hot * self.weight[..., None], slot_hot)
+        dispatch = jnp.einsum("ske,skc->sec", expert_hot, slot_hot) > 0
+        return combine, dispatch
+
+
+def compute_capacity(num_tokens: int, num_experts: int, capacity_factor: float, min_capacity: int,
+                     k: int = 1) -> int:
+    """DeepSpeed's `_capacity`: ceil(S / E * (k * cf)) in float32, at least min_capacity."""
+    factor = np.float32(capacity_factor * k)  # torch.tensor(capacity_factor * k): python product, then f32
+    capacity = int(np.ceil(np.float32(num_tokens / num_experts) * factor))
+    return max(capacity, int(min_capacity))
+
+
+def _slots_in_token_order(mask: jax.Array) -> jax.Array:
+    """mask [S, E] (0/1) -> position of each marked token among the marked tokens of its column."""
+    return jnp.cumsum(mask, axis=0) - 1
+
+
+def _rank_within_expert(expert: jax.Array, priority: jax.Array, num_experts: int) -> jax.Array:
+    """For copies [N] with expert ids and priorities, each copy's rank among copies of the same
+    expert by decreasing priority (ties: earlier copy first). O(N log N): no [E, N] top-k."""
+    n = expert.shape[0]
+    order = jnp.arange(n, dtype=jnp.int32)
+    sorted_expert, _, sorted_order = jax.lax.sort((expert, -priority, order), num_keys=2, is_stable=True)
+    counts = jnp.zeros(num_experts, jnp.int32).at[expert].add(1)
+    group_start = jnp.cumsum(counts) - counts
+    rank_sorted = jnp.arange(n, dtype=jnp.int32) - group_start[sorted_expert]
+    return jnp.zeros(n, jnp.int32).at[sorted_order].set(rank_sorted)
+
+
+def _take(matrix: jax.Array, index: jax.Array) -> jax.Array:
+    """matrix [S, E], index [S, k] -> matrix[s, index[s, i]]."""
+    return jnp.take_along_axis(matrix, index, axis=1)
+
+
+def top_k_gating(
+    logits: jax.Array,
+    *,
+    k: int,
+    capacity_factor: float,
+    min_capacity: int = 4,
+    drop_tokens: bool = True,
+    use_rts: bool = False,
+    second_expert_sampling: bool = False,
+    drop_policy: str = "probs",
+    rng: Optional[jax.Array] = None,
+    rts_scores: Optional[jax.Array] = None,
+    gumbel: Optional[jax.Array] = None,
+    rsample_noise: Optional[jax.Array] = None,
+) -> Routing:
+    """Routes S tokens to k of E experts with DeepSpeed's semantics (module docstring).
+
+    Args:
+      logits: [S, E] gate logits (computed in float32).
+      k: experts per token.
+      capacity_factor: the factor in C = ceil(S / E * k * cf) (pass the eval factor when evaluating).
+      min_capacity: lower bound of C.
+      drop_tokens: False: no token is dropped (static buffer size C = S).
+      use_rts: k=1: random token selection among an over-full expert's tokens.
+      second_expert_sampling: k=2: Gumbel noise on the logits when picking the second expert.
+      drop_policy: k>2: "probs" (keep highest logits) or "position" (keep first come).
+      rng: draws rts_scores / gumbel when they are needed and not given.
+      rts_scores: [S, E] uniform [0, 1) RTS priorities (only [s, chosen expert] is read).
+      gumbel: [S, E] Gumbel noise for the second choice of top-2.
+      rsample_noise: [S, E] noise added to the logits for the top-1 choice (RSample policy).
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be [S, E]; got shape {logits.shape}")
+    num_tokens, num_experts = logits.shape
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"k={k} must be between 1 and the number of experts ({num_experts})")
+    if drop_policy not in ("probs", "position"):
+        raise ValueError(f"drop_policy={drop_policy!r}; use 'probs' or 'position'")
+    logits = logits.astype(jnp.float32)
+    rng_rts, rng_gumbel = jax.random.split(rng) if rng is not None else (None, None)
+    if k == 1 and use_rts and drop_tokens and rts_scores is None and rng_rts is not None:
+        rts_scores = jax.random.uniform(rng_rts, logits.shape)
+    if k == 2 and second_expert_sampling and gumbel is None and rng_gumbel is not None:
+        gumbel = jax.random.gumbel(rng_gumbel, logits.shape)
+
+    gates = jax.nn.softmax(logits, axis=-1)
+    if drop_tokens:
+        capacity = compute_capacity(num_tokens, num_experts, capacity_factor, min_capacity, k)
+    else:
+        capacity = num_tokens
+    me = jnp.mean(gates, axis=0)
+    z_loss = jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
+
+    if k == 1:
+        choose_from = gates if rsample_noise is None else logits + rsample_noise
+        expert_index = jnp.argmax(choose_from, axis=-1).astype(jnp.int32)[:, None]
+        mask = jax.nn.one_hot(expert_index[:, 0], num_experts, dtype=jnp.int32)
+        aux_loss = jnp.sum(me * jnp.mean(mask.astype(jnp.float32), axis=0)) * num_experts
+        if not drop_tokens:
+            kept_mask = mask
+        elif use_rts and rts_scores is not None:
+            priority = _take(rts_scores.astype(jnp.float32), expert_index)[:, 0]
+            rank = _rank_within_expert(expert_index[:, 0], priority, num_experts)
+            kept_mask = mask * (rank < capacity)[:, None]
+        else:
+            kept_mask = mask * (_slots_in_token_order(mask) < capacity)
+        kept = _take(kept_mask, expert_index) > 0
+        slot = _take(_slots_in_token_order(kept_mask), expert_index)
+        weight = _take(gates, expert_index) * kept
+        expert_counts = jnp.sum(mask, axis=0)
+    elif k == 2:
+        first = jnp.argmax(gates, axis=-1).astype(jnp.int32)
+        mask1 = jax.nn.one_hot(first, num_experts, dtype=jnp.int32)
+        noisy = logits if gumbel is None else logits + gumbel
+        second = jnp.argmax(jnp.where(mask1 > 0, -jnp.inf, noisy), axis=-1).astype(jnp.int32)
+        mask2 = jax.nn.one_hot(second, num_experts, dtype=jnp.int32)
+        location1 = _slots_in_token_order(mask1)
+        location2 = _slots_in_token_order(mask2) + jnp.sum(mask1, axis=0, keepdims=True)
+        aux_loss = jnp.mean(me * jnp.mean(mask1.astype(jnp.float32), axis=0)) * num_experts * num_experts
+        expert_index = jnp.stack([first, second], axis=1)
+        slot = jnp.stack([_take(location1, first[:, None])[:, 0], _take(location2, second[:, None])[:, 0]], 1)
+        kept = slot < capacity
+        probs = _take(gates, expert_index) * kept
+        denom = jnp.maximum(jnp.sum(probs, axis=1, keepdims=True), jnp.finfo(jnp.float32).eps)
+        weight = probs / denom
+        expert_counts = jnp.sum(mask1 + mask2, axis=0)
+    else:
+        _, expert_index = jax.lax.top_k(logits, k)
+        expert_index = expert_index.astype(jnp.int32)
+        mask = jnp.zeros((num_tokens, num_experts), jnp.int32).at[
+            jnp.arange(num_tokens)[:, None], expert_index].set(1)
+        aux_loss = jnp.mean(me * jnp.mean(mask.astype(jnp.float32), axis=0)) * num_experts ** 2 / k
+        if not drop_tokens:
+            kept_mask = mask
+        elif drop_policy == "probs":
+            flat_expert = expert_index.reshape(-1)
+            rank = _rank_within_expert(flat_expert, _take(gates, expert_index).reshape(-1), num_experts)
+            kept_copy = (rank < capacity).reshape(num_tokens, k)
+            kept_mask = jnp.zeros_like(mask).at[jnp.arange(num_tokens)[:, None], expert_index].set(
+                kept_copy.astype(jnp.int32))
+        else:
+            kept_mask = mask * (_slots_in_token_order(mask) < capacity)
+        kept = _take(kept_mask, expert_index) > 0
+        slot = _take(_slots_in_token_order(kept_mask), expert_index)
+        probs = _take(gates, expert_index) * kept
+        denom = jnp.maximum(jnp.sum(probs, axis=1, keepdims=True), jnp.finfo(jnp.float32).eps)
+        weight = probs / denom
+        expert_counts = jnp.sum(mask, axis=0)
+
+    slot = jnp.where(kept, slot, 0).astype(jnp.int32)
+    dropped_fraction = 1.0 - jnp.mean(kept.astype(jnp.float32))
+    return Routing(
+        expert_index=expert_index, slot=slot, weight=weight.astype(jnp.float32), kept=kept,
+        aux_loss=aux_loss, z_loss=z_loss, expert_counts=expert_counts.astype(jnp.int32),
+        dropped_fraction=dropped_fraction, capacity=capacity, num_experts=num_experts)

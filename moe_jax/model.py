@@ -1,0 +1,168 @@
+"""GPT-3-style decoder with MoE blocks where the config's placement and pyramid say.
+
+Pre-LN blocks, learned positions, GELU FFNs, tied input/output embeddings. A block is MoE when
+`cfg.layer_experts()[i] > 0`; then its FFN is a `MoELayer` (top-k, Residual-MoE, ...).
+
+Flax API: Linen. Its parameters are a plain nested dict, which is exactly what jit, shard_map,
+optax and Orbax take, with no graph split/merge step; named rng streams ('dropout' and 'gating')
+make the random parts of training explicit and reproducible; a heterogeneous stack (different
+expert counts per layer) is an ordinary Python loop. The numerics live in pure functions
+(`moe_jax.moe.moe_forward`, `attention`, ...) that the modules only feed with parameters.
+
+Public API:
+  init_params(rng, cfg) -> params
+  apply(params, tokens, cfg, *, train, rngs=None) -> (logits [B, T, V] float32, aux)
+  lm_loss(logits, targets, mask=None) -> mean cross-entropy
+aux = {"aux_loss": sum over MoE layers, "z_loss": sum, "layers": ((layer index, stats), ...)}.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax.config import ModelConfig
+from moe_jax.moe import MLP, MoELayer
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: int | jax.Array = 0,
+                     kv_valid: Optional[jax.Array] = None) -> jax.Array:
+    """q [B, Tq, H, D], k/v [B, Tk, H, D] -> [B, Tq, H, D]. Query i sits at absolute position
+    q_offset + i and sees keys at positions <= its own (and kv_valid [B, Tk] where given).
+    Scores and softmax in float32."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    q_pos = jnp.arange(q.shape[1])[:, None] + q_offset
+    k_pos = jnp.arange(k.shape[1])[None, :]
+    mask = (k_pos <= q_pos)[None, None]
+    if kv_valid is not None:
+        mask = mask & kv_valid[:, None, None, :]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class Attention(nn.Module):
+    num_heads: int
+    init_std: float
+    out_std: float
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, cache: Optional[dict] = None) -> tuple[jax.Array, Optional[dict]]:
+        """x [B, T, M]. With a cache {k, v [B, Tmax, H, D], index}, attends over cached keys too and
+        returns the updated cache (inference)."""
+        batch, length, model_dim = x.shape
+        head_dim = model_dim // self.num_heads
+        dtype = x.dtype
+        w_qkv = self.param("qkv_kernel", nn.initializers.normal(self.init_std), (model_dim, 3 * model_dim),
+                           self.param_dtype)
+        b_qkv = self.param("qkv_bias", nn.initializers.zeros, (3 * model_dim,), self.param_dtype)
+        w_out = self.param("out_kernel", nn.initializers.normal(self.out_std), (model_dim, model_dim),
+                           self.param_dtype)
+        b_out = self.param("out_bias", nn.initializers.zeros, (model_dim,), self.param_dtype)
+        qkv = x @ w_qkv.astype(dtype) + b_qkv.astype(dtype)
+        q, k, v = jnp.split(qkv.reshape(batch, length, 3, self.num_heads, head_dim), 3, axis=2)
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+        if cache is None:
+            out = causal_attention(q, k, v)
+            new_cache = None
+        else:
+            index = cache["index"]
+            keys = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=1)
+            values = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=1)
+            out = causal_attention(q, keys.astype(dtype), values.astype(dtype), q_offset=index,
+                                   kv_valid=cache.get("valid"))
+            new_cache = {**cache, "k": keys, "v": values, "index": index + length}
+        out = out.reshape(batch, length, model_dim)
+        return out @ w_out.astype(dtype) + b_out.astype(dtype), new_cache
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    num_experts: int  # 0: dense FFN
+
+    @nn.compact
+    def __call__(self, x, *, train: bool, cache: Optional[dict] = None):
+        cfg = self.cfg
+        param_dtype = jnp.dtype(cfg.param_dtype)
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # GPT-2/Megatron scaled output init
+        deterministic = not train or cfg.dropout == 0.0
+        h = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype, name="ln1")(x)
+        h, new_cache = Attention(cfg.num_heads, cfg.init_std, out_std, param_dtype, name="attn")(
+            h.astype(x.dtype), cache=cache)
+        x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+        h = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype, name="ln2")(x).astype(x.dtype)
+        if self.num_experts:
+            h, stats = MoELayer(cfg.moe, self.num_experts, cfg.expert_ffn_size, cfg.init_std, out_std,
+                                param_dtype, name="moe")(h, train=train)
+        else:
+            h, stats = MLP(cfg.ffn_size, cfg.init_std, out_std, param_dtype, name="mlp")(h), None
+        x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+        return x, stats, new_cache
+
+
+class GPT(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, *, train: bool = False, cache: Optional[list] = None,
+                 positions: Optional[jax.Array] = None):
+        """tokens [B, T] int -> (logits [B, T, V] float32, aux[, new cache])."""
+        cfg = self.cfg
+        param_dtype = jnp.dtype(cfg.param_dtype)
+        compute_dtype = jnp.dtype(cfg.compute_dtype)
+        if tokens.shape[1] > cfg.max_seq_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds model.max_seq_len={cfg.max_seq_len}")
+        wte = self.param("wte", nn.initializers.normal(cfg.init_std), (cfg.vocab_size, cfg.hidden_size), param_dtype)
+        wpe = self.param("wpe", nn.initializers.normal(cfg.init_std), (cfg.max_seq_len, cfg.hidden_size),
+                         param_dtype)
+        if positions is None:
+            positions = jnp.arange(tokens.shape[1])[None, :]
+        x = (wte[tokens] + wpe[positions]).astype(compute_dtype)
+        x = nn.Dropout(cfg.dropout)(x, deterministic=not train or cfg.dropout == 0.0)
+        layer_stats, new_cache = [], []
+        for i, num_experts in enumerate(cfg.layer_experts()):
+            x, stats, layer_cache = Block(cfg, num_experts, name=f"block_{i}")(
+                x, train=train, cache=None if cache is None else cache[i])
+            new_cache.append(layer_cache)
+            if stats is not None:
+                layer_stats.append((i, stats))
+        x = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype, name="ln_f")(x)
+        logits = jnp.einsum("btm,vm->btv", x.astype(compute_dtype), wte.astype(compute_dtype),
+                            preferred_element_type=jnp.float32)
+        zero = jnp.zeros((), jnp.float32)
+        aux = {
+            "aux_loss": sum((s["aux_loss"] for _, s in layer_stats), zero),
+            "z_loss": sum((s["z_loss"] for _, s in layer_stats), zero),
+            "layers": tuple(layer_stats),
+        }
+        if cache is not None:
+            return logits, aux, new_cache
+        return logits, aux
+
+
+def init_params(rng: jax.Array, cfg: ModelConfig, seq_len: int = 8) -> dict:
+    """Fresh parameters (a nested dict). Shapes do not depend on seq_len."""
+    tokens = jnp.zeros((1, min(seq_len, cfg.max_seq_len)), jnp.int32)
+    return GPT(cfg).init({"params": rng}, tokens, train=False)["params"]
+
+
+def apply(params: dict, tokens: jax.Array, cfg: ModelConfig, *, train: bool = False,
+          rngs: Optional[dict] = None):
+    """Forward pass: (logits [B, T, V] float32, aux). rngs: {'dropout': key, 'gating': key}."""
+    return GPT(cfg).apply({"params": params}, tokens, train=train, rngs=rngs or {})
+
+
+def lm_loss(logits: jax.Array, targets: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+    """Mean next-token cross-entropy in nats. logits [B, T, V], targets [B, T], mask [B, T]."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    if mask is None:
+        return jnp.mean(nll)
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
