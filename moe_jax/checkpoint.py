@@ -117,9 +117,10 @@ def _normalise_extra(extra: dict | None) -> dict:
 def _concrete_sharding(sharding, mesh):
     """Replaces a NamedSharding over an AbstractMesh with one over a real mesh.
 
-    With explicit mesh axes (the default of ``jax.make_mesh`` in jax >= 0.7),
-    ``jax.eval_shape`` returns shardings over an ``AbstractMesh``, which Orbax
-    cannot place arrays with.
+    With explicit mesh axes (``jax.make_mesh``'s default in jax 0.12),
+    ``jax.eval_shape`` returns shardings over an ``AbstractMesh``, even inside
+    ``jax.set_mesh``; Orbax 0.12.8 fails on them with "_device_assignment is
+    not implemented for `jax.sharding.AbstractMesh`".
     """
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return sharding
@@ -127,8 +128,9 @@ def _concrete_sharding(sharding, mesh):
     if not isinstance(abstract, jax.sharding.AbstractMesh):
         return sharding
     candidates = [mesh] if mesh is not None else []
-    context_mesh = jax.sharding.get_mesh()
-    if not context_mesh.empty:
+    get_mesh = getattr(jax.sharding, "get_mesh", None)
+    context_mesh = get_mesh() if get_mesh is not None else None
+    if context_mesh is not None and not context_mesh.empty:
         candidates.append(context_mesh)
     for candidate in candidates:
         if (

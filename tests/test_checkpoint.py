@@ -1,0 +1,232 @@
+"""Tests for moe_jax.checkpoint (Orbax CheckpointManager wrapper)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moe_jax.checkpoint import COMMIT_MARKER, Checkpointer
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_state(seed: int):
+    """Nested train-state-like pytree with an optax adamw state (namedtuples)."""
+    k = jax.random.split(jax.random.key(seed), 4)
+    params = {
+        "embed": jax.random.normal(k[0], (16, 8), jnp.float32),
+        "layers": [
+            {"w": jax.random.normal(k[1], (8, 8), jnp.bfloat16), "b": jax.random.uniform(k[2], (8,)) + 0.5},
+            {"w": jax.random.normal(k[3], (8, 8), jnp.bfloat16), "b": jax.random.uniform(k[0], (8,)) + 0.5},
+        ],
+    }
+    tx = optax.adamw(1e-3)
+    opt_state = tx.init(params)
+    grads = jax.tree.map(lambda p: jax.random.normal(k[1], p.shape, p.dtype), params)
+    _, opt_state = tx.update(grads, opt_state, params)  # non-zero mu/nu/count
+    return {"params": params, "opt_state": opt_state, "step": jnp.asarray(seed, jnp.int32) + 3}
+
+
+def assert_same_tree(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+def test_round_trip_with_target_and_extra(tmp_path):
+    state = make_state(1)
+    extra = {"data_position": np.int64(1234), "rng": [7, 11], "loss": np.float32(2.5), "name": "run"}
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        assert ckpt.latest_step() is None
+        assert ckpt.save(10, state, extra=extra)
+        assert ckpt.latest_step() == 10
+        restored, restored_extra = ckpt.restore(target=jax.eval_shape(lambda: state))
+    assert_same_tree(restored, state)
+    # optax namedtuples survive (ScaleByAdamState etc.)
+    assert type(restored["opt_state"][0]) is type(state["opt_state"][0])
+    assert restored_extra == {"data_position": 1234, "rng": [7, 11], "loss": 2.5, "name": "run"}
+
+    # A fresh Checkpointer on the same directory sees it; a target made of real
+    # arrays works too; without a target the values are still right.
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        assert ckpt.latest_step() == 10
+        restored, _ = ckpt.restore(10, target=make_state(99))
+        assert_same_tree(restored, state)
+        untargeted, _ = ckpt.restore()
+        np.testing.assert_array_equal(untargeted["params"]["embed"], state["params"]["embed"])
+
+
+def test_keep_last_k_and_save_every(tmp_path):
+    state = make_state(2)
+    with Checkpointer(tmp_path, keep=2, save_every=10) as ckpt:
+        saved = {s: ckpt.save(s, state, extra={"s": s}) for s in (10, 15, 20, 30, 35)}
+        assert saved == {10: True, 15: False, 20: True, 30: True, 35: False}
+        assert ckpt.save(35, state, force=True)
+        assert ckpt.all_steps() == [30, 35]
+        assert ckpt.latest_step() == 35
+        assert ckpt.restore(30)[1] == {"s": 30}
+    assert sorted(p for p in os.listdir(tmp_path) if p.isdigit()) == ["30", "35"]
+
+
+def test_existing_step_is_skipped_not_overwritten(tmp_path):
+    first, second = make_state(3), make_state(4)
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.save(5, first, extra={"v": 1})
+        assert ckpt.save(5, second, extra={"v": 2}) is False
+        assert ckpt.save(5, second, extra={"v": 2}, force=True) is False
+        assert ckpt.save(3, second) is False  # older than latest, not forced
+        restored, extra = ckpt.restore(5, target=jax.eval_shape(lambda: first))
+    assert_same_tree(restored, first)
+    assert extra == {"v": 1}
+
+
+def test_restore_errors(tmp_path):
+    directory = tmp_path / "empty"
+    with Checkpointer(directory) as ckpt:
+        with pytest.raises(FileNotFoundError, match=str(directory)):
+            ckpt.restore()
+        ckpt.save(1, make_state(5))
+        with pytest.raises(FileNotFoundError, match="step 2"):
+            ckpt.restore(2)
+
+
+def test_bad_extra_fails_before_writing(tmp_path):
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(TypeError, match="JSON"):
+            ckpt.save(1, make_state(6), extra={"obj": object()})
+        assert ckpt.latest_step() is None
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("1")]
+
+
+def test_restore_with_shardings(tmp_path):
+    mesh = jax.make_mesh((8,), ("x",))
+    sharded = NamedSharding(mesh, P("x"))
+    w = jax.random.normal(jax.random.key(7), (16, 4))
+    state = {"w": jax.device_put(w, sharded), "b": jax.random.normal(jax.random.key(8), (16,))}
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, state)
+        # Different sharding than saved (replicated), given explicitly.
+        target = {
+            "w": jax.ShapeDtypeStruct((16, 4), jnp.float32, sharding=NamedSharding(mesh, P())),
+            "b": jax.ShapeDtypeStruct((16,), jnp.float32, sharding=NamedSharding(mesh, P("x"))),
+        }
+        restored, _ = ckpt.restore(target=target)
+        assert restored["w"].sharding == target["w"].sharding
+        assert restored["b"].sharding == target["b"].sharding
+        np.testing.assert_array_equal(restored["w"], w)
+
+        # jax.eval_shape gives shardings over an AbstractMesh: resolved from
+        # the mesh argument or the jax.set_mesh context, error otherwise.
+        abstract = jax.eval_shape(lambda: state)
+        assert isinstance(abstract["w"].sharding.mesh, jax.sharding.AbstractMesh)
+        restored, _ = ckpt.restore(target=abstract, mesh=mesh)
+        assert restored["w"].sharding.is_equivalent_to(sharded, 2)
+        with jax.set_mesh(mesh):
+            restored, _ = ckpt.restore(target=abstract)
+        assert restored["w"].sharding.is_equivalent_to(sharded, 2)
+        np.testing.assert_array_equal(restored["w"], w)
+        with pytest.raises(ValueError, match="abstract mesh"):
+            ckpt.restore(target=abstract)
+
+
+def test_async_save(tmp_path):
+    state = make_state(9)
+    with Checkpointer(tmp_path, async_save=True, keep=1) as ckpt:
+        assert ckpt.save(1, state)
+        assert ckpt.save(2, make_state(10))
+        restored, _ = ckpt.restore(target=jax.eval_shape(lambda: state))
+        assert ckpt.latest_step() == 2
+    assert_same_tree(restored, make_state(10))
+    assert os.path.exists(tmp_path / "2" / COMMIT_MARKER)
+    assert not os.path.exists(tmp_path / "1")
+
+
+def test_half_written_checkpoints_are_ignored(tmp_path):
+    """Leftover tmp dirs and step dirs without the commit marker are never used."""
+    state = make_state(11)
+    with Checkpointer(tmp_path, keep=2) as ckpt:
+        ckpt.save(10, state, extra={"s": 10})
+        ckpt.save(20, state, extra={"s": 20})
+    # What a crash leaves behind, with higher step numbers than the last good
+    # checkpoint: Orbax's tmp dirs (current and older naming) and a final-named
+    # step dir whose commit marker is missing (e.g. an interrupted copy).
+    for name in ("30.orbax-checkpoint-tmp", "40.orbax-checkpoint-tmp-1712345678"):
+        os.makedirs(tmp_path / name / "state")
+        (tmp_path / name / "state" / "garbage").write_bytes(os.urandom(64))
+    partial = tmp_path / "50"
+    os.makedirs(partial / "state")
+    (partial / "_CHECKPOINT_METADATA").write_text("{}")
+    (partial / "state" / "garbage").write_bytes(os.urandom(64))
+
+    with Checkpointer(tmp_path, keep=2) as ckpt:
+        assert ckpt.latest_step() == 20
+        assert ckpt.all_steps() == [10, 20]
+        restored, extra = ckpt.restore(target=jax.eval_shape(lambda: state))
+        assert extra == {"s": 20}
+        assert_same_tree(restored, state)
+        with pytest.raises(FileNotFoundError):
+            ckpt.restore(50)
+        # Resuming and saving again: tmp dirs are cleaned up, the partial step
+        # is replaced by a real one, keep=2 counts only committed steps.
+        assert ckpt.save(30, state, extra={"s": 30})
+        assert ckpt.save(50, state, extra={"s": 50})
+        assert ckpt.all_steps() == [30, 50]
+        assert ckpt.restore(50)[1] == {"s": 50}
+    assert sorted(os.listdir(tmp_path)) == ["30", "50"]
+
+
+CRASH_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax, numpy as np
+    from orbax.checkpoint.path import atomicity
+    from moe_jax.checkpoint import Checkpointer
+
+    directory = sys.argv[1]
+    rng = np.random.default_rng(0)
+    state = {"w": rng.standard_normal((64, 32)).astype(np.float32), "n": np.int32(7)}
+    ckpt = Checkpointer(directory)
+    ckpt.save(10, state, extra={"s": 10})
+
+    # Die right before step 20 is committed: all data is written to the tmp
+    # dir, only the final rename of the step directory is missing.
+    original = atomicity.AtomicRenameTemporaryPath.finalize
+    async def crash(self):
+        if self.get_final().name == "20":
+            os._exit(17)
+        return await original(self)
+    atomicity.AtomicRenameTemporaryPath.finalize = crash
+    state["w"] = state["w"] + 1.0
+    ckpt.save(20, state, extra={"s": 20})
+    os._exit(0)  # not reached
+    """
+)
+
+
+def test_crash_during_save_subprocess(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH_SCRIPT, str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 17, proc.stderr[-3000:]
+    leftovers = [p for p in os.listdir(tmp_path) if p.startswith("20")]
+    assert leftovers and all(".orbax-checkpoint-tmp" in p for p in leftovers), os.listdir(tmp_path)
+
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.latest_step() == 10
+        target = {"w": jax.ShapeDtypeStruct((64, 32), jnp.float32), "n": np.int32(0)}
+        restored, extra = ckpt.restore(target=target)
+    assert extra == {"s": 10}
+    expected = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(restored["w"]), expected)
+    assert int(restored["n"]) == 7

@@ -1,0 +1,69 @@
+"""Config validation, placement, presets and parameter counts."""
+
+import pytest
+
+from moe_jax import config
+from moe_jax.config import ModelConfig, MoEConfig
+
+PAPER_TOTALS = {  # the paper's sizes; counts must be within 5%
+    "350m+moe-128": 13e9, "350m+pr-moe-32/64": 4e9, "350m-mos": 3.5e9,
+    "1.3b+moe-128": 52e9, "1.3b+pr-moe-64/128": 31e9, "1.3b-mos": 27e9,
+    "350m": 350e6, "1.3b": 1.3e9, "6.7b": 6.7e9,
+}
+
+
+@pytest.mark.parametrize("name,total", sorted(PAPER_TOTALS.items()))
+def test_preset_sizes_match_paper(name, total):
+    count = config.count_params(config.preset(name))
+    assert abs(count.total - total) / total < 0.05, (name, str(count))
+    assert count.active <= count.total
+
+
+def test_active_params_count_k_experts():
+    dense = config.count_params(config.preset("350m"))
+    moe = config.count_params(config.preset("350m+moe-128"))
+    # top-1: a token passes the same FFN weights as the dense model plus the gates
+    assert 0 < moe.active - dense.total < 12 * 1024 * 128 + 1
+    top2 = config.count_params(config.replace_moe(config.preset("350m+moe-128"), k=2))
+    per_expert = 2 * 1024 * 4096 + 4096 + 1024
+    assert top2.active - moe.active == 12 * per_expert
+
+
+def test_placement_rules():
+    cfg = ModelConfig(num_layers=8, moe=MoEConfig(experts=4))
+    assert cfg.layer_experts() == (0, 4, 0, 4, 0, 4, 0, 4)  # 1-based l % 2 == 0
+    assert ModelConfig(num_layers=8, moe=MoEConfig(experts=4, expert_interval=4)).layer_experts() == (0, 0, 0, 4, 0, 0, 0, 4)
+    assert ModelConfig(num_layers=6, moe=MoEConfig(experts=4, placement="first_half")).layer_experts() == (4, 4, 4, 0, 0, 0)
+    assert ModelConfig(num_layers=6, moe=MoEConfig(experts=4, placement="second_half")).layer_experts() == (0, 0, 0, 4, 4, 4)
+    assert ModelConfig(num_layers=4, moe=MoEConfig(experts=2, placement="explicit", layers=(0, 3))).layer_experts() == (2, 0, 0, 2)
+    pyramid = ModelConfig(num_layers=8, moe=MoEConfig(experts="2x3,8x1"))
+    assert pyramid.layer_experts() == (0, 2, 0, 2, 0, 2, 0, 8)
+    assert ModelConfig(num_layers=4, moe=MoEConfig(experts="1x1,4x1")).layer_experts() == (0, 0, 0, 4)
+
+
+def test_expert_list_parsing():
+    assert config.parse_expert_list("32x10,64x2") == (32,) * 10 + (64,) * 2
+    assert config.parse_expert_list("128") == 128
+    assert config.parse_expert_list([4, 8]) == (4, 8)
+
+
+@pytest.mark.parametrize("build,field", [
+    (lambda: MoEConfig(experts=4, k=5), "moe.k"),
+    (lambda: MoEConfig(capacity_factor=0), "moe.capacity_factor"),
+    (lambda: MoEConfig(eval_capacity_factor=-1), "moe.eval_capacity_factor"),
+    (lambda: MoEConfig(experts="32y10"), "moe.experts"),
+    (lambda: MoEConfig(noisy_gate_policy="Gaussian"), "moe.noisy_gate_policy"),
+    (lambda: MoEConfig(dispatch="magic"), "moe.dispatch"),
+    (lambda: MoEConfig(placement="middle"), "moe.placement"),
+    (lambda: MoEConfig(residual=True, k=2), "moe.residual"),
+    (lambda: MoEConfig(min_capacity=-1), "moe.min_capacity"),
+    (lambda: ModelConfig(hidden_size=100, num_heads=3), "model.num_heads"),
+    (lambda: ModelConfig(num_layers=8, moe=MoEConfig(experts="4x3")), "moe.experts"),
+    (lambda: ModelConfig(num_layers=4, moe=MoEConfig(placement="explicit", layers=(5,))), "moe.layers"),
+    (lambda: ModelConfig(dropout=1.5), "model.dropout"),
+    (lambda: ModelConfig(compute_dtype="float8"), "model.compute_dtype"),
+    (lambda: config.preset("350m+moe-9"), "preset"),
+])
+def test_bad_configs_name_the_field(build, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.").replace("+", r"\+")):
+        build()

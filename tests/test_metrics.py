@@ -1,0 +1,222 @@
+"""Tests for moe_jax.metrics."""
+import glob
+import io
+import json
+import math
+import os
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax import metrics as M
+from moe_jax.metrics import (
+    MetricWriter,
+    Progress,
+    expert_load_stats,
+    mfu,
+    peak_flops_per_device,
+    transformer_flops_per_token,
+)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def read_tb_scalars(logdir):
+    """{tag: [(step, value)]} from tensorboardX event files (TFRecord framing)."""
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents*"))):
+        data = open(path, "rb").read()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+def test_write_jsonl_and_tensorboard(tmp_path):
+    rng = np.random.default_rng(0)
+    losses = rng.uniform(1.0, 5.0, size=3)
+    with MetricWriter(tmp_path) as w:
+        w.write(1, {"loss": np.float32(losses[0]), "lr": jnp.asarray(3e-4), "tokens": np.int64(4096)})
+        w.write(2, {"loss": jnp.asarray(losses[1], jnp.bfloat16), "train": {"aux": float(losses[2])},
+                    "phase": "eval", "ok": np.bool_(True)})
+        w.write(np.int32(3), {"loss": float("nan"), "gnorm": np.float32(np.inf)})
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["loss"] == pytest.approx(losses[0], rel=1e-6)
+    assert rows[0]["lr"] == pytest.approx(3e-4) and isinstance(rows[0]["lr"], float)
+    assert rows[0]["tokens"] == 4096 and isinstance(rows[0]["tokens"], int)
+    assert rows[1]["train/aux"] == losses[2] and rows[1]["phase"] == "eval" and rows[1]["ok"] is True
+    assert rows[1]["loss"] == pytest.approx(losses[1], rel=1e-2)
+    assert rows[2]["loss"] is None and rows[2]["gnorm"] is None  # non-finite -> null
+    # strict JSON: no NaN/Infinity tokens
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+
+    scalars = read_tb_scalars(tmp_path / "tensorboard")
+    assert [s for s, _ in scalars["loss"]] == [1, 2, 3]
+    assert scalars["loss"][0][1] == pytest.approx(losses[0], rel=1e-6)
+    assert math.isnan(scalars["loss"][2][1])
+    assert scalars["train/aux"] == [(2, pytest.approx(losses[2], rel=1e-6))]
+    assert "phase" not in scalars and "ok" not in scalars
+
+
+def test_write_config(tmp_path):
+    cfg = {"model": {"num_experts": 8, "hidden": 64}, "lr": np.float32(0.5), "dtype": jnp.bfloat16,
+           "path": tmp_path / "x", "layers": (1, 2)}
+    with MetricWriter(tmp_path, tensorboard=False) as w:
+        w.write_config(cfg)
+    loaded = json.loads((tmp_path / "config.json").read_text())
+    assert loaded["model"] == {"num_experts": 8, "hidden": 64}
+    assert loaded["lr"] == 0.5 and loaded["layers"] == [1, 2]
+    assert loaded["path"] == str(tmp_path / "x")
+    assert "bfloat16" in loaded["dtype"]
+    assert not os.path.exists(tmp_path / "tensorboard")
+
+
+def test_resume_truncates_future_steps(tmp_path):
+    rng = np.random.default_rng(1)
+    with MetricWriter(tmp_path) as w:
+        for step in range(10, 130, 10):  # logged up to 120, then killed
+            w.write(step, {"loss": rng.uniform()})
+    # Simulate a torn last line from the crash.
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 130, "lo')
+    with MetricWriter(tmp_path, resume_step=100) as w:  # checkpoint was at 100
+        for step in range(110, 140, 10):
+            w.write(step, {"loss": rng.uniform()})
+    steps = [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")]
+    assert steps == list(range(10, 140, 10))
+    # Reopening without resume_step appends.
+    with MetricWriter(tmp_path, tensorboard=False) as w:
+        w.write(140, {"loss": rng.uniform()})
+    assert read_jsonl(tmp_path / "metrics.jsonl")[-1]["step"] == 140
+
+
+def test_only_process_zero_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    with MetricWriter(tmp_path / "w") as w:
+        w.write(1, {"loss": 1.5})
+        w.write_config({"a": 1})
+    assert not os.path.exists(tmp_path / "w")
+
+
+def test_write_after_close_raises(tmp_path):
+    w = MetricWriter(tmp_path, tensorboard=False)
+    w.close()
+    w.close()
+    with pytest.raises(RuntimeError):
+        w.write(1, {"loss": 1.0})
+
+
+def test_expert_load_stats_hand_example():
+    counts = np.array([4, 0, 2, 6])  # mean 3, max 6, std sqrt(5)
+    stats = expert_load_stats(counts)
+    assert stats == {
+        "load_imbalance": pytest.approx(2.0),
+        "load_cv": pytest.approx(math.sqrt(5) / 3),
+        "frac_experts_unused": pytest.approx(0.25),
+    }
+    kept = np.array([4, 0, 2, 4])
+    assert expert_load_stats(counts, kept)["dropped_frac"] == pytest.approx(2 / 12)
+    assert expert_load_stats(jnp.asarray(counts), capacity=4)["dropped_frac"] == pytest.approx(2 / 12)
+    balanced = expert_load_stats(np.full(8, 5))
+    assert balanced["load_imbalance"] == 1.0 and balanced["load_cv"] == 0.0
+    assert math.isnan(expert_load_stats(np.zeros(4))["load_imbalance"])
+    with pytest.raises(ValueError):
+        expert_load_stats(counts, kept_counts=counts + 1)
+    with pytest.raises(ValueError):
+        expert_load_stats(counts, kept, capacity=4)
+
+
+def test_flops_and_mfu():
+    n, layers, hidden, seq = 125_000_000, 12, 768, 2048
+    fpt = transformer_flops_per_token(n, layers, hidden, seq)
+    assert fpt == 6 * n + 12 * layers * hidden * seq
+    tps = 123_456.0
+    assert mfu(fpt, tps, 989e12) == pytest.approx(fpt * tps / 989e12)
+    assert mfu(2.0, 3.0, 12.0) == 0.5
+    assert math.isnan(mfu(1.0, 1.0, float("nan")))
+
+
+class FakeDevice:
+    def __init__(self, kind, platform="gpu"):
+        self.device_kind, self.platform = kind, platform
+
+
+def test_peak_flops_lookup():
+    assert peak_flops_per_device(FakeDevice("NVIDIA H100 80GB HBM3")) == 989e12
+    assert peak_flops_per_device(FakeDevice("NVIDIA H200")) == 989e12
+    assert peak_flops_per_device(FakeDevice("NVIDIA A100-SXM4-80GB")) == 312e12
+    assert peak_flops_per_device(FakeDevice("TPU v5 lite", "tpu")) == 197e12
+    assert peak_flops_per_device(FakeDevice("cpu", "cpu")) == 100e9
+    assert math.isnan(peak_flops_per_device(FakeDevice("Mystery Accelerator 9000")))
+    assert peak_flops_per_device() == 100e9  # tests run on CPU devices
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_progress_tty():
+    stream, clock = FakeTTY(), Clock()
+    p = Progress(100, start_step=0, stream=stream, clock=clock, enabled=True)
+    p.update(1, loss=np.float32(3.25), tokens_per_sec=12_345.0)  # first: printed
+    clock.t += 0.1
+    p.update(2, loss=3.0, tokens_per_sec=12_000.0)  # throttled
+    assert stream.getvalue().count("\r") == 1
+    clock.t += 0.9  # 1 step/s since the first update
+    p.update(11, loss=2.5, tokens_per_sec=13_000.0)
+    out = stream.getvalue()
+    assert out.count("\r") == 2
+    last = out.split("\r")[-1]
+    assert "step 11/100" in last and "loss 2.5000" in last and "13.0k tok/s" in last
+    # 10 steps in 1 s -> 89 steps left take 8.9 s
+    assert "ETA 0:00:09" in last and "[##" in last
+    clock.t += 0.1
+    p.update(12, loss=2.4)
+    p.close()
+    out = stream.getvalue()
+    assert "step 12/100" in out.split("\r")[-1] and out.endswith("\n")
+
+
+def test_progress_plain_when_not_tty():
+    stream, clock = io.StringIO(), Clock()
+    p = Progress(1000, start_step=500, stream=stream, clock=clock, enabled=True, plain_interval=10.0)
+    for step in range(501, 560):
+        p.update(step, loss=1.0 + 1.0 / step, tokens_per_sec=2e6)
+        clock.t += 1.0
+    p.close()
+    out = stream.getvalue()
+    assert "\r" not in out and "\x1b" not in out
+    lines = out.strip().split("\n")
+    assert 5 <= len(lines) <= 8  # ~59 s at one line per 10 s, plus the final one
+    assert lines[0].startswith("step 501/1000") and "2.0M tok/s" in lines[0]
+    assert lines[-1].startswith("step 559/1000")
+    assert "ETA 0:07:21" in lines[-1]  # 441 steps left at 1 step/s
+
+
+def test_progress_duration_format():
+    assert M._format_duration(3 * 3600 + 4 * 60 + 5) == "3:04:05"
+    assert M._format_duration(None) == "-:--:--"
