@@ -1,0 +1,18 @@
+# The two set-up commands: `make demo` (main job) and `make test`. Both create .venv first.
+PY := .venv/bin/python
+
+.PHONY: demo test test-all venv
+
+venv: .venv/.installed
+
+.venv/.installed: setup.cfg pyproject.toml scripts/make_venv.sh
+	bash scripts/make_venv.sh
+
+demo: .venv/.installed
+	$(PY) experiments/demo.py
+
+test: .venv/.installed
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: .venv/.installed
+	$(PY) -m pytest -q

@@ -1,0 +1,118 @@
+"""Pure, jit-ready training pieces: optimizer, state, loss, train_step, eval_step.
+
+State is a plain dict {"params", "opt_state", "step"}. Randomness is a function of (seed, step):
+the gating and dropout keys of step n are fold_in(rng, n), so a resumed run repeats an
+uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from moe_jax import model as model_lib
+from moe_jax.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 3e-4
+    min_learning_rate: float = 3e-5
+    warmup_steps: int = 100
+    total_steps: int = 1000
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+
+    def __post_init__(self):
+        if self.learning_rate <= 0:
+            raise ValueError(f"optim.learning_rate={self.learning_rate} must be > 0")
+        if not 0 <= self.min_learning_rate <= self.learning_rate:
+            raise ValueError(f"optim.min_learning_rate={self.min_learning_rate} must be in [0, learning_rate]")
+        if self.warmup_steps < 0 or self.total_steps < 1:
+            raise ValueError("optim.warmup_steps must be >= 0 and total_steps >= 1")
+
+
+def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
+    """Linear warmup from 0, then cosine decay to min_learning_rate at total_steps."""
+    warmup = min(cfg.warmup_steps, cfg.total_steps - 1)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
+        decay_steps=cfg.total_steps, end_value=cfg.min_learning_rate)
+
+
+def _decay_mask(params):
+    """Weight decay on matrices only (not on biases, LayerNorm parameters or other vectors)."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW (decoupled weight decay on matrices)."""
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.clip_norm),
+        optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                    weight_decay=cfg.weight_decay, mask=_decay_mask),
+    )
+
+
+def init_state(rng: jax.Array, model_cfg: ModelConfig, optimizer: optax.GradientTransformation) -> dict:
+    params = model_lib.init_params(rng, model_cfg)
+    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def step_rngs(rng: jax.Array, step: jax.Array) -> dict:
+    step_key = jax.random.fold_in(rng, step)
+    gating, dropout = jax.random.split(step_key)
+    return {"gating": gating, "dropout": dropout}
+
+
+def loss_fn(params: dict, batch: dict, model_cfg: ModelConfig, *, rngs: dict | None, train: bool):
+    """CE + aux_loss_coef * sum of aux losses (+ z_loss_coef * sum of router z-losses)."""
+    logits, aux = model_lib.apply(params, batch["inputs"], model_cfg, train=train, rngs=rngs)
+    ce = model_lib.lm_loss(logits, batch["targets"], batch.get("mask"))
+    loss = ce
+    if model_cfg.moe is not None:
+        loss = loss + model_cfg.moe.aux_loss_coef * aux["aux_loss"]
+        if model_cfg.moe.z_loss_coef:
+            loss = loss + model_cfg.moe.z_loss_coef * aux["z_loss"]
+    metrics = {"loss": loss, "ce_loss": ce, "aux_loss": aux["aux_loss"], "z_loss": aux["z_loss"],
+               "moe_layers": {str(i): stats for i, stats in aux["layers"]}}
+    return loss, metrics
+
+
+def train_step(state: dict, batch: dict, rng: jax.Array, *, model_cfg: ModelConfig,
+               optimizer: optax.GradientTransformation, schedule: optax.Schedule | None = None):
+    """One optimizer step. Returns (new_state, metrics)."""
+    rngs = step_rngs(rng, state["step"])
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (_, metrics), grads = grad_fn(state["params"], batch, model_cfg, rngs=rngs, train=True)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    if schedule is not None:
+        metrics["lr"] = schedule(state["step"])
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+
+def eval_step(params: dict, batch: dict, *, model_cfg: ModelConfig) -> dict:
+    """Summed cross-entropy and token count on one batch (eval capacity, no noise)."""
+    logits, _ = model_lib.apply(params, batch["inputs"], model_cfg, train=False)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(log_probs, batch["targets"][..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return {"nll_sum": jnp.sum(nll), "tokens": jnp.asarray(nll.size, jnp.float32)}
+
+
+def bits_per_byte(loss_nats: float) -> float:
+    """Bits per token; with the byte tokenizer a token is a byte."""
+    return loss_nats / math.log(2)
+
+
+def abstract_state(rng: Any, model_cfg: ModelConfig, optimizer: optax.GradientTransformation):
+    return jax.eval_shape(lambda r: init_state(r, model_cfg, optimizer), rng)

@@ -1,0 +1,169 @@
+"""The training binary and loop: every config trains, resume is exact (also after SIGKILL), errors are clear."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from moe_jax import trainer
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIGS = sorted(p.stem for p in (ROOT / "experiments" / "configs").glob("*.py") if not p.stem.startswith("_"))
+
+
+def load_config(name, arg="tiny"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def small(config, steps=2):
+    """Shrinks a tiny config so a step costs milliseconds."""
+    config.total_steps = steps
+    config.log_every_steps = 1
+    config.eval_every_steps = steps
+    config.checkpoint_every_steps = steps
+    config.eval_batches = 1
+    config.data.batch_size = 4
+    config.data.seq_len = 32
+    config.data.max_bytes = 1 << 19
+    config.model.num_layers = 4
+    config.model.hidden_size = 32
+    config.model.num_heads = 2
+    config.model.ffn_size = 64
+    config.model.max_seq_len = 32
+    experts = str(config.moe.experts)
+    if "," in experts:  # pyramid lists name every MoE layer: 2 of them now
+        config.moe.experts = "2x1,4x1"
+    return config
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_every_config_has_docstring_and_all_scales():
+    assert set(CONFIGS) >= {"dense", "moe", "top2", "residual", "pyramid", "pr_moe", "first_half", "second_half"}
+    for name in CONFIGS:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / "configs" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert "experiments/train.py --config=experiments/configs/" in module.__doc__, name
+        for scale in ("tiny", "350m", "1.3b"):
+            trainer.validate(module.get_config(scale))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_one_training_step_of_every_config(name, tmp_path):
+    config = small(load_config(name), steps=1)
+    summary = trainer.train_and_evaluate(config, str(tmp_path))
+    assert np.isfinite(summary["val_loss"])
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "val_loss", "val_bpb"):
+        assert key in records[0], key
+    if name != "dense":
+        assert any(k.startswith("moe/layer") and k.endswith("load_imbalance") for k in records[0])
+    assert (tmp_path / "config.json").exists() and (tmp_path / "results.json").exists()
+    assert list((tmp_path / "tensorboard").iterdir())
+
+
+def test_resume_in_process_equals_straight_run(tmp_path):
+    straight = small(load_config("pr_moe"), steps=8)
+    straight.checkpoint_every_steps = 2
+    trainer.train_and_evaluate(straight, str(tmp_path / "straight"))
+    split = small(load_config("pr_moe"), steps=8)
+    split.checkpoint_every_steps = 2
+    split.stop_after_steps = 4
+    trainer.train_and_evaluate(split, str(tmp_path / "split"))
+    split.stop_after_steps = 0
+    trainer.train_and_evaluate(split, str(tmp_path / "split"))
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "split")
+    assert [r["step"] for r in b] == list(range(1, 9))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bit for bit
+    assert a[-1]["val_loss"] == b[-1]["val_loss"]
+
+
+def _train_cmd(workdir, steps, stop_after):
+    return [sys.executable, str(ROOT / "experiments" / "train.py"),
+            f"--config={ROOT / 'experiments' / 'configs' / 'moe.py'}:tiny", f"--workdir={workdir}",
+            f"--config.total_steps={steps}", f"--config.stop_after_steps={stop_after}",
+            "--config.log_every_steps=1", "--config.checkpoint_every_steps=3", "--config.eval_every_steps=1000",
+            "--config.eval_batches=1", "--config.data.batch_size=4", "--config.data.seq_len=32",
+            "--config.data.max_bytes=524288", "--config.model.num_layers=2", "--config.model.hidden_size=32",
+            "--config.model.num_heads=2", "--config.model.ffn_size=64", "--config.model.max_seq_len=32",
+            "--config.moe.experts=4"]
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+    steps, stop = 100, 40
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    subprocess.run(_train_cmd(tmp_path / "straight", steps, stop), check=True, env=env, capture_output=True)
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(workdir, steps, stop), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        metrics = workdir / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    subprocess.run(_train_cmd(workdir, steps, stop), check=True, env=env, capture_output=True)
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(workdir)
+    assert [r["step"] for r in b] == list(range(1, stop + 1))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+def _run_train(*extra):
+    cmd = [sys.executable, str(ROOT / "experiments" / "train.py"),
+           f"--config={ROOT / 'experiments' / 'configs' / 'moe.py'}:tiny", "--workdir=/tmp/moe_jax_bad_run", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--config.data.path=/no/such/corpus.txt"], "/no/such/corpus.txt"),
+    (["--config.moe.capacity_factor=0"], "moe.capacity_factor"),
+    (["--config.moe.experts=4x3"], "moe.experts"),
+])
+def test_bad_inputs_give_one_clear_line(extra, message):
+    result = _run_train(*extra)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_override_is_rejected():
+    result = _run_train("--config.moe.capacity_factr=2")
+    assert result.returncode != 0
+    assert "capacity_factr" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unreadable_token_file(tmp_path):
+    bad = tmp_path / "tokens.bin"
+    bad.write_bytes(b"\x01\x02\x03")  # odd size: not uint16
+    result = _run_train(f"--config.data.path={bad}")
+    assert result.returncode == 1 and str(bad) in result.stderr
+
+
+def test_nan_loss_stops_with_step_and_checkpoint(tmp_path):
+    config = small(load_config("moe"), steps=6)
+    config.checkpoint_every_steps = 2
+    config.optim.learning_rate = 1e30
+    config.optim.min_learning_rate = 1e29
+    config.optim.warmup_steps = 0
+    config.optim.clip_norm = 1e30
+    with pytest.raises(trainer.TrainingError, match=r"at step \d+"):
+        trainer.train_and_evaluate(config, str(tmp_path))
