@@ -15,6 +15,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from moe_jax import cli  # noqa: E402
 from moe_jax import data as data_lib  # noqa: E402
 from moe_jax import trainer  # noqa: E402
 
@@ -30,10 +31,9 @@ def main(argv):
     try:
         summary = trainer.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     except (data_lib.DataError, ValueError, trainer.TrainingError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        cli.fail(str(error))
     print(trainer.format_summary(summary))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -95,7 +95,7 @@ def train_step(state: dict, batch: dict, rng: jax.Array, *, model_cfg: ModelConf
     (_, metrics), grads = grad_fn(state["params"], batch, model_cfg, rngs=rngs, train=True)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     if schedule is not None:
         metrics["lr"] = schedule(state["step"])
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics

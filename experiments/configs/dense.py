@@ -3,7 +3,7 @@
   python experiments/train.py --config=experiments/configs/dense.py:tiny --workdir=workdirs/dense
 
 tiny: 300 steps of 16 x 128 byte tokens on the Python stdlib corpus, about 1.5 minutes on 2 CPU
-cores; validation about 2.2 bits per byte. 350m / 1.3b: the paper's settings (300B tokens), GPUs.
+cores; validation about 3.85 bits per byte (3.80 for the tiny PR-MoE). 350m / 1.3b: the paper's settings (300B tokens), GPUs.
 """
 from moe_jax.trainer import default_config
 

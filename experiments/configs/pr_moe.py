@@ -5,7 +5,7 @@ parameters, 1.3B+PR-MoE-64/128 at 31B). The README's demo trains this at tiny.
 
 tiny: 4 experts in MoE layers 2, 4, 6 and 8 in layer 8; 300 steps of 16 x 128 byte tokens on the
 Python stdlib corpus, about 2 minutes on 2 CPU cores; validation bits per byte below the dense
-model's at the same steps (see the README's demo table).
+model's at the same steps (measured: 3.80 vs 3.85).
 """
 from moe_jax.trainer import default_config
 
