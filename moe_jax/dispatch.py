@@ -91,42 +91,81 @@ def grouped_ffn_ragged(experts: dict, rows: jax.Array, sorted_expert: jax.Array,
     return out + experts["b2"].astype(dtype)[sorted_expert]
 
 
+@jax.custom_vjp
+def tiled_matmul(tiles: jax.Array, weights: jax.Array, tile_expert: jax.Array, used_tiles: jax.Array) -> jax.Array:
+    """tiles [Nt, T, K] @ weights[tile_expert[t]] [K, N] -> [Nt, T, N] for t < used_tiles (zeros after).
+
+    A fori_loop over the used tiles only, each writing its block in place; the backward pass is a
+    second loop that accumulates each tile's weight gradient into its expert's slice in place
+    (autodiff of a scan would add a full [E, K, N] zero-padded gradient per tile)."""
+    return _tiled_matmul_fwd(tiles, weights, tile_expert, used_tiles)[0]
+
+
+def _tiled_matmul_fwd(tiles, weights, tile_expert, used_tiles):
+    num_tiles, tile, _ = tiles.shape
+    out = jnp.zeros((num_tiles, tile, weights.shape[2]), tiles.dtype)
+
+    def body(t, out):
+        w = jax.lax.dynamic_index_in_dim(weights, tile_expert[t], keepdims=False)
+        block = jax.lax.dynamic_index_in_dim(tiles, t, keepdims=False) @ w
+        return jax.lax.dynamic_update_index_in_dim(out, block.astype(out.dtype), t, 0)
+
+    out = jax.lax.fori_loop(0, used_tiles, body, out)
+    return out, (tiles, weights, tile_expert, used_tiles)
+
+
+def _tiled_matmul_bwd(residuals, d_out):
+    tiles, weights, tile_expert, used_tiles = residuals
+
+    def body(t, carry):
+        d_tiles, d_weights = carry
+        expert = tile_expert[t]
+        w = jax.lax.dynamic_index_in_dim(weights, expert, keepdims=False)
+        g = jax.lax.dynamic_index_in_dim(d_out, t, keepdims=False)
+        block = jax.lax.dynamic_index_in_dim(tiles, t, keepdims=False)
+        d_tiles = jax.lax.dynamic_update_index_in_dim(d_tiles, (g @ w.T).astype(d_tiles.dtype), t, 0)
+        d_w = jax.lax.dynamic_index_in_dim(d_weights, expert, keepdims=False) + (block.T @ g).astype(d_weights.dtype)
+        return d_tiles, jax.lax.dynamic_update_index_in_dim(d_weights, d_w, expert, 0)
+
+    d_tiles, d_weights = jax.lax.fori_loop(0, used_tiles, body, (jnp.zeros_like(tiles), jnp.zeros_like(weights)))
+    return d_tiles, d_weights, None, None
+
+
+tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
+
+
+def default_tile(num_rows: int, num_experts: int) -> int:
+    """Row tile: a power of two near half the mean group size, in [16, 256] (padding costs at most
+    E * (tile - 1) rows; small tiles make small matmuls)."""
+    mean_group = max(1, num_rows // max(1, num_experts))
+    return int(min(256, max(16, pl2(mean_group) // 2)))
+
+
 def grouped_ffn_tiles(experts: dict, rows: jax.Array, sorted_expert: jax.Array,
-                      group_sizes: jax.Array, tile: int = 128) -> jax.Array:
-    """Expert FFN on expert-sorted rows [N, M]: each group padded to a multiple of `tile` rows, one
-    [tile, M] x [M, F] x [F, M] FFN per tile with its expert's weights (lax.scan), unused tiles skipped."""
+                      group_sizes: jax.Array, tile: int | None = None) -> jax.Array:
+    """Expert FFN on expert-sorted rows [N, M]: each group padded to a multiple of `tile` rows, then
+    one [tile, M] x [M, F] and one [tile, F] x [F, M] matmul per used tile with its expert's weights."""
     num_rows, model_dim = rows.shape
     num_experts = group_sizes.shape[0]
-    tile = max(8, min(tile, pl2(num_rows)))
+    tile = tile or default_tile(num_rows, num_experts)
     padded_sizes = (group_sizes + tile - 1) // tile * tile
-    padded_start = jnp.cumsum(padded_sizes) - padded_sizes
+    padded_end = jnp.cumsum(padded_sizes)
+    padded_start = padded_end - padded_sizes
     group_start = jnp.cumsum(group_sizes) - group_sizes
     destination = padded_start[sorted_expert] + jnp.arange(num_rows, dtype=jnp.int32) - group_start[sorted_expert]
     num_tiles = (num_rows + num_experts * (tile - 1) + tile - 1) // tile  # static upper bound
     source = jnp.full((num_tiles * tile,), num_rows, jnp.int32).at[destination].set(
         jnp.arange(num_rows, dtype=jnp.int32))
-    padded = jnp.concatenate([rows, jnp.zeros((1, model_dim), rows.dtype)])[source]
-    tiles = padded.reshape(num_tiles, tile, model_dim)
-    padded_end = jnp.cumsum(padded_sizes)
-    tile_expert = jnp.minimum(
-        jnp.searchsorted(padded_end, jnp.arange(num_tiles) * tile, side="right"), num_experts - 1)
-    used_tiles = padded_end[-1] // tile
+    tiles = jnp.concatenate([rows, jnp.zeros((1, model_dim), rows.dtype)])[source].reshape(num_tiles, tile, model_dim)
+    tile_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(num_tiles) * tile, side="right"),
+                              num_experts - 1).astype(jnp.int32)
+    used_tiles = (padded_end[-1] // tile).astype(jnp.int32)
     dtype = rows.dtype
-
-    def one_tile(_, inputs):
-        index, expert, block = inputs
-
-        def compute(block):
-            w = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, expert, keepdims=False).astype(dtype),
-                             experts)
-            hidden = gelu(block @ w["w1"] + w["b1"])
-            return hidden @ w["w2"] + w["b2"]
-
-        out = jax.lax.cond(index < used_tiles, compute, jnp.zeros_like, block)
-        return None, out
-
-    _, out_tiles = jax.lax.scan(one_tile, None, (jnp.arange(num_tiles), tile_expert, tiles))
-    return out_tiles.reshape(-1, model_dim)[destination]
+    hidden = tiled_matmul(tiles, experts["w1"].astype(dtype), tile_expert, used_tiles)
+    hidden = gelu(hidden + experts["b1"].astype(dtype)[tile_expert][:, None, :])
+    out = tiled_matmul(hidden, experts["w2"].astype(dtype), tile_expert, used_tiles)
+    out = out + experts["b2"].astype(dtype)[tile_expert][:, None, :]
+    return out.reshape(-1, model_dim)[destination]
 
 
 def pl2(n: int) -> int:
@@ -162,5 +201,5 @@ def dispatch(path: str, x: jax.Array, routing: Routing, experts: dict) -> jax.Ar
 
 
 __all__ = ["PATHS", "dispatch", "dispatch_einsum", "dispatch_gather", "dispatch_dropless", "expert_ffn",
-           "gather_to_buffer", "combine_from_buffer", "grouped_ffn_ragged", "grouped_ffn_tiles",
+           "gather_to_buffer", "combine_from_buffer", "grouped_ffn_ragged", "grouped_ffn_tiles", "tiled_matmul",
            "gelu"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +17,10 @@ import optax
 
 from moe_jax import model as model_lib
 from moe_jax.config import ModelConfig
+
+
+# loss_hook(logits [B, T, V], batch, step, hook_inputs) -> (extra loss term, {name: scalar metric})
+LossHook = Callable[[jax.Array, dict, jax.Array, Any], tuple[jax.Array, dict]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +77,10 @@ def step_rngs(rng: jax.Array, step: jax.Array) -> dict:
     return {"gating": gating, "dropout": dropout}
 
 
-def loss_fn(params: dict, batch: dict, model_cfg: ModelConfig, *, rngs: dict | None, train: bool):
-    """CE + aux_loss_coef * sum of aux losses (+ z_loss_coef * sum of router z-losses)."""
+def loss_fn(params: dict, batch: dict, model_cfg: ModelConfig, *, rngs: dict | None, train: bool,
+            step: jax.Array | None = None, loss_hook: LossHook | None = None, hook_inputs: Any = None):
+    """CE + aux_loss_coef * sum of aux losses (+ z_loss_coef * sum of router z-losses)
+    (+ loss_hook's term, e.g. knowledge distillation)."""
     logits, aux = model_lib.apply(params, batch["inputs"], model_cfg, train=train, rngs=rngs)
     ce = model_lib.lm_loss(logits, batch["targets"], batch.get("mask"))
     loss = ce
@@ -82,17 +88,25 @@ def loss_fn(params: dict, batch: dict, model_cfg: ModelConfig, *, rngs: dict | N
         loss = loss + model_cfg.moe.aux_loss_coef * aux["aux_loss"]
         if model_cfg.moe.z_loss_coef:
             loss = loss + model_cfg.moe.z_loss_coef * aux["z_loss"]
-    metrics = {"loss": loss, "ce_loss": ce, "aux_loss": aux["aux_loss"], "z_loss": aux["z_loss"],
+    metrics = {"ce_loss": ce, "aux_loss": aux["aux_loss"], "z_loss": aux["z_loss"],
                "moe_layers": {str(i): stats for i, stats in aux["layers"]}}
+    if loss_hook is not None:
+        extra, extra_metrics = loss_hook(logits, batch, step, hook_inputs)
+        loss = loss + extra
+        metrics.update(extra_metrics)
+    metrics["loss"] = loss
     return loss, metrics
 
 
-def train_step(state: dict, batch: dict, rng: jax.Array, *, model_cfg: ModelConfig,
-               optimizer: optax.GradientTransformation, schedule: optax.Schedule | None = None):
-    """One optimizer step. Returns (new_state, metrics)."""
+def train_step(state: dict, batch: dict, rng: jax.Array, hook_inputs: Any = None, *, model_cfg: ModelConfig,
+               optimizer: optax.GradientTransformation, schedule: optax.Schedule | None = None,
+               loss_hook: LossHook | None = None):
+    """One optimizer step. Returns (new_state, metrics). `hook_inputs` (e.g. a frozen teacher's
+    parameters) reach `loss_hook` as a traced argument, never as a baked-in constant."""
     rngs = step_rngs(rng, state["step"])
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, metrics), grads = grad_fn(state["params"], batch, model_cfg, rngs=rngs, train=True)
+    (_, metrics), grads = grad_fn(state["params"], batch, model_cfg, rngs=rngs, train=True, step=state["step"],
+                                  loss_hook=loss_hook, hook_inputs=hook_inputs)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics["grad_norm"] = optax.tree.norm(grads)

@@ -160,9 +160,13 @@ def evaluate(params, eval_data: list, eval_fn) -> dict:
     return {"val_loss": val_loss, "val_bpb": train_lib.bits_per_byte(val_loss)}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       loss_hook: Optional[train_lib.LossHook] = None, hook_inputs=None) -> dict:
     """Trains (resuming from workdir when it holds a checkpoint), evaluates, writes metrics.
-    Returns a summary dict (also written to workdir/results.json)."""
+    Returns a summary dict (also written to workdir/results.json).
+
+    loss_hook / hook_inputs add a term to the training loss (see train_lib.train_step); its metrics
+    are logged with the others. Mixture-of-Students distillation uses this."""
     validate(config)
     os.makedirs(workdir, exist_ok=True)
 
@@ -181,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rng = jax.random.key(config.seed)
     init_rng, train_rng = jax.random.split(rng)
     train_step = jax.jit(functools.partial(train_lib.train_step, model_cfg=model_cfg, optimizer=optimizer,
-                                           schedule=schedule), donate_argnums=(0,))
+                                           schedule=schedule, loss_hook=loss_hook), donate_argnums=(0,))
     eval_fn = jax.jit(functools.partial(train_lib.eval_step, model_cfg=model_cfg))
 
     # --- Checkpoint: resume first ---------------------------------------------------------------
@@ -223,7 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             last_step = min(last_step, config.stop_after_steps)
         for step in range(start_step + 1, last_step + 1):
             batch = next(batches)
-            state, step_metrics = train_step(state, batch, train_rng)
+            state, step_metrics = train_step(state, batch, train_rng, hook_inputs)
             pending.append((step, step_metrics["loss"]))
             window_steps += 1
             if compile_free_start is None:
@@ -239,12 +243,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if window_steps:
                     step_time = elapsed / window_steps
                     tokens_per_sec = tokens_per_step / step_time
-                record = {"loss": float(host["loss"]), "ce_loss": float(host["ce_loss"]),
-                          "aux_loss": float(host["aux_loss"]), "lr": float(host["lr"]),
-                          "grad_norm": float(host["grad_norm"]), "tokens_per_sec": tokens_per_sec,
-                          "step_time_s": step_time,
-                          "mfu": metrics_lib.mfu(flops_per_token, tokens_per_sec, peak),
-                          "moe": _layer_stats(host["moe_layers"])}
+                record = {name: float(value) for name, value in host.items() if name != "moe_layers"}
+                record.update({"tokens_per_sec": tokens_per_sec, "step_time_s": step_time,
+                               "mfu": metrics_lib.mfu(flops_per_token, tokens_per_sec, peak),
+                               "moe": _layer_stats(host["moe_layers"])})
                 if step % config.eval_every_steps == 0 or is_last:
                     eval_metrics = evaluate(state["params"], eval_data, eval_fn)
                     record.update(eval_metrics)
