@@ -57,8 +57,11 @@ class Routing:
     z_loss: jax.Array  # scalar
     expert_counts: jax.Array  # [E] int32, copies routed to each expert before dropping
     dropped_fraction: jax.Array  # scalar: dropped copies / (S * k)
+    gate_fraction: jax.Array  # [E] mean gate probability per expert (aux loss term `me`)
+    token_fraction: jax.Array  # [E] fraction of tokens choosing each expert (aux loss term `ce`)
     capacity: int = struct.field(pytree_node=False)
     num_experts: int = struct.field(pytree_node=False)
+    aux_scale: float = struct.field(pytree_node=False, default=1.0)  # aux = scale * sum(me * ce)
 
     @property
     def num_tokens(self) -> int:
@@ -176,7 +179,8 @@ def top_k_gating(
         choose_from = gates if rsample_noise is None else logits + rsample_noise
         expert_index = jnp.argmax(choose_from, axis=-1).astype(jnp.int32)[:, None]
         mask = jax.nn.one_hot(expert_index[:, 0], num_experts, dtype=jnp.int32)
-        aux_loss = jnp.sum(me * jnp.mean(mask.astype(jnp.float32), axis=0)) * num_experts
+        ce = jnp.mean(mask.astype(jnp.float32), axis=0)
+        aux_scale = float(num_experts)
         if not drop_tokens:
             kept_mask = mask
         elif use_rts and rts_scores is not None:
@@ -197,7 +201,8 @@ def top_k_gating(
         mask2 = jax.nn.one_hot(second, num_experts, dtype=jnp.int32)
         location1 = _slots_in_token_order(mask1)
         location2 = _slots_in_token_order(mask2) + jnp.sum(mask1, axis=0, keepdims=True)
-        aux_loss = jnp.mean(me * jnp.mean(mask1.astype(jnp.float32), axis=0)) * num_experts * num_experts
+        ce = jnp.mean(mask1.astype(jnp.float32), axis=0)  # first choices only
+        aux_scale = float(num_experts)  # DeepSpeed: mean(me * ce) * E * E
         expert_index = jnp.stack([first, second], axis=1)
         slot = jnp.stack([_take(location1, first[:, None])[:, 0], _take(location2, second[:, None])[:, 0]], 1)
         kept = slot < capacity
@@ -210,7 +215,8 @@ def top_k_gating(
         expert_index = expert_index.astype(jnp.int32)
         mask = jnp.zeros((num_tokens, num_experts), jnp.int32).at[
             jnp.arange(num_tokens)[:, None], expert_index].set(1)
-        aux_loss = jnp.mean(me * jnp.mean(mask.astype(jnp.float32), axis=0)) * num_experts ** 2 / k
+        ce = jnp.mean(mask.astype(jnp.float32), axis=0)
+        aux_scale = num_experts / k  # DeepSpeed: mean(me * ce) * E^2 / k
         if not drop_tokens:
             kept_mask = mask
         elif drop_policy == "probs":
@@ -232,5 +238,6 @@ def top_k_gating(
     dropped_fraction = 1.0 - jnp.mean(kept.astype(jnp.float32))
     return Routing(
         expert_index=expert_index, slot=slot, weight=weight.astype(jnp.float32), kept=kept,
-        aux_loss=aux_loss, z_loss=z_loss, expert_counts=expert_counts.astype(jnp.int32),
-        dropped_fraction=dropped_fraction, capacity=capacity, num_experts=num_experts)
+        aux_loss=aux_scale * jnp.sum(me * ce), z_loss=z_loss, expert_counts=expert_counts.astype(jnp.int32),
+        dropped_fraction=dropped_fraction, gate_fraction=me, token_fraction=ce, capacity=capacity,
+        num_experts=num_experts, aux_scale=aux_scale)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from moe_jax.config import ModelConfig
 from moe_jax.moe import MLP, MoELayer
+from moe_jax.parallel import ParallelConfig
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: int | jax.Array = 0,
@@ -85,6 +86,7 @@ class Attention(nn.Module):
 class Block(nn.Module):
     cfg: ModelConfig
     num_experts: int  # 0: dense FFN
+    parallel: Optional[ParallelConfig] = None
 
     @nn.compact
     def __call__(self, x, *, train: bool, cache: Optional[dict] = None):
@@ -99,7 +101,7 @@ class Block(nn.Module):
         h = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype, name="ln2")(x).astype(x.dtype)
         if self.num_experts:
             h, stats = MoELayer(cfg.moe, self.num_experts, cfg.expert_ffn_size, cfg.init_std, out_std,
-                                param_dtype, name="moe")(h, train=train)
+                                param_dtype, self.parallel, name="moe")(h, train=train)
         else:
             h, stats = MLP(cfg.ffn_size, cfg.init_std, out_std, param_dtype, name="mlp")(h), None
         x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
@@ -108,6 +110,7 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     cfg: ModelConfig
+    parallel: Optional[ParallelConfig] = None  # mesh and MoE exchange (moe_jax.parallel); None: one device
 
     @nn.compact
     def __call__(self, tokens: jax.Array, *, train: bool = False, cache: Optional[list] = None,
@@ -127,7 +130,7 @@ class GPT(nn.Module):
         x = nn.Dropout(cfg.dropout)(x, deterministic=not train or cfg.dropout == 0.0)
         layer_stats, new_cache = [], []
         for i, num_experts in enumerate(cfg.layer_experts()):
-            x, stats, layer_cache = Block(cfg, num_experts, name=f"block_{i}")(
+            x, stats, layer_cache = Block(cfg, num_experts, self.parallel, name=f"block_{i}")(
                 x, train=train, cache=None if cache is None else cache[i])
             new_cache.append(layer_cache)
             if stats is not None:
@@ -153,9 +156,9 @@ def init_params(rng: jax.Array, cfg: ModelConfig, seq_len: int = 8) -> dict:
 
 
 def apply(params: dict, tokens: jax.Array, cfg: ModelConfig, *, train: bool = False,
-          rngs: Optional[dict] = None):
+          rngs: Optional[dict] = None, parallel: Optional[ParallelConfig] = None):
     """Forward pass: (logits [B, T, V] float32, aux). rngs: {'dropout': key, 'gating': key}."""
-    return GPT(cfg).apply({"params": params}, tokens, train=train, rngs=rngs or {})
+    return GPT(cfg, parallel).apply({"params": params}, tokens, train=train, rngs=rngs or {})
 
 
 def lm_loss(logits: jax.Array, targets: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:

@@ -14,6 +14,7 @@ c = softmax(x @ coef.kernel + coef.bias, axis=-1), the per-token mixing coeffici
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import flax.linen as nn
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import dispatch as dispatch_lib
+from moe_jax import parallel as parallel_lib
 from moe_jax.config import MoEConfig
 from moe_jax.gating import Routing, top_k_gating
 
@@ -79,20 +81,27 @@ def routing_stats(routing: Routing) -> dict:
 
 
 def moe_forward(params: dict, x: jax.Array, *, moe: MoEConfig, train: bool,
-                rng: Optional[jax.Array] = None, path: Optional[str] = None) -> tuple[jax.Array, dict]:
+                rng: Optional[jax.Array] = None, path: Optional[str] = None,
+                parallel: Optional["parallel_lib.ParallelConfig"] = None) -> tuple[jax.Array, dict]:
     """One MoE layer on x [..., M] (all leading axes are tokens, as DeepSpeed flattens them).
 
     Returns (y [..., M], stats) with stats = aux_loss, z_loss, expert_counts [E], kept_counts [E],
-    dropped_fraction.
+    dropped_fraction. With `parallel`, x is [B, T, M] sharded over the batch axes and routing and
+    dispatch run per shard under shard_map (moe_jax.parallel); otherwise on all tokens at once.
     """
     shape = x.shape
-    tokens = x.reshape(-1, shape[-1])
-    routing = route(params["gate"], tokens, moe=moe, train=train, rng=rng)
-    y = dispatch_lib.dispatch(path or moe.dispatch, tokens, routing, params["experts"])
+    if parallel is not None:
+        moe = moe if path is None else dataclasses.replace(moe, dispatch=path)
+        y, stats = parallel_lib.sharded_moe(params, x, moe=moe, train=train, rng=rng, par=parallel, route_fn=route)
+    else:
+        tokens = x.reshape(-1, shape[-1])
+        routing = route(params["gate"], tokens, moe=moe, train=train, rng=rng)
+        y = dispatch_lib.dispatch(path or moe.dispatch, tokens, routing, params["experts"]).reshape(shape)
+        stats = routing_stats(routing)
     if moe.residual:
-        coef = residual_coefficient(params["residual"]["coef"], tokens).astype(y.dtype)
-        y = y * coef[:, :1] + dense_mlp(params["residual"]["mlp"], tokens) * coef[:, 1:]
-    return y.reshape(shape), routing_stats(routing)
+        coef = residual_coefficient(params["residual"]["coef"], x).astype(y.dtype)
+        y = y * coef[..., :1] + dense_mlp(params["residual"]["mlp"], x) * coef[..., 1:]
+    return y, stats
 
 
 def _normal(std: float):
@@ -151,6 +160,7 @@ class MoELayer(nn.Module):
     init_std: float
     out_std: float
     param_dtype: jnp.dtype = jnp.float32
+    parallel: Optional[parallel_lib.ParallelConfig] = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict]:
@@ -171,7 +181,7 @@ class MoELayer(nn.Module):
                 },
             }
         rng = self.make_rng("gating") if self.has_rng("gating") else None
-        return moe_forward(params, x, moe=self.moe, train=train, rng=rng)
+        return moe_forward(params, x, moe=self.moe, train=train, rng=rng, parallel=self.parallel)
 
 
 class _ParamScope(nn.Module):

@@ -17,6 +17,7 @@ import optax
 
 from moe_jax import model as model_lib
 from moe_jax.config import ModelConfig
+from moe_jax.parallel import ParallelConfig
 
 
 # loss_hook(logits [B, T, V], batch, step, hook_inputs) -> (extra loss term, {name: scalar metric})
@@ -78,10 +79,11 @@ def step_rngs(rng: jax.Array, step: jax.Array) -> dict:
 
 
 def loss_fn(params: dict, batch: dict, model_cfg: ModelConfig, *, rngs: dict | None, train: bool,
-            step: jax.Array | None = None, loss_hook: LossHook | None = None, hook_inputs: Any = None):
+            step: jax.Array | None = None, loss_hook: LossHook | None = None, hook_inputs: Any = None,
+            parallel: ParallelConfig | None = None):
     """CE + aux_loss_coef * sum of aux losses (+ z_loss_coef * sum of router z-losses)
     (+ loss_hook's term, e.g. knowledge distillation)."""
-    logits, aux = model_lib.apply(params, batch["inputs"], model_cfg, train=train, rngs=rngs)
+    logits, aux = model_lib.apply(params, batch["inputs"], model_cfg, train=train, rngs=rngs, parallel=parallel)
     ce = model_lib.lm_loss(logits, batch["targets"], batch.get("mask"))
     loss = ce
     if model_cfg.moe is not None:
@@ -100,13 +102,13 @@ def loss_fn(params: dict, batch: dict, model_cfg: ModelConfig, *, rngs: dict | N
 
 def train_step(state: dict, batch: dict, rng: jax.Array, hook_inputs: Any = None, *, model_cfg: ModelConfig,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule | None = None,
-               loss_hook: LossHook | None = None):
+               loss_hook: LossHook | None = None, parallel: ParallelConfig | None = None):
     """One optimizer step. Returns (new_state, metrics). `hook_inputs` (e.g. a frozen teacher's
     parameters) reach `loss_hook` as a traced argument, never as a baked-in constant."""
     rngs = step_rngs(rng, state["step"])
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (_, metrics), grads = grad_fn(state["params"], batch, model_cfg, rngs=rngs, train=True, step=state["step"],
-                                  loss_hook=loss_hook, hook_inputs=hook_inputs)
+                                  loss_hook=loss_hook, hook_inputs=hook_inputs, parallel=parallel)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
@@ -115,9 +117,9 @@ def train_step(state: dict, batch: dict, rng: jax.Array, hook_inputs: Any = None
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
 
-def eval_step(params: dict, batch: dict, *, model_cfg: ModelConfig) -> dict:
+def eval_step(params: dict, batch: dict, *, model_cfg: ModelConfig, parallel: ParallelConfig | None = None) -> dict:
     """Summed cross-entropy and token count on one batch (eval capacity, no noise)."""
-    logits, _ = model_lib.apply(params, batch["inputs"], model_cfg, train=False)
+    logits, _ = model_lib.apply(params, batch["inputs"], model_cfg, train=False, parallel=parallel)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(log_probs, batch["targets"][..., None].astype(jnp.int32), axis=-1)[..., 0]
     return {"nll_sum": jnp.sum(nll), "tokens": jnp.asarray(nll.size, jnp.float32)}

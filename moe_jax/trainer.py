@@ -29,6 +29,7 @@ from moe_jax import checkpoint as checkpoint_lib
 from moe_jax import config as config_lib
 from moe_jax import data as data_lib
 from moe_jax import metrics as metrics_lib
+from moe_jax import parallel as parallel_lib
 from moe_jax import train_lib
 
 
@@ -89,7 +90,10 @@ def default_config(scale: str = "tiny") -> ml_collections.ConfigDict:
         "learning_rate": lr, "min_learning_rate": min_lr, "warmup_steps": warmup, "b1": 0.9, "b2": 0.95,
         "eps": 1e-8, "weight_decay": 0.1, "clip_norm": 1.0,
     })
-    c.mesh = ml_collections.ConfigDict({"data": -1, "expert": 1, "tensor": 1})
+    # Device mesh (moe_jax.parallel): data x expert x tensor must equal the device count (-1 fills).
+    # expert_nodes > 1 splits the expert axis into inter-node groups (hierarchical exchange).
+    c.mesh = ml_collections.ConfigDict({"data": -1, "expert": 1, "tensor": 1, "expert_nodes": 1,
+                                        "exchange": "flat", "expert_slicing": False})
     return c
 
 
@@ -114,6 +118,16 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: Optional[int] = 
     return config_lib.ModelConfig(moe=moe, **model)
 
 
+def parallel_config(config: ml_collections.ConfigDict) -> Optional[parallel_lib.ParallelConfig]:
+    """The mesh of a run, or None on a single device (no mesh, no shard_map)."""
+    m = config.mesh
+    if jax.device_count() == 1 and m.expert in (1, -1) and m.tensor in (1, -1):
+        return None
+    mesh = parallel_lib.make_mesh(m.data, m.expert, m.tensor, m.get("expert_nodes", 1))
+    return parallel_lib.ParallelConfig(mesh, exchange=m.get("exchange", "flat"),
+                                       expert_slicing=m.get("expert_slicing", False))
+
+
 def optim_config(config: ml_collections.ConfigDict) -> train_lib.OptimConfig:
     return train_lib.OptimConfig(total_steps=config.total_steps, **dict(config.optim))
 
@@ -133,6 +147,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          "raise model.max_seq_len or shorten data.seq_len")
     model_config(config)
     optim_config(config)
+    if config.mesh.get("exchange", "flat") not in parallel_lib.EXCHANGES:
+        raise ValueError(f"mesh.exchange={config.mesh.exchange!r} is unknown; use one of {parallel_lib.EXCHANGES}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,19 +200,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     schedule = train_lib.learning_rate_schedule(optim_cfg)
     rng = jax.random.key(config.seed)
     init_rng, train_rng = jax.random.split(rng)
+    par = parallel_config(config)
+    abstract = train_lib.abstract_state(init_rng, model_cfg, optimizer)
+    state_shardings = None
+    if par is not None:
+        parallel_lib.validate(model_cfg, par, config.data.batch_size)
+        state_shardings = parallel_lib.shardings(parallel_lib.param_specs(abstract, par), par.mesh)
+        logging.info("mesh %s, exchange %s, expert slicing %s", dict(par.mesh.shape), par.exchange,
+                     par.expert_slicing)
     train_step = jax.jit(functools.partial(train_lib.train_step, model_cfg=model_cfg, optimizer=optimizer,
-                                           schedule=schedule, loss_hook=loss_hook), donate_argnums=(0,))
-    eval_fn = jax.jit(functools.partial(train_lib.eval_step, model_cfg=model_cfg))
+                                           schedule=schedule, loss_hook=loss_hook, parallel=par),
+                         donate_argnums=(0,), out_shardings=(state_shardings, None) if par else None)
+    eval_fn = jax.jit(functools.partial(train_lib.eval_step, model_cfg=model_cfg, parallel=par))
+    place = (lambda batch: parallel_lib.device_put_batch(batch, par)) if par else (lambda batch: batch)
 
     # --- Checkpoint: resume first ---------------------------------------------------------------
     ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     start_step = ckpt.latest_step()
     if start_step is not None:
-        target = train_lib.abstract_state(init_rng, model_cfg, optimizer)
+        target = abstract
+        if state_shardings is not None:
+            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract, state_shardings)
         state, _ = ckpt.restore(start_step, target=target)
         logging.info("resumed from %s/checkpoints at step %d", workdir, start_step)
     else:
-        state = jax.jit(lambda r: train_lib.init_state(r, model_cfg, optimizer))(init_rng)
+        state = jax.jit(lambda r: train_lib.init_state(r, model_cfg, optimizer),
+                        out_shardings=state_shardings)(init_rng)
         start_step = 0
     last_good = start_step if start_step else None
 
@@ -207,8 +237,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     batches = data_lib.BatchIterator(corpus.train, batch_size=config.data.batch_size, seq_len=config.data.seq_len,
                                      seed=config.seed, start_step=start_step,
                                      process_index=jax.process_index(), process_count=jax.process_count())
-    eval_data = data_lib.eval_batches(corpus.val, batch_size=config.data.batch_size, seq_len=config.data.seq_len,
-                                      max_batches=config.eval_batches)
+    eval_data = [place(batch) for batch in data_lib.eval_batches(
+        corpus.val, batch_size=config.data.batch_size, seq_len=config.data.seq_len,
+        max_batches=config.eval_batches, process_index=jax.process_index(), process_count=jax.process_count())]
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_per_token = metrics_lib.transformer_flops_per_token(
         counts.active, model_cfg.num_layers, model_cfg.hidden_size, config.data.seq_len)
@@ -226,7 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if config.get("stop_after_steps", 0) > 0:
             last_step = min(last_step, config.stop_after_steps)
         for step in range(start_step + 1, last_step + 1):
-            batch = next(batches)
+            batch = place(next(batches))
             state, step_metrics = train_step(state, batch, train_rng, hook_inputs)
             pending.append((step, step_metrics["loss"]))
             window_steps += 1
