@@ -1,0 +1,138 @@
+"""Expert / tensor / data parallelism on 8 CPU devices equals the single-device computation."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax import config, model, parallel, train_lib
+from moe_jax import moe as moe_lib
+
+MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1), (1, 4, 2)]
+EXCHANGES = [("flat", False, 1), ("hierarchical", False, 2), ("coordinated", False, 1), ("flat", True, 1)]
+SETTINGS = [(mesh, *exchange) for mesh in MESHES for exchange in EXCHANGES
+            if not (exchange[2] > 1 and mesh[1] % exchange[2])]
+
+# No dropping and no random routing: then the sharded model must equal the single-device one.
+CFG = config.ModelConfig(
+    vocab_size=64, num_layers=4, hidden_size=32, num_heads=4, ffn_size=64, max_seq_len=16,
+    moe=config.MoEConfig(experts="8x1,2x1", k=2, drop_tokens=False, second_expert_sampling=False, use_rts=False))
+RESIDUAL_CFG = dataclasses.replace(
+    CFG, moe=dataclasses.replace(CFG.moe, experts="8x1,16x1", k=1, residual=True))
+
+
+def _batch(seed=1):
+    keys = jax.random.split(jax.random.key(seed))
+    return {"inputs": jax.random.randint(keys[0], (16, 16), 0, 64),
+            "targets": jax.random.randint(keys[1], (16, 16), 0, 64)}
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(cfg):
+    params = model.init_params(jax.random.key(0), cfg)
+    return params, *_loss_and_grads(cfg, params, _batch(), None)
+
+
+def _loss_and_grads(cfg, params, batch, par):
+    def loss(params, batch):
+        return train_lib.loss_fn(params, batch, cfg, rngs={"gating": jax.random.key(3)}, train=True, parallel=par)[0]
+
+    if par is not None:
+        params = jax.device_put(params, parallel.shardings(parallel.param_specs(params, par), par.mesh))
+        batch = parallel.device_put_batch(batch, par)
+    return jax.jit(jax.value_and_grad(loss))(params, batch)
+
+
+@pytest.mark.parametrize("mesh,exchange,slicing,nodes", SETTINGS)
+def test_loss_and_gradients_equal_single_device(mesh, exchange, slicing, nodes):
+    params, ref_loss, ref_grads = _reference(CFG)
+    par = parallel.ParallelConfig(parallel.make_mesh(*mesh, expert_nodes=nodes), exchange=exchange,
+                                  expert_slicing=slicing)
+    loss, grads = _loss_and_grads(CFG, params, _batch(), par)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, ref_grads)
+
+
+@pytest.mark.parametrize("mesh", [(1, 8, 1), (2, 2, 2)])
+def test_residual_top1_equals_single_device(mesh):
+    params, ref_loss, ref_grads = _reference(RESIDUAL_CFG)
+    par = parallel.ParallelConfig(parallel.make_mesh(*mesh))
+    loss, grads = _loss_and_grads(RESIDUAL_CFG, params, _batch(), par)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, ref_grads)
+
+
+@pytest.mark.parametrize("mesh,exchange,slicing,nodes",
+                         [((1, 8, 1), "flat", False, 1), ((2, 4, 1), "hierarchical", False, 2),
+                          ((1, 4, 2), "coordinated", False, 1), ((2, 2, 2), "flat", True, 1)])
+def test_layer_with_dropping_equals_per_shard_reference(mesh, exchange, slicing, nodes):
+    """With dropping, capacity is per shard (DeepSpeed's rule): each shard's output equals the
+    single-device layer applied to that shard's tokens alone."""
+    moe = config.MoEConfig(experts=8, k=2, capacity_factor=0.5, min_capacity=0, second_expert_sampling=False)
+    model_dim = 16
+    keys = jax.random.split(jax.random.key(5), 6)
+    params = {"gate": {"kernel": jax.random.normal(keys[0], (model_dim, 8))},
+              "experts": {"w1": jax.random.normal(keys[1], (8, model_dim, 32)) * 0.3,
+                          "b1": jax.random.normal(keys[2], (8, 32)) * 0.1,
+                          "w2": jax.random.normal(keys[3], (8, 32, model_dim)) * 0.3,
+                          "b2": jax.random.normal(keys[4], (8, model_dim)) * 0.1}}
+    x = jax.random.normal(keys[5], (16, 8, model_dim))
+    par = parallel.ParallelConfig(parallel.make_mesh(*mesh, expert_nodes=nodes), exchange=exchange,
+                                  expert_slicing=slicing)
+    shards = par.batch_size_divisor
+    y, stats = jax.jit(lambda p, x: moe_lib.moe_forward(p, x, moe=moe, train=True, parallel=par))(params, x)
+    per_shard = [moe_lib.moe_forward(params, part, moe=moe, train=True) for part in jnp.split(x, shards)]
+    np.testing.assert_allclose(y, jnp.concatenate([out for out, _ in per_shard]), rtol=1e-5, atol=1e-5)
+    assert float(stats["dropped_fraction"]) > 0.1
+    np.testing.assert_allclose(stats["dropped_fraction"], np.mean([s["dropped_fraction"] for _, s in per_shard]),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(stats["expert_counts"], sum(s["expert_counts"] for _, s in per_shard))
+
+
+def test_train_steps_equal_single_device():
+    optimizer = train_lib.make_optimizer(train_lib.OptimConfig(learning_rate=1e-2, warmup_steps=0, total_steps=10))
+    step = functools.partial(train_lib.train_step, model_cfg=CFG, optimizer=optimizer)
+    state = train_lib.init_state(jax.random.key(0), CFG, optimizer)
+    par = parallel.ParallelConfig(parallel.make_mesh(2, 2, 2))
+    specs = parallel.param_specs(jax.eval_shape(lambda: state), par)
+    state_sharded = jax.device_put(state, parallel.shardings(specs, par.mesh))
+    single = jax.jit(step)
+    sharded = jax.jit(functools.partial(step, parallel=par))
+    for i in range(3):
+        batch = _batch(seed=10 + i)
+        state, metrics = single(state, batch, jax.random.key(1))
+        state_sharded, metrics_sharded = sharded(state_sharded, parallel.device_put_batch(batch, par),
+                                                 jax.random.key(1))
+        np.testing.assert_allclose(metrics_sharded["loss"], metrics["loss"], rtol=1e-5)
+    # atol: the key bias has a zero true gradient (softmax ignores it); Adam turns rounding noise
+    # there into updates of up to about eps-limited size.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5),
+                 state_sharded["params"], state["params"])
+    w1 = state_sharded["params"]["block_1"]["moe"]["experts"]["w1"]
+    assert w1.addressable_shards[0].data.shape[0] == 8 // par.expert_size  # experts really are split
+
+
+def test_pyramid_layer_smaller_than_expert_group_is_replicated():
+    par = parallel.ParallelConfig(parallel.make_mesh(1, 8, 1))
+    params = jax.eval_shape(lambda: model.init_params(jax.random.key(0), CFG))
+    specs = parallel.param_specs(params, par)
+    assert specs["block_1"]["moe"]["experts"]["w1"][0] == parallel.EXPERT_AXES  # 8 experts over 8 devices
+    assert specs["block_3"]["moe"]["experts"]["w1"][0] is None  # 2 experts: replicated
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="!= 8 devices"):
+        parallel.make_mesh(2, 2, 1)
+    with pytest.raises(ValueError, match="only one mesh size may be -1"):
+        parallel.make_mesh(-1, -1, 1)
+    par = parallel.ParallelConfig(parallel.make_mesh(1, 8, 1))
+    bad_experts = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, experts="12x1,2x1"))
+    with pytest.raises(ValueError, match="num_experts=12, not divisible by the expert mesh axis"):
+        parallel.validate(bad_experts, par, 16)
+    with pytest.raises(ValueError, match="data.batch_size=12 is not divisible"):
+        parallel.validate(CFG, par, 12)
+    with pytest.raises(ValueError, match="choose one"):
+        parallel.ParallelConfig(parallel.make_mesh(1, 4, 2), exchange="coordinated", expert_slicing=True)
