@@ -5,6 +5,11 @@ r"""Trains a GPT / MoE GPT; resumes from --workdir when it holds a checkpoint.
 
 Writes config.json, metrics.jsonl, tensorboard/, checkpoints/ and results.json into the workdir and
 prints a short results table at the end.
+
+Several processes (hosts): start one per host with the same flags plus
+  --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
+(or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID). Each process reads its share of
+every batch; the mesh spans all processes' devices; Orbax saves and restores from every process.
 """
 
 import os
@@ -21,6 +26,9 @@ from moe_jax import trainer  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Training config file (path.py:arg).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process run.")
+flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -28,6 +36,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
+    cli.initialize_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id)
     try:
         summary = trainer.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     except (data_lib.DataError, ValueError, trainer.TrainingError, FileNotFoundError) as error:

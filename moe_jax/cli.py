@@ -29,3 +29,25 @@ def parse_flags(argv: list[str]) -> list[str]:
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+    """Joins a multi-process run when a coordinator is given (flags first, then the environment
+    variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID). On CPU the collectives
+    go through gloo. A single-process run does nothing here."""
+    import os
+
+    import jax
+
+    address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not address:
+        return
+    count = num_processes if num_processes is not None else os.environ.get("JAX_NUM_PROCESSES")
+    index = process_id if process_id is not None else os.environ.get("JAX_PROCESS_ID")
+    if count is None or index is None:
+        fail("a coordinator address needs --num_processes and --process_id "
+             "(or JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=address, num_processes=int(count), process_id=int(index))
