@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
-DISPATCH_PATHS = ("einsum", "gather", "dropless")
+DISPATCH_PATHS = ("einsum", "gather", "dropless", "kernel")
 PLACEMENTS = ("interval", "first_half", "second_half", "explicit")
 DROP_POLICIES = ("probs", "position")
 DTYPES = ("float32", "bfloat16", "float16")

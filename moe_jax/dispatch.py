@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from moe_jax.gating import Routing
 
-PATHS = ("einsum", "gather", "dropless")
+PATHS = ("einsum", "gather", "dropless", "kernel")
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -188,7 +188,15 @@ def dispatch_dropless(x: jax.Array, routing: Routing, experts: dict, impl: str |
     return jnp.einsum("skm,sk->sm", per_copy.reshape(num_tokens, k, -1), routing.weight.astype(x.dtype))
 
 
-_DISPATCH = {"einsum": dispatch_einsum, "gather": dispatch_gather, "dropless": dispatch_dropless}
+def _dispatch_kernel(x: jax.Array, routing: Routing, experts: dict) -> jax.Array:
+    """The GPU kernels' path (moe_jax/kernels/moe_layer.py); their jnp references on CPU."""
+    from moe_jax.kernels.moe_layer import dispatch_kernel  # lazy: the kernels import the core, not back
+
+    return dispatch_kernel(x, routing, experts)
+
+
+_DISPATCH = {"einsum": dispatch_einsum, "gather": dispatch_gather, "dropless": dispatch_dropless,
+             "kernel": _dispatch_kernel}
 
 
 def dispatch(path: str, x: jax.Array, routing: Routing, experts: dict) -> jax.Array:

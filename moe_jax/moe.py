@@ -50,7 +50,12 @@ def route(gate: dict, x: jax.Array, *, moe: MoEConfig, train: bool, rng: Optiona
         rsample_noise = jax.random.gumbel(rng_rsample, logits.shape)
     if drop_tokens is None:
         drop_tokens = moe.drop_tokens and moe.dispatch != "dropless"
-    return top_k_gating(
+    gating_fn = top_k_gating
+    if moe.dispatch == "kernel":  # the fused gating kernel (its jnp reference off GPU)
+        from moe_jax.kernels.gating import ops as gating_kernel
+
+        gating_fn = gating_kernel.top_k_gating
+    return gating_fn(
         logits, k=moe.k,
         capacity_factor=moe.capacity_factor if train else moe.eval_capacity_factor,
         min_capacity=moe.min_capacity, drop_tokens=drop_tokens, use_rts=moe.use_rts,

@@ -40,7 +40,7 @@ def test_causality():
 def test_dispatch_paths_give_the_same_model():
     params = model.init_params(jax.random.key(0), CFG)
     outs = [model.apply(params, tokens(), config.replace_moe(CFG, dispatch=p, drop_tokens=False))[0]
-            for p in ("einsum", "gather", "dropless")]
+            for p in ("einsum", "gather", "dropless", "kernel")]
     for out in outs[1:]:
         np.testing.assert_allclose(out, outs[0], rtol=1e-4, atol=1e-4)
 

@@ -1,0 +1,1 @@
+"""Permute / unpermute by the mapping table: ops.permute, ops.unpermute and the [E, C, M] buffer forms."""
