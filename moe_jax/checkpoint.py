@@ -184,6 +184,9 @@ class Checkpointer:
         memory and the write continues in a background thread; call ``wait()``
         before relying on the files. ``restore`` and ``close`` wait by
         themselves.
+      read_only: for readers of another run's checkpoints (generation,
+        distillation teachers): never creates, deletes or cleans up anything,
+        so a run that is still saving there is left alone.
 
     Saving at a step that already has a committed checkpoint never overwrites
     it: ``save`` logs and returns False (also with ``force=True``). Saving at
@@ -197,6 +200,7 @@ class Checkpointer:
         keep: int | None = 3,
         save_every: int | None = None,
         async_save: bool = False,
+        read_only: bool = False,
     ):
         if keep is not None and keep < 1:
             raise ValueError(f"keep must be >= 1 or None, got {keep}")
@@ -215,9 +219,10 @@ class Checkpointer:
             save_interval_steps=save_every or 1,
             enable_async_checkpointing=async_save,
             # Delete `<step>.orbax-checkpoint-tmp*` dirs left by a crashed save.
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=not read_only,
             step_name_format=self._name_format,
-            create=True,
+            create=not read_only,
+            read_only=read_only,
         )
         self._mngr = ocp.CheckpointManager(directory, options=options)
         self._closed = False

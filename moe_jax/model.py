@@ -56,7 +56,8 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, cache: Optional[dict] = None) -> tuple[jax.Array, Optional[dict]]:
         """x [B, T, M]. With a cache {k, v [B, Tmax, H, D], index}, attends over cached keys too and
-        returns the updated cache (inference)."""
+        returns the updated cache (inference). The caller keeps index + T <= Tmax: a write past the
+        end clamps silently (dynamic_update_slice), as moe_jax.inference ensures."""
         batch, length, model_dim = x.shape
         head_dim = model_dim // self.num_heads
         dtype = x.dtype
@@ -124,8 +125,9 @@ class GPT(nn.Module):
         wte = self.param("wte", nn.initializers.normal(cfg.init_std), (cfg.vocab_size, cfg.hidden_size), param_dtype)
         wpe = self.param("wpe", nn.initializers.normal(cfg.init_std), (cfg.max_seq_len, cfg.hidden_size),
                          param_dtype)
-        if positions is None:
-            positions = jnp.arange(tokens.shape[1])[None, :]
+        if positions is None:  # with a cache the tokens continue at the cache's write index
+            start = 0 if cache is None else cache[0]["index"]
+            positions = start + jnp.arange(tokens.shape[1])[None, :]
         x = (wte[tokens] + wpe[positions]).astype(compute_dtype)
         x = nn.Dropout(cfg.dropout)(x, deterministic=not train or cfg.dropout == 0.0)
         layer_stats, new_cache = [], []

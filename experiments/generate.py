@@ -1,0 +1,97 @@
+r"""Generates text from a trained checkpoint with the KV-cache serving path (moe_jax.inference).
+
+  python experiments/generate.py --workdir=workdirs/moe --prompt="def main(" [--max_new_tokens=128] \
+      [--temperature=0.8] [--top_p=0.95] [--seed=0] [--dtype=bfloat16] [--moe_path=serve] [--step=N]
+
+Reads the run's workdir/config.json and its latest checkpoint (or --step) from workdir/checkpoints,
+both written by experiments/train.py, and prints the prompt with its continuation and the speed.
+Byte-level tokens: the prompt is UTF-8 bytes. Temperature 0 is greedy decoding.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+
+from moe_jax import checkpoint as checkpoint_lib  # noqa: E402
+from moe_jax import cli  # noqa: E402
+from moe_jax import inference  # noqa: E402
+from moe_jax import train_lib  # noqa: E402
+from moe_jax import trainer  # noqa: E402
+from moe_jax.data import ByteTokenizer  # noqa: E402
+
+flags.DEFINE_string("workdir", None, "A training run's workdir (holds config.json and checkpoints/).")
+flags.DEFINE_string("prompt", None, "Text to continue.")
+flags.DEFINE_integer("max_new_tokens", 128, "Tokens (bytes) to generate.")
+flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1]; 1 keeps every token.")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_enum("dtype", "float32", list(inference.DTYPES), "Parameter and compute dtype.")
+flags.DEFINE_enum("moe_path", "serve", list(inference.MOE_PATHS), "MoE dispatch at inference.")
+flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
+flags.mark_flags_as_required(["workdir", "prompt"])
+
+
+def load_run(workdir: str, step=None):
+    """(ModelConfig, params, step) of a training run. FileNotFoundError names what is missing."""
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"--workdir={workdir} does not exist; pass the --workdir of a run of "
+                                "experiments/train.py")
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} is missing; --workdir must be a run of experiments/train.py, "
+                                "which writes config.json there")
+    with open(config_path) as f:
+        saved = json.load(f)
+    config = ml_collections.ConfigDict(saved["config"])
+    # The trainer widens the vocabulary to the corpus's; the saved model entry has the final size.
+    model_cfg = trainer.model_config(config, vocab_size=saved["model"]["vocab_size"])
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(checkpoint_dir):
+        raise FileNotFoundError(f"{checkpoint_dir} does not exist: the run saved no checkpoint yet; train it "
+                                "past config.checkpoint_every_steps (or to the end) first")
+    with checkpoint_lib.Checkpointer(checkpoint_dir, keep=None, read_only=True) as ckpt:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{checkpoint_dir} holds no complete checkpoint; train the run further first")
+        optimizer = train_lib.make_optimizer(trainer.optim_config(config))
+        target = train_lib.abstract_state(jax.random.key(config.seed), model_cfg, optimizer)
+        state, _ = ckpt.restore(step, target=target)
+    return model_cfg, state["params"], step
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step at INFO
+    f = flags.FLAGS
+    if not f.prompt:
+        cli.fail("--prompt is empty; pass some text to continue, e.g. --prompt='def main('")
+    try:
+        model_cfg, params, step = load_run(f.workdir, f.step)
+    except (FileNotFoundError, ValueError) as error:
+        cli.fail(str(error))
+    tokenizer = ByteTokenizer()
+    prompt = tokenizer.encode(f.prompt).tolist()
+    generator = inference.Generator(params, model_cfg, dtype=f.dtype, moe_path=f.moe_path)
+    try:
+        result = generator.generate([prompt], f.max_new_tokens, temperature=f.temperature, top_p=f.top_p,
+                                    seed=f.seed)
+    except ValueError as error:
+        cli.fail(f"--prompt / --max_new_tokens: {error}")
+    print(f.prompt + tokenizer.decode(result.tokens[0]))
+    decode_steps = max(f.max_new_tokens - 1, 1)
+    print(f"\n[step {step}, {model_cfg.layer_experts()} experts per layer, {f.dtype}, moe_path={f.moe_path}] "
+          f"{f.max_new_tokens} tokens at {result.tokens_per_s:.1f} tokens/s (prefill of {len(prompt)} tokens "
+          f"{result.prefill_s * 1e3:.1f} ms, decode {result.decode_s * 1e3 / decode_steps:.2f} ms/token; "
+          f"compiled in {result.compile_s:.1f} s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=cli.parse_flags)
