@@ -29,18 +29,14 @@ new tokens). The decode loop is a `lax.fori_loop` over the decode step inside on
 for a Python loop over a jitted decode step (donated cache) and sampler, whose difference is the
 per-call dispatch cost.
 
-Expert-parallel decode (a later issue) plugs in at `serve_moe`, the only function that touches
-expert weights; the rest of the step is the model's own code under the mesh. The batch, and with it
-the KV cache [B, Tmax, H, D], is sharded over `data` and `expert` (the expert axis is
-data-parallel outside the MoE layers, DESIGN.md) and its heads over `tensor`, like the attention
-weights. Inside the MoE layer, under `jax.shard_map` over `expert`, each shard holds E / ep experts
-and the replicated gate. A decode step carries few tokens, so instead of the training all-to-all
-the step's tokens are all-gathered over `expert` (B * M values), every shard routes all of them
-identically, runs the per-copy loop of `dispatch_copies` on the copies whose expert it owns (a
-lax.cond skips the others, whose output is zero), and a psum_scatter over `expert` hands each shard the outputs of its own tokens: no capacity and
-nothing dropped. Prefill keeps the training exchange (`moe_jax.parallel`'s all-to-all) with the
-no-drop capacity C = S per shard. `Generator` then takes params placed by `moe_jax.parallel`'s
-partition specs and a mesh, and jits prefill and decode with those in/out shardings.
+Expert-parallel decode: `Generator(..., parallel=ParallelConfig(mesh))` places the parameters by
+`moe_jax.parallel`'s partition rules (experts split over the expert axes) and runs prefill and
+decode with the model's own MoE layers on the mesh: each step's tokens are routed per shard with the
+no-drop capacity (C = tokens on the shard, nothing dropped), exchanged with all_to_all, run by the
+experts' owners and sent back. The batch (and the KV cache) is split over the batch axes, so it is
+filled up to a multiple of their size with copies of the last prompt (dropped from the output).
+A lighter decode exchange (all-gather the step's few tokens, each shard runs the copies it owns,
+psum_scatter back) would avoid the [E, C, M] buffers; it is not built.
 
 Public API:
   serving_config(cfg, *, dtype="float32", moe_path="serve") -> ModelConfig
@@ -61,7 +57,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -71,9 +67,11 @@ from flax import struct
 
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import moe as moe_lib
+from moe_jax import parallel as parallel_lib
 from moe_jax.config import ModelConfig, replace_moe
 from moe_jax.gating import Routing
 from moe_jax.model import GPT
+from moe_jax.parallel import ParallelConfig
 
 MOE_PATHS = ("serve", "einsum", "gather", "dropless")
 DTYPES = ("float32", "bfloat16")
@@ -212,11 +210,13 @@ class DecodeState:
 
 
 def _forward(params: dict, tokens: jax.Array, positions: jax.Array, cache: list, *, cfg: ModelConfig,
-             moe_path: str):
-    """GPT with the cache; MoE layers by the serving path when moe_path == "serve"."""
-    call = functools.partial(GPT(cfg).apply, {"params": params}, tokens, train=False, cache=cache,
+             moe_path: str, parallel: Optional[ParallelConfig] = None):
+    """GPT with the cache; MoE layers by the serving path when moe_path == "serve". On a mesh
+    (`parallel`) the MoE layers run the expert-parallel exchange of moe_jax.parallel with no-drop
+    capacity (the serving config), whatever moe_path says."""
+    call = functools.partial(GPT(cfg, parallel).apply, {"params": params}, tokens, train=False, cache=cache,
                              positions=positions)
-    if cfg.moe is None or moe_path != "serve":
+    if cfg.moe is None or moe_path != "serve" or parallel is not None:
         return call()
     with nn.intercept_methods(serving_interceptor()):
         return call()
@@ -233,7 +233,7 @@ def init_cache(cfg: ModelConfig, pad: jax.Array, max_len: int) -> list:
 
 
 def prefill(params: dict, tokens: jax.Array, lengths: jax.Array, *, cfg: ModelConfig, max_len: int,
-            moe_path: str = "serve") -> tuple[jax.Array, DecodeState]:
+            moe_path: str = "serve", parallel: Optional[ParallelConfig] = None) -> tuple[jax.Array, DecodeState]:
     """Runs left-padded prompts through the model, filling a cache of max_len slots (at least P plus
     the tokens still to decode: the cache write clamps silently past its end).
 
@@ -244,15 +244,15 @@ def prefill(params: dict, tokens: jax.Array, lengths: jax.Array, *, cfg: ModelCo
     pad = prompt_len - lengths
     positions = jnp.maximum(jnp.arange(prompt_len)[None, :] - pad[:, None], 0)
     logits, _, cache = _forward(params, tokens, positions, init_cache(cfg, pad, max_len), cfg=cfg,
-                                moe_path=moe_path)
+                                moe_path=moe_path, parallel=parallel)
     return logits[:, -1], DecodeState(cache=cache, position=lengths.astype(jnp.int32))
 
 
 def decode_step(params: dict, state: DecodeState, tokens: jax.Array, *, cfg: ModelConfig,
-                moe_path: str = "serve") -> tuple[jax.Array, DecodeState]:
+                moe_path: str = "serve", parallel: Optional[ParallelConfig] = None) -> tuple[jax.Array, DecodeState]:
     """Feeds one token per row: tokens [B] int32 -> (next-token logits [B, V] float32, new state)."""
     logits, _, cache = _forward(params, tokens[:, None], state.position[:, None], state.cache, cfg=cfg,
-                                moe_path=moe_path)
+                                moe_path=moe_path, parallel=parallel)
     return logits[:, 0], DecodeState(cache=cache, position=state.position + 1)
 
 
@@ -280,7 +280,8 @@ def sample_tokens(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top
 
 
 def decode_tokens(params: dict, state: DecodeState, logits: jax.Array, rng: jax.Array, temperature: jax.Array,
-                  top_p: jax.Array, *, cfg: ModelConfig, num_tokens: int, moe_path: str = "serve") -> jax.Array:
+                  top_p: jax.Array, *, cfg: ModelConfig, num_tokens: int, moe_path: str = "serve",
+                  parallel: Optional[ParallelConfig] = None) -> jax.Array:
     """Samples num_tokens new tokens per row, starting from the prefill's last logits [B, V].
     num_tokens - 1 decode steps in one lax.fori_loop. Step i samples with fold_in(rng, i).
     Returns [B, num_tokens] int32."""
@@ -289,7 +290,7 @@ def decode_tokens(params: dict, state: DecodeState, logits: jax.Array, rng: jax.
 
     def body(i, carry):
         state, token, out = carry
-        logits, state = decode_step(params, state, token, cfg=cfg, moe_path=moe_path)
+        logits, state = decode_step(params, state, token, cfg=cfg, moe_path=moe_path, parallel=parallel)
         token = sample_tokens(logits, jax.random.fold_in(rng, i), temperature, top_p)
         return state, token, out.at[:, i].set(token)
 
@@ -353,14 +354,27 @@ class Generator:
     call with the same shapes compiles nothing.
     """
 
-    def __init__(self, params: dict, cfg: ModelConfig, *, dtype: str = "float32", moe_path: str = "serve"):
+    def __init__(self, params: dict, cfg: ModelConfig, *, dtype: str = "float32", moe_path: str = "serve",
+                 parallel: Optional[ParallelConfig] = None):
         self.cfg = serving_config(cfg, dtype=dtype, moe_path=moe_path)
         self.moe_path = moe_path
+        self.parallel = parallel
         self.params = cast_params(params, dtype)
+        if parallel is not None:  # experts split over the expert axes, the rest as in training
+            specs = parallel_lib.param_specs(self.params, parallel)
+            self.params = jax.device_put(self.params, parallel_lib.shardings(specs, parallel.mesh))
         self._compiled: dict = {}
 
     def _executables(self, tokens, lengths, rng, num_tokens: int):
         key = (tokens.shape, num_tokens)
+        if key not in self._compiled and self.parallel is not None:
+            # on a mesh: jitted functions that follow their inputs' shardings (no AOT executables)
+            max_len = tokens.shape[1] + num_tokens
+            self._compiled[key] = (
+                jax.jit(functools.partial(prefill, cfg=self.cfg, max_len=max_len, moe_path=self.moe_path,
+                                          parallel=self.parallel)),
+                jax.jit(functools.partial(decode_tokens, cfg=self.cfg, num_tokens=num_tokens,
+                                          moe_path=self.moe_path, parallel=self.parallel)))
         if key not in self._compiled:
             max_len = tokens.shape[1] + num_tokens
             prefill_fn = jax.jit(functools.partial(prefill, cfg=self.cfg, max_len=max_len, moe_path=self.moe_path))
@@ -383,6 +397,11 @@ class Generator:
             raise ValueError(f"top_p={top_p} must be in (0, 1] (1: no nucleus cut)")
         tokens, lengths = pad_prompts(prompts, vocab_size=self.cfg.vocab_size, max_seq_len=self.cfg.max_seq_len,
                                       max_new_tokens=max_new_tokens)
+        num_prompts = tokens.shape[0]
+        if self.parallel is not None:  # the batch is split over the batch axes: fill it with copies
+            rows = -(-num_prompts // self.parallel.batch_size_divisor) * self.parallel.batch_size_divisor
+            tokens = np.concatenate([tokens, np.repeat(tokens[-1:], rows - num_prompts, axis=0)])
+            lengths = np.concatenate([lengths, np.repeat(lengths[-1:], rows - num_prompts)])
         tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
         rng = jax.random.key(seed)
         start = time.perf_counter()
@@ -393,6 +412,6 @@ class Generator:
         new_tokens = jax.block_until_ready(decode_exe(
             self.params, state, logits, rng, jnp.float32(temperature), jnp.float32(top_p)))
         done = time.perf_counter()
-        return Generation(tokens=np.asarray(new_tokens).tolist(), compile_s=compiled - start,
+        return Generation(tokens=np.asarray(new_tokens)[:num_prompts].tolist(), compile_s=compiled - start,
                           prefill_s=prefilled - compiled, decode_s=done - prefilled)
 

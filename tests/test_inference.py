@@ -140,3 +140,19 @@ def test_bad_options(params):
         inference.Generator(params, CFG, moe_path="fast")
     with pytest.raises(ValueError, match="dtype='float16'"):
         inference.Generator(params, CFG, dtype="float16")
+
+
+@pytest.mark.parametrize("mesh", [(1, 8, 1), (2, 2, 2)])
+def test_sharded_decode_equals_single_device(mesh):
+    from moe_jax import parallel
+
+    cfg = config.ModelConfig(vocab_size=64, num_layers=2, hidden_size=32, num_heads=4, ffn_size=64,
+                             max_seq_len=32, moe=config.MoEConfig(experts=8, k=2, second_expert_sampling=False))
+    params = model.init_params(jax.random.key(0), cfg)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 64, size=n).tolist() for n in (3, 7, 5, 9, 2)]  # 5 prompts: filled up to 8
+    single = inference.Generator(params, cfg, moe_path="gather").generate(prompts, max_new_tokens=6)
+    par = parallel.ParallelConfig(parallel.make_mesh(*mesh))
+    sharded = inference.Generator(params, cfg, moe_path="gather", parallel=par).generate(prompts, max_new_tokens=6)
+    assert sharded.tokens == single.tokens
+    assert len(sharded.tokens) == 5
