@@ -12,7 +12,7 @@ demo: .venv/.installed
 	$(PY) experiments/demo.py
 
 test: .venv/.installed
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q --durations=10
 
 test-all: .venv/.installed
 	$(PY) -m pytest -q
