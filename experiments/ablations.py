@@ -102,7 +102,7 @@ def variant_config(variant: str, scale: str, seed: int, data_path: str, steps: i
 
 
 def read_curve(workdir: str) -> dict:
-    steps, loss, val_steps, val_loss = [], [], [], []
+    steps, loss, val_steps, val_loss, step_times = [], [], [], [], []
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         for line in f:
             record = json.loads(line)
@@ -111,7 +111,9 @@ def read_curve(workdir: str) -> dict:
             if record.get("val_loss") is not None:
                 val_steps.append(record["step"])
                 val_loss.append(record["val_loss"])
-    return {"step": steps, "train_ce": loss, "val_step": val_steps, "val_loss": val_loss}
+            if isinstance(record.get("step_time_s"), float) and math.isfinite(record["step_time_s"]):
+                step_times.append(record["step_time_s"])
+    return {"step": steps, "train_ce": loss, "val_step": val_steps, "val_loss": val_loss, "step_time_s": step_times}
 
 
 def run_dir(workdir: str, variant: str, seed: int) -> str:
@@ -137,6 +139,11 @@ def run_variant(variant: str, seed: int, f) -> dict:
         summary = trainer.train_and_evaluate(config, workdir)
     summary["wall_s"] = time.perf_counter() - start
     summary["curve"] = read_curve(workdir)
+    # the median logged step time: also right for a run resumed after it finished (no new steps)
+    times = sorted(summary["curve"]["step_time_s"])
+    if times:
+        summary["step_time_s"] = times[len(times) // 2]
+        summary["tokens_per_sec"] = config.data.batch_size * config.data.seq_len / summary["step_time_s"]
     return summary
 
 
