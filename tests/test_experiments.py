@@ -24,10 +24,6 @@ def test_every_ablation_suite_runs_at_micro_scale(tmp_path):
     for suite in ("placement", "top2_vs_residual", "pyramid", "mos"):
         assert (tmp_path / f"{suite}.png").stat().st_size > 1000
     assert "equal steps and tokens" in (tmp_path / "results.md").read_text()
-    # a single suite reuses the finished runs (each resumes at its last step) and writes its own files
-    subprocess.run([*cmd, "--suite=placement"], check=True, env=env, capture_output=True)
-    placement = json.loads((tmp_path / "results.json").read_text())
-    assert set(placement["variants"]) == {"dense", "moe", "first_half", "second_half"}
 
 
 def test_quickstart_notebook_executes(tmp_path, monkeypatch):
