@@ -16,7 +16,6 @@ minutes per variant on 2 CPU cores), small (12 layers x 256, 2000 steps: hours o
 Every run resumes from its own folder (DIR/<variant>/seed<k>), so an interrupted suite continues.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -51,14 +50,6 @@ flags.DEFINE_integer("seeds", 1, "Seeds per variant (mean and standard deviation
 flags.DEFINE_integer("steps", 0, "Override the scale's step count (0: the scale's).")
 
 
-def load_config(name: str):
-    path = os.path.join(ROOT, "experiments", "configs", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"ablation_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("tiny")
-
-
 def scale_config(config, scale: str, steps: int):
     """Applies the scale: the same shape for every variant (only the MoE part differs)."""
     if scale == "micro":
@@ -90,7 +81,7 @@ def _resize_experts(experts: str, num_layers: int, placement: str) -> str:
 
 
 def variant_config(variant: str, scale: str, seed: int, data_path: str, steps: int):
-    config = scale_config(load_config(CONFIG_FILES[variant]), scale, steps)
+    config = scale_config(trainer.load_config_file(CONFIG_FILES[variant]), scale, steps)
     config.seed = seed
     config.data.path = data_path
     experts = str(config.moe.experts)

@@ -8,7 +8,6 @@ minimum ms per step.
 """
 
 import functools
-import importlib.util
 import os
 import sys
 import time
@@ -22,17 +21,10 @@ import numpy as np  # noqa: E402
 from moe_jax import train_lib, trainer  # noqa: E402
 
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("tiny")
-
-
 def main(names):
     runs = {}
     for name in names:
-        config = load(name)
+        config = trainer.load_config_file(name)
         model_cfg = trainer.model_config(config)
         optimizer = train_lib.make_optimizer(trainer.optim_config(config))
         state = train_lib.init_state(jax.random.key(0), model_cfg, optimizer)

@@ -6,7 +6,6 @@ Python standard library corpus, then prints a results table.
 About 4 minutes on 2 CPU cores. Both runs resume from their workdirs if interrupted.
 """
 
-import importlib.util
 import os
 import sys
 import time
@@ -22,19 +21,12 @@ flags.DEFINE_string("workdir", "workdirs/demo", "Parent folder of the two runs."
 flags.DEFINE_integer("steps", 300, "Training steps of each model.")
 
 
-def load_config(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("tiny")
-
-
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     results = {}
     for name in ("pr_moe", "dense"):
-        config = load_config(name)
+        config = trainer.load_config_file(name)
         config.total_steps = flags.FLAGS.steps
         start = time.perf_counter()
         print(f"== training tiny {name} for {config.total_steps} steps", flush=True)

@@ -327,3 +327,17 @@ def format_summary(summary: dict) -> str:
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def load_config_file(name: str, arg: str = "tiny") -> ml_collections.ConfigDict:
+    """get_config(arg) of experiments/configs/<name>.py (a file path works too), as --config does."""
+    import importlib.util
+
+    path = name if name.endswith(".py") else os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "configs", f"{name}.py")
+    if not os.path.exists(path):
+        raise ValueError(f"config {name!r} not found at {path}; use a file of experiments/configs/")
+    spec = importlib.util.spec_from_file_location(f"moe_jax_config_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
