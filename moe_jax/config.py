@@ -1,4 +1,4 @@
-"""Model and MoE configuration: frozen dataclasses, validation, paper presets, parameter counts.
+"""Model and MoE configuration: frozen dataclasses, validation, paper presets.
 
 A model is a `ModelConfig`; its optional `moe` field (a `MoEConfig`) says which layers are MoE,
 how many experts each has and how tokens are routed. Everything is validated on construction:
@@ -18,14 +18,12 @@ MoE layer. An entry <= 1 makes that layer dense, as in Megatron-DeepSpeed.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional, Sequence
 
-import jax
 import jax.numpy as jnp
 
 NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
-DISPATCH_PATHS = ("einsum", "gather", "dropless", "kernel")
+ROUTER_IMPLS = ("jnp", "kernel")
 PLACEMENTS = ("interval", "first_half", "second_half", "explicit")
 DROP_POLICIES = ("probs", "position")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -82,7 +80,9 @@ class MoEConfig:
     residual: bool = False
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
-    dispatch: str = "gather"
+    router: str = "topk"  # a name of moe_jax.gating.ROUTERS; "topk" is DeepSpeed's top-k gating
+    router_impl: str = "jnp"  # "kernel": the fused gating kernel (moe_jax.kernels.gating; jnp off GPU)
+    dispatch: str = "gather"  # a name of moe_jax.dispatch.PATHS
     expert_ffn_size: Optional[int] = None  # None: the model's ffn_size
 
     def __post_init__(self):
@@ -112,8 +112,14 @@ class MoEConfig:
             raise ValueError("moe.noisy_gate_policy='RSample' applies to top-1 gating only; set k=1 or use 'Jitter'")
         if self.drop_policy not in DROP_POLICIES:
             raise ValueError(f"moe.drop_policy={self.drop_policy!r} is unknown; use one of {DROP_POLICIES}")
-        if self.dispatch not in DISPATCH_PATHS:
-            raise ValueError(f"moe.dispatch={self.dispatch!r} is unknown; use one of {DISPATCH_PATHS}")
+        from moe_jax import dispatch, gating  # the registries; neither imports this module
+
+        if self.router not in gating.ROUTERS:
+            raise ValueError(f"moe.router={self.router!r} is unknown; use one of {tuple(gating.ROUTERS)}")
+        if self.router_impl not in ROUTER_IMPLS:
+            raise ValueError(f"moe.router_impl={self.router_impl!r} is unknown; use one of {ROUTER_IMPLS}")
+        if self.dispatch not in dispatch.PATHS:
+            raise ValueError(f"moe.dispatch={self.dispatch!r} is unknown; use one of {tuple(dispatch.PATHS)}")
         if self.aux_loss_coef < 0 or self.z_loss_coef < 0:
             raise ValueError("moe.aux_loss_coef and moe.z_loss_coef must be >= 0")
         counts = self.experts if isinstance(self.experts, tuple) else (self.experts,)
@@ -272,43 +278,6 @@ def preset(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"preset {name!r} is unknown; choose one of {sorted(PRESETS)}") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Parameter counts
-# ----------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class ParamCount:
-    total: int
-    active: int  # parameters one token passes through (k experts per MoE layer)
-
-    def __str__(self) -> str:
-        return f"{_human(self.total)} total, {_human(self.active)} active per token"
-
-
-def _human(n: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(n)
-
-
-def count_params(cfg: ModelConfig) -> ParamCount:
-    """Total and active parameter counts from abstract shapes (jax.eval_shape: nothing allocated)."""
-    from moe_jax import model as model_lib  # local: model imports config
-
-    shapes = jax.eval_shape(lambda: model_lib.init_params(jax.random.key(0), cfg))
-    total = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
-    inactive = 0
-    layer_experts = cfg.layer_experts()
-    k = cfg.moe.k if cfg.moe is not None else 0
-    for i, num_experts in enumerate(layer_experts):
-        if num_experts:
-            experts = shapes[f"block_{i}"]["moe"]["experts"]
-            per_expert = sum(math.prod(x.shape[1:]) for x in jax.tree.leaves(experts))
-            inactive += (num_experts - min(k, num_experts)) * per_expert
-    return ParamCount(total=int(total), active=int(total - inactive))
 
 
 def dtype(name: str):

@@ -317,7 +317,7 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str, teache
 
     teacher_params = restore_teacher_params(teacher_workdir, teacher_cfg, teacher_step)
     logging.info("teacher: %s at step %d, %s, layer experts %s", teacher_workdir, teacher_step,
-                 config_lib.count_params(teacher_cfg), teacher_cfg.layer_experts())
+                 model_lib.count_params(teacher_cfg), teacher_cfg.layer_experts())
     logging.info("KD: %s", kd)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, TEACHER_RECORD), "w") as f:

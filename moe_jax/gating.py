@@ -1,4 +1,15 @@
-"""Top-k gating with DeepSpeed's semantics, returning the dense token-to-expert mapping table.
+"""Routers and the mapping table they return: one registry, DeepSpeed's top-k router first.
+
+A router turns gate logits into a `Routing`. Every router has one signature,
+
+    routing = ROUTERS[name](logits [S, E] float32, *, moe, train, rng, drop_tokens)
+
+(`moe` a moe_jax.config.MoEConfig, `rng` None for deterministic routing, `drop_tokens` False when
+the dispatch path has no capacity), and is chosen by `MoEConfig.router`. Adding one is a function,
+a `@register_router("name")` line and its tests: dispatch paths, the expert-parallel exchange, the
+aux-loss reduction and the metrics read only the `Routing` fields below, never a router's internals.
+
+Top-k gating with DeepSpeed's semantics, returning the dense token-to-expert mapping table.
 
 `top_k_gating(logits [S, E], ...)` reproduces `deepspeed.moe.sharded_moe.top1gating`,
 `top2gating` and `topkgating` (DeepSpeed 0.19.8; tested against its own outputs in
@@ -37,7 +48,8 @@ exactly; otherwise they are drawn from `rng`, and with neither the routing is de
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +59,18 @@ from flax import struct
 
 @struct.dataclass
 class Routing:
-    """The mapping table: where each token's k copies go and with what weight."""
+    """The mapping table: where each token's k copies go and with what weight.
+
+    Token-major: row s holds token s's k copies. A router that is not token-major fits it too:
+    with expert-choice routing (each expert picks its C tokens, so a token gets 0..E experts) the
+    table has k = E columns, column e standing for expert e (expert_index[s, e] = e), kept[s, e]
+    telling whether expert e picked token s, slot its position in e's buffer and weight its combine
+    weight (0 where not picked). Consumers never assume kept copies are a prefix of a row, that a
+    token has any kept copy, or that k is small; they read capacity, num_experts and the fields.
+    The aux loss is aux_scale * sum_e(gate_fraction[e] * token_fraction[e]); under expert
+    parallelism the two fractions are averaged over all shards before the product
+    (`routing_stats(..., axes=...)`), so a router defines its balance loss through them.
+    """
 
     expert_index: jax.Array  # [S, k] int32
     slot: jax.Array  # [S, k] int32
@@ -90,6 +113,80 @@ class Routing:
         combine = jnp.einsum("ske,skc->sec", expert_hot * self.weight[..., None], slot_hot)
         dispatch = jnp.einsum("ske,skc->sec", expert_hot, slot_hot) > 0
         return combine, dispatch
+
+
+def routing_stats(routing: Routing, axes: Optional[str | Sequence[str]] = None) -> dict:
+    """The layer's statistics: aux_loss, z_loss, expert_counts [E], kept_counts [E], dropped_fraction.
+
+    With `axes` (inside shard_map) they are reduced over those mesh axes: counts summed, the
+    gate and token fractions averaged before the aux loss's product (so it equals the loss of one
+    device on all the tokens), z_loss and the dropped fraction averaged."""
+    if axes is None:
+        return {"aux_loss": routing.aux_loss, "z_loss": routing.z_loss, "expert_counts": routing.expert_counts,
+                "kept_counts": routing.kept_counts(), "dropped_fraction": routing.dropped_fraction}
+    gate_fraction = jax.lax.pmean(routing.gate_fraction, axes)
+    token_fraction = jax.lax.pmean(routing.token_fraction, axes)
+    return {
+        "aux_loss": routing.aux_scale * jnp.sum(gate_fraction * token_fraction),
+        "z_loss": jax.lax.pmean(routing.z_loss, axes),
+        "expert_counts": jax.lax.psum(routing.expert_counts, axes),
+        "kept_counts": jax.lax.psum(routing.kept_counts(), axes),
+        "dropped_fraction": jax.lax.pmean(routing.dropped_fraction, axes),
+    }
+
+
+def expert_load_stats(
+    counts,
+    kept_counts=None,
+    *,
+    capacity: int | None = None,
+) -> dict[str, float]:
+    """Load-balance statistics of one MoE layer.
+
+    Args:
+      counts: [E] tokens routed to each expert (token-expert assignments,
+        before any capacity drop; for top-k routing each token counts k times).
+      kept_counts: optional [E] assignments each expert actually processed
+        (after the capacity drop).
+      capacity: optional per-expert capacity; if given (and kept_counts is
+        not), kept_counts = min(counts, capacity).
+
+    Returns:
+      dict of python floats:
+        load_imbalance: max / mean count (1.0 = perfectly balanced; E = all
+          tokens on one expert).
+        load_cv: coefficient of variation, std / mean (population std).
+        frac_experts_unused: fraction of experts that got no tokens.
+        dropped_frac: 1 - sum(kept) / sum(counts); only with
+          kept_counts or capacity.
+      With no tokens at all, ratios over the mean are NaN.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 1 or counts.size == 0:
+        raise ValueError(f"counts must be a non-empty 1-D array [E], got shape {counts.shape}")
+    if np.any(counts < 0):
+        raise ValueError("counts must be non-negative")
+    if kept_counts is not None and capacity is not None:
+        raise ValueError("give kept_counts or capacity, not both")
+    mean = counts.mean()
+    stats = {
+        "load_imbalance": float(counts.max() / mean) if mean > 0 else math.nan,
+        "load_cv": float(counts.std() / mean) if mean > 0 else math.nan,
+        "frac_experts_unused": float(np.mean(counts == 0)),
+    }
+    if capacity is not None:
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        kept_counts = np.minimum(counts, capacity)
+    if kept_counts is not None:
+        kept = np.asarray(kept_counts, dtype=np.float64)
+        if kept.shape != counts.shape:
+            raise ValueError(f"kept_counts shape {kept.shape} != counts shape {counts.shape}")
+        if np.any(kept < 0) or np.any(kept > counts):
+            raise ValueError("need 0 <= kept_counts <= counts")
+        total = counts.sum()
+        stats["dropped_frac"] = float(1.0 - kept.sum() / total) if total > 0 else 0.0
+    return stats
 
 
 def compute_capacity(num_tokens: int, num_experts: int, capacity_factor: float, min_capacity: int,
@@ -241,3 +338,44 @@ def top_k_gating(
         aux_loss=aux_scale * jnp.sum(me * ce), z_loss=z_loss, expert_counts=expert_counts.astype(jnp.int32),
         dropped_fraction=dropped_fraction, gate_fraction=me, token_fraction=ce, capacity=capacity,
         num_experts=num_experts, aux_scale=aux_scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# The router registry
+# ----------------------------------------------------------------------------------------------
+
+Router = Callable[..., Routing]
+ROUTERS: dict[str, Router] = {}
+
+
+def register_router(name: str) -> Callable[[Router], Router]:
+    """Adds a router to ROUTERS under `name` (the value of MoEConfig.router that selects it)."""
+
+    def add(fn: Router) -> Router:
+        if name in ROUTERS:
+            raise ValueError(f"router {name!r} is registered twice")
+        ROUTERS[name] = fn
+        return fn
+
+    return add
+
+
+@register_router("topk")
+def topk_router(logits: jax.Array, *, moe, train: bool, rng: Optional[jax.Array], drop_tokens: bool) -> Routing:
+    """DeepSpeed's top-k gating (`top_k_gating`) with the RSample policy's Gumbel noise on the top-1
+    choice while training, and the training or eval capacity factor. moe.router_impl="kernel" runs
+    the fused gating kernel (moe_jax.kernels.gating; its jnp reference off GPU), same outputs."""
+    rng_rsample, rng_gating = jax.random.split(rng) if rng is not None else (None, None)
+    rsample_noise = None
+    if train and moe.noisy_gate_policy == "RSample" and rng_rsample is not None:
+        rsample_noise = jax.random.gumbel(rng_rsample, logits.shape)
+    gating_fn = top_k_gating
+    if moe.router_impl == "kernel":
+        from moe_jax.kernels.gating import ops as gating_kernel  # lazy: the kernels import this module
+
+        gating_fn = gating_kernel.top_k_gating
+    return gating_fn(
+        logits, k=moe.k, capacity_factor=moe.capacity_factor if train else moe.eval_capacity_factor,
+        min_capacity=moe.min_capacity, drop_tokens=drop_tokens, use_rts=moe.use_rts,
+        second_expert_sampling=moe.second_expert_sampling, drop_policy=moe.drop_policy,
+        rng=rng_gating, rsample_noise=rsample_noise)

@@ -7,21 +7,14 @@ and a `valid [B, Tmax]` mask hides its padding slots from attention. Padding the
 neither the keys a real token sees nor its position, and a prompt decodes to the same tokens alone
 or inside a batch.
 
-Serving MoE path ("serve", the default). The training layer routes with a capacity C and, to keep
-shapes static, runs every expert on a [E, C, M] buffer. Serving never drops a token: routing uses
-`drop_tokens=False` and no gating noise (no rng), so a token's output does not depend on what else
-is in the batch. With no dropping the static capacity is C = S, so the one-hot einsum and the
-token-gather buffer both run E * S expert rows and, worse at decode, read every expert's weights
-every step (decode is bound by weight reads). The serving path uses the mapping table
-(expert_index, weight) to touch only what a step needs:
-  * 2 * S * k <= E (decode): per-copy expert weights. Each of the S * k token copies slices its own
-    expert's w1/w2 and runs one FFN row: S * k FFN rows and S * k expert matrices read, never all E
-    (`dispatch_copies`).
-  * otherwise (prefill, large batches): `moe_jax.dispatch.dispatch_dropless`, copies sorted by
-    expert and a grouped matmul (row tiles on CPU, ragged_dot on GPU): S * k rows plus tile padding.
-The layer is swapped in with `flax.linen.intercept_methods` around the unchanged `GPT` module, so
-attention, the cache and the layer norms are the model's own code; `moe_path` "einsum", "gather"
-or "dropless" run the model's own layer with drop_tokens=False instead (benchmark baselines).
+Serving MoE path. Serving is the training model with its predict config (`serving_config`, as the
+Flax lm1b example derives its decode config): no dropout, parameters in the serving dtype, and for
+MoE layers `drop_tokens=False`, no gating noise and the dispatch path `moe_path`, by default
+"serve" (moe_jax.dispatch): each token copy reads only its own expert's weights while the step has
+few copies (decode; weight reads bound it), the dropless grouped matmul otherwise (prefill). The
+layer, its parameters and its routing are the training layer's own (moe_jax.moe.MoELayer); any
+dispatch path of moe_jax.dispatch.PATHS can serve ("einsum", "gather", ... as benchmark baselines).
+A token's output does not depend on the rest of the batch, since nothing is dropped.
 
 Compilation: one compiled prefill per (B, P, Tmax) and one compiled decode loop per (B, Tmax,
 new tokens). The decode loop is a `lax.fori_loop` over the decode step inside one jit: measured on
@@ -42,14 +35,12 @@ Public API:
   serving_config(cfg, *, dtype="float32", moe_path="serve") -> ModelConfig
   cast_params(params, dtype) -> params (floating leaves cast; router gates stay float32)
   pad_prompts(prompts, *, vocab_size, max_seq_len, max_new_tokens) -> (tokens [B, P], lengths [B])
-  prefill(params, tokens, lengths, *, cfg, max_len, moe_path) -> (logits [B, V], DecodeState)
-  decode_step(params, state, tokens [B], *, cfg, moe_path) -> (logits [B, V], DecodeState)
-  decode_tokens(params, state, logits, rng, temperature, top_p, *, cfg, num_tokens, moe_path)
-      -> new tokens [B, num_tokens]
+  prefill(params, tokens, lengths, *, cfg, max_len) -> (logits [B, V], DecodeState)
+  decode_step(params, state, tokens [B], *, cfg) -> (logits [B, V], DecodeState)
+  decode_tokens(params, state, logits, rng, temperature, top_p, *, cfg, num_tokens) -> new tokens [B, num_tokens]
   sample_tokens(logits [B, V], rng, temperature, top_p) -> [B] int32 (temperature 0: greedy)
-  serve_moe(params, x [..., M], *, moe, dispatch_fn) -> (y [..., M], stats); dispatch_copies; dispatch_serving
-  serving_interceptor(dispatch_fn) -> the interceptor that swaps the model's MoE layers for serve_moe
   Generator(params, cfg, *, dtype, moe_path).generate(prompts, max_new_tokens, ...) -> Generation
+`cfg` is a serving config throughout.
 """
 
 from __future__ import annotations
@@ -59,21 +50,17 @@ import functools
 import time
 from typing import Optional, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
 from moe_jax import dispatch as dispatch_lib
-from moe_jax import moe as moe_lib
 from moe_jax import parallel as parallel_lib
 from moe_jax.config import ModelConfig, replace_moe
-from moe_jax.gating import Routing
 from moe_jax.model import GPT
 from moe_jax.parallel import ParallelConfig
 
-MOE_PATHS = ("serve", "einsum", "gather", "dropless")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -81,24 +68,19 @@ DTYPES = ("float32", "bfloat16")
 # Configuration and parameters
 # ----------------------------------------------------------------------------------------------
 
-def _check_moe_path(moe_path: str) -> None:
-    if moe_path not in MOE_PATHS:
-        raise ValueError(f"moe_path={moe_path!r} is unknown; use one of {MOE_PATHS} ('serve' is the fast one)")
-
-
 def serving_config(cfg: ModelConfig, *, dtype: str = "float32", moe_path: str = "serve") -> ModelConfig:
     """The inference twin of a training config: no dropout, parameters and compute in `dtype`, and
-    for MoE models no dropped tokens (drop_tokens=False) and no gating noise. For moe_path
-    "einsum" / "gather" / "dropless" the model's own layer runs with that dispatch; for "serve"
-    the layer is replaced at call time (module docstring) and the dispatch field is not read."""
+    for MoE models no dropped tokens (drop_tokens=False), no gating noise and dispatch path
+    `moe_path` (a name of moe_jax.dispatch.PATHS; "serve" is the fast one)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported for inference; use one of {DTYPES}")
-    _check_moe_path(moe_path)
+    if moe_path not in dispatch_lib.PATHS:
+        raise ValueError(f"moe_path={moe_path!r} is unknown; use one of {tuple(dispatch_lib.PATHS)} "
+                         "('serve' is the fast one)")
     cfg = cfg.replace(dropout=0.0, param_dtype=dtype, compute_dtype=dtype)
     if cfg.moe is None:
         return cfg
-    dispatch = cfg.moe.dispatch if moe_path == "serve" else moe_path
-    return replace_moe(cfg, drop_tokens=False, noisy_gate_policy=None, dispatch=dispatch)
+    return replace_moe(cfg, drop_tokens=False, noisy_gate_policy=None, dispatch=moe_path)
 
 
 def cast_params(params: dict, dtype: str) -> dict:
@@ -114,83 +96,6 @@ def cast_params(params: dict, dtype: str) -> dict:
         return leaf.astype(jnp.float32 if is_gate else target)
 
     return jax.tree_util.tree_map_with_path(cast, params)
-
-
-# ----------------------------------------------------------------------------------------------
-# The serving MoE path
-# ----------------------------------------------------------------------------------------------
-
-def dispatch_copies(x: jax.Array, routing: Routing, experts: dict) -> jax.Array:
-    """x [S, M] -> y [S, M]: each of the S * k token copies runs one FFN row with its own expert's
-    weights, sliced by expert_index, so only the chosen experts' weights are read: the decode path.
-    Copies the routing dropped have weight 0, so this equals the other dispatch paths.
-
-    A lax.map over copies, not one batched [N, M] x [N, M, F] product over gathered weights: on
-    XLA:CPU the batched form matched the loop up to N = 8 copies and was 4-5x slower from N = 16.
-    """
-    num_tokens, k = routing.expert_index.shape
-    dtype = x.dtype
-
-    def one_copy(args):
-        row, expert = args  # [M], scalar
-        w = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, expert, keepdims=False).astype(dtype), experts)
-        return dispatch_lib.gelu(row @ w["w1"] + w["b1"]) @ w["w2"] + w["b2"]
-
-    # Token-major copies: row n is token n // k, its (n % k)-th choice.
-    out = jax.lax.map(one_copy, (jnp.repeat(x, k, axis=0), routing.expert_index.reshape(-1)))
-    return jnp.einsum("skm,sk->sm", out.reshape(num_tokens, k, -1), routing.weight.astype(dtype))
-
-
-def dispatch_serving(x: jax.Array, routing: Routing, experts: dict) -> jax.Array:
-    """x [S, M] -> y [S, M] by the cheaper no-drop path for this step's static token count: per-copy
-    weights while the copies are at most half the experts (decode), else the dropless grouped
-    matmul (prefill). Neither has a capacity, so no token is dropped.
-
-    The crossover, measured on 2 CPU cores (M=256, F=1024, E=64): per-copy about 0.3 ms per copy;
-    dropless about 1.2 ms at 1 copy (it scans E row tiles, skipping the empty ones), and the two
-    cost the same near 32 copies."""
-    if 2 * routing.num_tokens * routing.k <= routing.num_experts:
-        return dispatch_copies(x, routing, experts)
-    return dispatch_lib.dispatch_dropless(x, routing, experts)
-
-
-def serve_moe(params: dict, x: jax.Array, *, moe, dispatch_fn=dispatch_serving) -> tuple[jax.Array, dict]:
-    """The serving MoE layer: `moe_jax.moe.moe_forward`'s math (params in its layout: gate, experts,
-    residual) with deterministic no-drop routing and `dispatch_fn` (x [S, M], routing, experts)
-    -> [S, M] moving the tokens. x [..., M] -> (y [..., M], stats)."""
-    shape = x.shape
-    tokens = x.reshape(-1, shape[-1])
-    routing = moe_lib.route(params["gate"], tokens, moe=moe, train=False, rng=None, drop_tokens=False)
-    y = dispatch_fn(tokens, routing, params["experts"])
-    if moe.residual:
-        coef = moe_lib.residual_coefficient(params["residual"]["coef"], tokens).astype(y.dtype)
-        y = y * coef[:, :1] + moe_lib.dense_mlp(params["residual"]["mlp"], tokens) * coef[:, 1:]
-    return y.reshape(shape), moe_lib.routing_stats(routing)
-
-
-def moe_layer_params(layer_params: dict, residual: bool) -> dict:
-    """A `MoELayer`'s parameter scope (gate, experts, residual_mlp, coef_kernel, coef_bias) in the
-    layout `moe_forward` and `serve_moe` take."""
-    params = {"gate": {"kernel": layer_params["gate"]}, "experts": layer_params["experts"]}
-    if residual:
-        params["residual"] = {"mlp": layer_params["residual_mlp"],
-                              "coef": {"kernel": layer_params["coef_kernel"], "bias": layer_params["coef_bias"]}}
-    return params
-
-
-def serving_interceptor(dispatch_fn=dispatch_serving):
-    """A `flax.linen.intercept_methods` interceptor that runs every `MoELayer.__call__` as
-    `serve_moe(..., dispatch_fn=dispatch_fn)` on the layer's own parameters; other calls pass through."""
-
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if not (isinstance(module, moe_lib.MoELayer) and context.method_name == "__call__"):
-            return next_fun(*args, **kwargs)
-        (x,) = args
-        params = moe_layer_params(module.variables["params"], module.moe.residual)
-        return serve_moe(params, x, moe=module.moe, dispatch_fn=dispatch_fn)
-
-    return interceptor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,16 +115,10 @@ class DecodeState:
 
 
 def _forward(params: dict, tokens: jax.Array, positions: jax.Array, cache: list, *, cfg: ModelConfig,
-             moe_path: str, parallel: Optional[ParallelConfig] = None):
-    """GPT with the cache; MoE layers by the serving path when moe_path == "serve". On a mesh
-    (`parallel`) the MoE layers run the expert-parallel exchange of moe_jax.parallel with no-drop
-    capacity (the serving config), whatever moe_path says."""
-    call = functools.partial(GPT(cfg, parallel).apply, {"params": params}, tokens, train=False, cache=cache,
-                             positions=positions)
-    if cfg.moe is None or moe_path != "serve" or parallel is not None:
-        return call()
-    with nn.intercept_methods(serving_interceptor()):
-        return call()
+             parallel: Optional[ParallelConfig] = None):
+    """GPT with the cache. On a mesh (`parallel`) MoE layers whose experts are split over the
+    expert group run moe_jax.parallel's exchange with the no-drop capacity of the serving config."""
+    return GPT(cfg, parallel).apply({"params": params}, tokens, train=False, cache=cache, positions=positions)
 
 
 def init_cache(cfg: ModelConfig, pad: jax.Array, max_len: int) -> list:
@@ -232,8 +131,7 @@ def init_cache(cfg: ModelConfig, pad: jax.Array, max_len: int) -> list:
              "valid": valid} for _ in range(cfg.num_layers)]
 
 
-def prefill(params: dict, tokens: jax.Array, lengths: jax.Array, *, cfg: ModelConfig, max_len: int,
-            moe_path: str = "serve", parallel: Optional[ParallelConfig] = None) -> tuple[jax.Array, DecodeState]:
+def prefill(params: dict, tokens: jax.Array, lengths: jax.Array, *, cfg: ModelConfig, max_len: int, parallel: Optional[ParallelConfig] = None) -> tuple[jax.Array, DecodeState]:
     """Runs left-padded prompts through the model, filling a cache of max_len slots (at least P plus
     the tokens still to decode: the cache write clamps silently past its end).
 
@@ -243,16 +141,13 @@ def prefill(params: dict, tokens: jax.Array, lengths: jax.Array, *, cfg: ModelCo
     prompt_len = tokens.shape[1]
     pad = prompt_len - lengths
     positions = jnp.maximum(jnp.arange(prompt_len)[None, :] - pad[:, None], 0)
-    logits, _, cache = _forward(params, tokens, positions, init_cache(cfg, pad, max_len), cfg=cfg,
-                                moe_path=moe_path, parallel=parallel)
+    logits, _, cache = _forward(params, tokens, positions, init_cache(cfg, pad, max_len), cfg=cfg, parallel=parallel)
     return logits[:, -1], DecodeState(cache=cache, position=lengths.astype(jnp.int32))
 
 
-def decode_step(params: dict, state: DecodeState, tokens: jax.Array, *, cfg: ModelConfig,
-                moe_path: str = "serve", parallel: Optional[ParallelConfig] = None) -> tuple[jax.Array, DecodeState]:
+def decode_step(params: dict, state: DecodeState, tokens: jax.Array, *, cfg: ModelConfig, parallel: Optional[ParallelConfig] = None) -> tuple[jax.Array, DecodeState]:
     """Feeds one token per row: tokens [B] int32 -> (next-token logits [B, V] float32, new state)."""
-    logits, _, cache = _forward(params, tokens[:, None], state.position[:, None], state.cache, cfg=cfg,
-                                moe_path=moe_path, parallel=parallel)
+    logits, _, cache = _forward(params, tokens[:, None], state.position[:, None], state.cache, cfg=cfg, parallel=parallel)
     return logits[:, 0], DecodeState(cache=cache, position=state.position + 1)
 
 
@@ -280,7 +175,7 @@ def sample_tokens(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top
 
 
 def decode_tokens(params: dict, state: DecodeState, logits: jax.Array, rng: jax.Array, temperature: jax.Array,
-                  top_p: jax.Array, *, cfg: ModelConfig, num_tokens: int, moe_path: str = "serve",
+                  top_p: jax.Array, *, cfg: ModelConfig, num_tokens: int,
                   parallel: Optional[ParallelConfig] = None) -> jax.Array:
     """Samples num_tokens new tokens per row, starting from the prefill's last logits [B, V].
     num_tokens - 1 decode steps in one lax.fori_loop. Step i samples with fold_in(rng, i).
@@ -290,7 +185,7 @@ def decode_tokens(params: dict, state: DecodeState, logits: jax.Array, rng: jax.
 
     def body(i, carry):
         state, token, out = carry
-        logits, state = decode_step(params, state, token, cfg=cfg, moe_path=moe_path, parallel=parallel)
+        logits, state = decode_step(params, state, token, cfg=cfg, parallel=parallel)
         token = sample_tokens(logits, jax.random.fold_in(rng, i), temperature, top_p)
         return state, token, out.at[:, i].set(token)
 
@@ -357,7 +252,6 @@ class Generator:
     def __init__(self, params: dict, cfg: ModelConfig, *, dtype: str = "float32", moe_path: str = "serve",
                  parallel: Optional[ParallelConfig] = None):
         self.cfg = serving_config(cfg, dtype=dtype, moe_path=moe_path)
-        self.moe_path = moe_path
         self.parallel = parallel
         self.params = cast_params(params, dtype)
         if parallel is not None:  # experts split over the expert axes, the rest as in training
@@ -371,17 +265,16 @@ class Generator:
             # on a mesh: jitted functions that follow their inputs' shardings (no AOT executables)
             max_len = tokens.shape[1] + num_tokens
             self._compiled[key] = (
-                jax.jit(functools.partial(prefill, cfg=self.cfg, max_len=max_len, moe_path=self.moe_path,
+                jax.jit(functools.partial(prefill, cfg=self.cfg, max_len=max_len,
                                           parallel=self.parallel)),
                 jax.jit(functools.partial(decode_tokens, cfg=self.cfg, num_tokens=num_tokens,
-                                          moe_path=self.moe_path, parallel=self.parallel)))
+                                          parallel=self.parallel)))
         if key not in self._compiled:
             max_len = tokens.shape[1] + num_tokens
-            prefill_fn = jax.jit(functools.partial(prefill, cfg=self.cfg, max_len=max_len, moe_path=self.moe_path))
+            prefill_fn = jax.jit(functools.partial(prefill, cfg=self.cfg, max_len=max_len))
             prefill_exe = prefill_fn.lower(self.params, tokens, lengths).compile()
             logits, state = jax.eval_shape(prefill_fn, self.params, tokens, lengths)
-            decode_fn = jax.jit(functools.partial(decode_tokens, cfg=self.cfg, num_tokens=num_tokens,
-                                                  moe_path=self.moe_path))
+            decode_fn = jax.jit(functools.partial(decode_tokens, cfg=self.cfg, num_tokens=num_tokens))
             scalar = jax.ShapeDtypeStruct((), jnp.float32)
             decode_exe = decode_fn.lower(self.params, state, logits, rng, scalar, scalar).compile()
             self._compiled[key] = (prefill_exe, decode_exe)

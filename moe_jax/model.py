@@ -11,6 +11,7 @@ expert counts per layer) is an ordinary Python loop. The numerics live in pure f
 
 Public API:
   init_params(rng, cfg) -> params
+  count_params(cfg) -> ParamCount (total and active per token, from abstract shapes)
   apply(params, tokens, cfg, *, train, rngs=None) -> (logits [B, T, V] float32, aux)
   lm_loss(logits, targets, mask=None) -> mean cross-entropy
 aux = {"aux_loss": sum over MoE layers, "z_loss": sum, "layers": ((layer index, stats), ...)}.
@@ -18,6 +19,7 @@ aux = {"aux_loss": sum over MoE layers, "z_loss": sum, "layers": ((layer index, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -161,6 +163,42 @@ def apply(params: dict, tokens: jax.Array, cfg: ModelConfig, *, train: bool = Fa
           rngs: Optional[dict] = None, parallel: Optional[ParallelConfig] = None):
     """Forward pass: (logits [B, T, V] float32, aux). rngs: {'dropout': key, 'gating': key}."""
     return GPT(cfg, parallel).apply({"params": params}, tokens, train=train, rngs=rngs or {})
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter counts
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ParamCount:
+    total: int
+    active: int  # parameters one token passes through (k experts per MoE layer)
+
+    def __str__(self) -> str:
+        return f"{_human(self.total)} total, {_human(self.active)} active per token"
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def count_params(cfg: ModelConfig) -> ParamCount:
+    """Total and active parameter counts from abstract shapes (jax.eval_shape: nothing allocated)."""
+    shapes = jax.eval_shape(lambda: init_params(jax.random.key(0), cfg))
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+    inactive = 0
+    layer_experts = cfg.layer_experts()
+    k = cfg.moe.k if cfg.moe is not None else 0
+    for i, num_experts in enumerate(layer_experts):
+        if num_experts:
+            experts = shapes[f"block_{i}"]["moe"]["experts"]
+            per_expert = sum(math.prod(x.shape[1:]) for x in jax.tree.leaves(experts))
+            inactive += (num_experts - min(k, num_experts)) * per_expert
+    return ParamCount(total=int(total), active=int(total - inactive))
+
 
 
 def lm_loss(logits: jax.Array, targets: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:

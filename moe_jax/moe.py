@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import dispatch as dispatch_lib
+from moe_jax import gating as gating_lib
 from moe_jax import parallel as parallel_lib
 from moe_jax.config import MoEConfig
-from moe_jax.gating import Routing, top_k_gating
+from moe_jax.gating import Routing
 
 JITTER_EPS = 1e-2
 
@@ -41,26 +42,15 @@ def gate_logits(gate: dict, x: jax.Array, *, moe: MoEConfig, train: bool,
 
 def route(gate: dict, x: jax.Array, *, moe: MoEConfig, train: bool, rng: Optional[jax.Array],
           drop_tokens: Optional[bool] = None) -> Routing:
-    """The gate module: logits (with Jitter), RSample noise, then DeepSpeed's top-k gating.
-    Without an rng the routing is deterministic (no jitter, RTS, RSample or second-expert sampling)."""
-    rng_jitter, rng_rsample, rng_gating = jax.random.split(rng, 3) if rng is not None else (None,) * 3
+    """The gate: logits (with Jitter), then the configured router (moe.router, a name of
+    moe_jax.gating.ROUTERS). drop_tokens defaults to moe.drop_tokens, and is False whenever the
+    dispatch path has no capacity. Without an rng the routing is deterministic (no jitter, RTS,
+    RSample or second-expert sampling)."""
+    rng_jitter, rng_router = jax.random.split(rng) if rng is not None else (None, None)
     logits = gate_logits(gate, x, moe=moe, train=train, rng=rng_jitter)
-    rsample_noise = None
-    if train and moe.noisy_gate_policy == "RSample" and rng_rsample is not None:
-        rsample_noise = jax.random.gumbel(rng_rsample, logits.shape)
     if drop_tokens is None:
-        drop_tokens = moe.drop_tokens and moe.dispatch != "dropless"
-    gating_fn = top_k_gating
-    if moe.dispatch == "kernel":  # the fused gating kernel (its jnp reference off GPU)
-        from moe_jax.kernels.gating import ops as gating_kernel
-
-        gating_fn = gating_kernel.top_k_gating
-    return gating_fn(
-        logits, k=moe.k,
-        capacity_factor=moe.capacity_factor if train else moe.eval_capacity_factor,
-        min_capacity=moe.min_capacity, drop_tokens=drop_tokens, use_rts=moe.use_rts,
-        second_expert_sampling=moe.second_expert_sampling, drop_policy=moe.drop_policy,
-        rng=rng_gating, rsample_noise=rsample_noise)
+        drop_tokens = moe.drop_tokens and dispatch_lib.get_path(moe.dispatch).uses_capacity
+    return gating_lib.ROUTERS[moe.router](logits, moe=moe, train=train, rng=rng_router, drop_tokens=drop_tokens)
 
 
 def dense_mlp(mlp: dict, x: jax.Array) -> jax.Array:
@@ -75,16 +65,6 @@ def residual_coefficient(coef: dict, x: jax.Array) -> jax.Array:
     return jax.nn.softmax(logits, axis=-1)
 
 
-def routing_stats(routing: Routing) -> dict:
-    return {
-        "aux_loss": routing.aux_loss,
-        "z_loss": routing.z_loss,
-        "expert_counts": routing.expert_counts,
-        "kept_counts": routing.kept_counts(),
-        "dropped_fraction": routing.dropped_fraction,
-    }
-
-
 def moe_forward(params: dict, x: jax.Array, *, moe: MoEConfig, train: bool,
                 rng: Optional[jax.Array] = None, path: Optional[str] = None,
                 parallel: Optional["parallel_lib.ParallelConfig"] = None) -> tuple[jax.Array, dict]:
@@ -95,14 +75,15 @@ def moe_forward(params: dict, x: jax.Array, *, moe: MoEConfig, train: bool,
     dispatch run per shard under shard_map (moe_jax.parallel); otherwise on all tokens at once.
     """
     shape = x.shape
+    if path is not None:
+        moe = dataclasses.replace(moe, dispatch=path)
     if parallel is not None:
-        moe = moe if path is None else dataclasses.replace(moe, dispatch=path)
         y, stats = parallel_lib.sharded_moe(params, x, moe=moe, train=train, rng=rng, par=parallel, route_fn=route)
     else:
         tokens = x.reshape(-1, shape[-1])
         routing = route(params["gate"], tokens, moe=moe, train=train, rng=rng)
-        y = dispatch_lib.dispatch(path or moe.dispatch, tokens, routing, params["experts"]).reshape(shape)
-        stats = routing_stats(routing)
+        y = dispatch_lib.dispatch(moe.dispatch, tokens, routing, params["experts"]).reshape(shape)
+        stats = gating_lib.routing_stats(routing)
     if moe.residual:
         coef = residual_coefficient(params["residual"]["coef"], x).astype(y.dtype)
         y = y * coef[..., :1] + dense_mlp(params["residual"]["mlp"], x) * coef[..., 1:]
@@ -111,6 +92,42 @@ def moe_forward(params: dict, x: jax.Array, *, moe: MoEConfig, train: bool,
 
 def _normal(std: float):
     return nn.initializers.normal(stddev=std)
+
+
+def init_mlp(rng: jax.Array, model_dim: int, ffn_size: int, init_std: float, out_std: float, param_dtype) -> dict:
+    """A dense FFN's parameters {w1 [M, F], b1 [F], w2 [F, M], b2 [M]} (GPT-2 init, zero biases)."""
+    rng_w1, rng_w2 = jax.random.split(rng)
+    return {
+        "w1": _normal(init_std)(rng_w1, (model_dim, ffn_size), param_dtype),
+        "b1": jnp.zeros((ffn_size,), param_dtype),
+        "w2": _normal(out_std)(rng_w2, (ffn_size, model_dim), param_dtype),
+        "b2": jnp.zeros((model_dim,), param_dtype),
+    }
+
+
+def init_experts(rng: jax.Array, num_experts: int, model_dim: int, ffn_size: int, init_std: float, out_std: float,
+                 param_dtype) -> dict:
+    """E experts' parameters {w1 [E, M, F], b1 [E, F], w2 [E, F, M], b2 [E, M]}, each expert drawn
+    independently."""
+    rng_w1, rng_w2 = jax.random.split(rng)
+    e, f, m = num_experts, ffn_size, model_dim
+    return {
+        "w1": _normal(init_std)(rng_w1, (e, m, f), param_dtype),
+        "b1": jnp.zeros((e, f), param_dtype),
+        "w2": _normal(out_std)(rng_w2, (e, f, m), param_dtype),
+        "b2": jnp.zeros((e, m), param_dtype),
+    }
+
+
+def init_residual(rng: jax.Array, model_dim: int, ffn_size: int, init_std: float, out_std: float,
+                  param_dtype) -> dict:
+    """Residual-MoE's dense MLP and mixing coefficient {mlp: {...}, coef: {kernel [M, 2], bias [2]}}."""
+    rng_mlp, rng_coef = jax.random.split(rng)
+    return {
+        "mlp": init_mlp(rng_mlp, model_dim, ffn_size, init_std, out_std, param_dtype),
+        "coef": {"kernel": _normal(init_std)(rng_coef, (model_dim, 2), param_dtype),
+                 "bias": jnp.zeros((2,), param_dtype)},
+    }
 
 
 class MLP(nn.Module):
@@ -123,41 +140,20 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        params = mlp_params(self, x.shape[-1], self.ffn_size, self.init_std, self.out_std, self.param_dtype)
+        params = {
+            "w1": self.param("w1", _normal(self.init_std), (x.shape[-1], self.ffn_size), self.param_dtype),
+            "b1": self.param("b1", nn.initializers.zeros, (self.ffn_size,), self.param_dtype),
+            "w2": self.param("w2", _normal(self.out_std), (self.ffn_size, x.shape[-1]), self.param_dtype),
+            "b2": self.param("b2", nn.initializers.zeros, (x.shape[-1],), self.param_dtype),
+        }
         return dense_mlp(params, x)
 
 
-def mlp_params(module: nn.Module, model_dim: int, ffn_size: int, init_std: float, out_std: float,
-               param_dtype) -> dict:
-    return {
-        "w1": module.param("w1", _normal(init_std), (model_dim, ffn_size), param_dtype),
-        "b1": module.param("b1", nn.initializers.zeros, (ffn_size,), param_dtype),
-        "w2": module.param("w2", _normal(out_std), (ffn_size, model_dim), param_dtype),
-        "b2": module.param("b2", nn.initializers.zeros, (model_dim,), param_dtype),
-    }
-
-
-class Experts(nn.Module):
-    num_experts: int
-    ffn_size: int
-    init_std: float
-    out_std: float
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, model_dim: int) -> dict:
-        e, f, m = self.num_experts, self.ffn_size, model_dim
-        return {
-            "w1": self.param("w1", _normal(self.init_std), (e, m, f), self.param_dtype),
-            "b1": self.param("b1", nn.initializers.zeros, (e, f), self.param_dtype),
-            "w2": self.param("w2", _normal(self.out_std), (e, f, m), self.param_dtype),
-            "b2": self.param("b2", nn.initializers.zeros, (e, m), self.param_dtype),
-        }
-
-
 class MoELayer(nn.Module):
-    """Creates one MoE layer's parameters and runs `moe_forward`. Uses the 'gating' rng stream
-    (jitter, RTS, noise) when the caller provides it."""
+    """One MoE layer for training and serving: creates its parameters in `moe_forward`'s layout
+    (gate, experts, residual: the module docstring) and runs `moe_forward` on exactly them. Uses the
+    'gating' rng stream (jitter, RTS, noise) when the caller provides it. Serving is the same layer
+    with the serving config (moe_jax.inference.serving_config: dispatch "serve", no dropping)."""
 
     moe: MoEConfig
     num_experts: int
@@ -171,27 +167,14 @@ class MoELayer(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict]:
         model_dim = x.shape[-1]
         params = {
-            "gate": {"kernel": self.param("gate", _normal(self.init_std), (model_dim, self.num_experts),
-                                          jnp.float32)},
-            "experts": Experts(self.num_experts, self.ffn_size, self.init_std, self.out_std,
-                               self.param_dtype, name="experts")(model_dim),
+            # the gate stays float32 whatever param_dtype is: routing is an argmax over its logits
+            "gate": self.param("gate", lambda rng: {"kernel": _normal(self.init_std)(
+                rng, (model_dim, self.num_experts), jnp.float32)}),
+            "experts": self.param("experts", init_experts, self.num_experts, model_dim, self.ffn_size,
+                                  self.init_std, self.out_std, self.param_dtype),
         }
         if self.moe.residual:
-            mlp_module = _ParamScope(name="residual_mlp")
-            params["residual"] = {
-                "mlp": mlp_module.make(model_dim, self.ffn_size, self.init_std, self.out_std, self.param_dtype),
-                "coef": {
-                    "kernel": self.param("coef_kernel", _normal(self.init_std), (model_dim, 2), self.param_dtype),
-                    "bias": self.param("coef_bias", nn.initializers.zeros, (2,), self.param_dtype),
-                },
-            }
+            params["residual"] = self.param("residual", init_residual, model_dim, self.ffn_size, self.init_std,
+                                            self.out_std, self.param_dtype)
         rng = self.make_rng("gating") if self.has_rng("gating") else None
         return moe_forward(params, x, moe=self.moe, train=train, rng=rng, parallel=self.parallel)
-
-
-class _ParamScope(nn.Module):
-    """A named scope for a group of MLP parameters."""
-
-    @nn.compact
-    def make(self, model_dim, ffn_size, init_std, out_std, param_dtype) -> dict:
-        return mlp_params(self, model_dim, ffn_size, init_std, out_std, param_dtype)

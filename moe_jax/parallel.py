@@ -54,6 +54,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe_jax import dispatch as dispatch_lib
+from moe_jax import gating as gating_lib
 from moe_jax.gating import Routing
 
 AXES = ("data", "expert_node", "expert", "tensor")
@@ -136,9 +137,9 @@ def _rules(slicing: bool):
         (r"attn/qkv_kernel$", P(None, "tensor")),
         (r"attn/qkv_bias$", P("tensor")),
         (r"attn/out_kernel$", P("tensor", None)),
-        (r"(mlp|residual_mlp)/w1$", P(None, "tensor")),
-        (r"(mlp|residual_mlp)/b1$", P("tensor")),
-        (r"(mlp|residual_mlp)/w2$", P("tensor", None)),
+        (r"mlp/w1$", P(None, "tensor")),
+        (r"mlp/b1$", P("tensor")),
+        (r"mlp/w2$", P("tensor", None)),
         (r"experts/w1$", P(ep, None, t_expert)),
         (r"experts/b1$", P(ep, t_expert)),
         (r"experts/w2$", P(ep, t_expert, None)),
@@ -278,15 +279,7 @@ def sharded_moe(params: dict, tokens: jax.Array, *, moe, train: bool, rng, par: 
                 _expert_ffn(experts, dispatch_lib.gather_to_buffer(flat, routing), par), routing)
         else:
             y = dispatch_lib.dispatch(moe.dispatch, flat, routing, experts)
-        gate_fraction = jax.lax.pmean(routing.gate_fraction, BATCH_AXES)
-        token_fraction = jax.lax.pmean(routing.token_fraction, BATCH_AXES)
-        stats = {
-            "aux_loss": routing.aux_scale * jnp.sum(gate_fraction * token_fraction),
-            "z_loss": jax.lax.pmean(routing.z_loss, BATCH_AXES),
-            "expert_counts": jax.lax.psum(routing.expert_counts, BATCH_AXES),
-            "kept_counts": jax.lax.psum(routing.kept_counts(), BATCH_AXES),
-            "dropped_fraction": jax.lax.pmean(routing.dropped_fraction, BATCH_AXES),
-        }
+        stats = gating_lib.routing_stats(routing, axes=BATCH_AXES)
         return y.reshape(batch, length, model_dim), stats
 
     key = rng if has_rng else jax.random.key(0)

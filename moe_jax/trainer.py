@@ -29,6 +29,7 @@ from moe_jax import checkpoint as checkpoint_lib
 from moe_jax import config as config_lib
 from moe_jax import data as data_lib
 from moe_jax import metrics as metrics_lib
+from moe_jax import model as model_lib
 from moe_jax import parallel as parallel_lib
 from moe_jax import train_lib
 
@@ -192,7 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logging.info("corpus: %s", corpus.description)
     model_cfg = model_config(config, vocab_size=corpus.vocab_size)
     optim_cfg = optim_config(config)
-    counts = config_lib.count_params(model_cfg)
+    counts = model_lib.count_params(model_cfg)
     logging.info("model: %s, layer experts %s", counts, model_cfg.layer_experts())
 
     # --- Model, optimizer, step functions ---------------------------------------------------------

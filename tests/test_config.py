@@ -2,7 +2,7 @@
 
 import pytest
 
-from moe_jax import config
+from moe_jax import config, model
 from moe_jax.config import ModelConfig, MoEConfig
 
 PAPER_TOTALS = {  # the paper's sizes; counts must be within 5%
@@ -14,17 +14,17 @@ PAPER_TOTALS = {  # the paper's sizes; counts must be within 5%
 
 @pytest.mark.parametrize("name,total", sorted(PAPER_TOTALS.items()))
 def test_preset_sizes_match_paper(name, total):
-    count = config.count_params(config.preset(name))
+    count = model.count_params(config.preset(name))
     assert abs(count.total - total) / total < 0.05, (name, str(count))
     assert count.active <= count.total
 
 
 def test_active_params_count_k_experts():
-    dense = config.count_params(config.preset("350m"))
-    moe = config.count_params(config.preset("350m+moe-128"))
+    dense = model.count_params(config.preset("350m"))
+    moe = model.count_params(config.preset("350m+moe-128"))
     # top-1: a token passes the same FFN weights as the dense model plus the gates
     assert 0 < moe.active - dense.total < 12 * 1024 * 128 + 1
-    top2 = config.count_params(config.replace_moe(config.preset("350m+moe-128"), k=2))
+    top2 = model.count_params(config.replace_moe(config.preset("350m+moe-128"), k=2))
     per_expert = 2 * 1024 * 4096 + 4096 + 1024
     assert top2.active - moe.active == 12 * per_expert
 
