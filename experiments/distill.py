@@ -18,7 +18,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moe_jax import cli  # noqa: E402
-from moe_jax import data as data_lib  # noqa: E402
+from moe_jax import corpus as corpus_lib  # noqa: E402
 from moe_jax import distill  # noqa: E402
 from moe_jax import trainer  # noqa: E402
 
@@ -35,7 +35,7 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     try:
         summary = distill.distill_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.teacher_workdir)
-    except (data_lib.DataError, ValueError, trainer.TrainingError, FileNotFoundError) as error:
+    except (corpus_lib.DataError, ValueError, trainer.TrainingError, FileNotFoundError) as error:
         cli.fail(str(error))
     print(trainer.format_summary(summary))
 

@@ -24,7 +24,7 @@ from moe_jax import cli  # noqa: E402
 from moe_jax import inference  # noqa: E402
 from moe_jax import train_lib  # noqa: E402
 from moe_jax import trainer  # noqa: E402
-from moe_jax.data import ByteTokenizer  # noqa: E402
+from moe_jax.corpus import ByteTokenizer  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "A training run's workdir (holds config.json and checkpoints/).")
 flags.DEFINE_string("prompt", None, "Text to continue.")

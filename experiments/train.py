@@ -21,7 +21,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moe_jax import cli  # noqa: E402
-from moe_jax import data as data_lib  # noqa: E402
+from moe_jax import corpus as corpus_lib  # noqa: E402
 from moe_jax import trainer  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Training config file (path.py:arg).", lock_config=True)
@@ -39,7 +39,7 @@ def main(argv):
     cli.initialize_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id)
     try:
         summary = trainer.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-    except (data_lib.DataError, ValueError, trainer.TrainingError, FileNotFoundError) as error:
+    except (corpus_lib.DataError, ValueError, trainer.TrainingError, FileNotFoundError) as error:
         cli.fail(str(error))
     print(trainer.format_summary(summary))
 

@@ -48,7 +48,7 @@ from absl import logging
 
 from moe_jax import checkpoint as checkpoint_lib
 from moe_jax import config as config_lib
-from moe_jax import data as data_lib
+from moe_jax import corpus as corpus_lib
 from moe_jax import model as model_lib
 from moe_jax import train_lib
 from moe_jax import trainer
@@ -301,8 +301,8 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str, teache
     teacher_step = teacher_checkpoint_step(teacher_workdir)
 
     # The student's ModelConfig exactly as the trainer will build it (its vocab grows to the corpus').
-    corpus = data_lib.load_corpus(config.data.path or None, max_bytes=config.data.max_bytes or None,
-                                  val_percent=config.data.val_percent, vocab_size=config.data.vocab_size or None)
+    corpus = corpus_lib.load_corpus(config.data.path or None, max_bytes=config.data.max_bytes or None,
+                                    val_percent=config.data.val_percent, vocab_size=config.data.vocab_size or None)
     student_cfg = trainer.model_config(config, vocab_size=corpus.vocab_size)
     _check_vocab(student_cfg.vocab_size, teacher_cfg.vocab_size)
     if config.data.seq_len > teacher_cfg.max_seq_len:

@@ -27,6 +27,7 @@ from absl import logging
 
 from moe_jax import checkpoint as checkpoint_lib
 from moe_jax import config as config_lib
+from moe_jax import corpus as corpus_lib
 from moe_jax import data as data_lib
 from moe_jax import metrics as metrics_lib
 from moe_jax import model as model_lib
@@ -188,8 +189,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     os.makedirs(workdir, exist_ok=True)
 
     # --- Data ------------------------------------------------------------------------------------
-    corpus = data_lib.load_corpus(config.data.path or None, max_bytes=config.data.max_bytes or None,
-                                  val_percent=config.data.val_percent, vocab_size=config.data.vocab_size or None)
+    corpus = corpus_lib.load_corpus(config.data.path or None, max_bytes=config.data.max_bytes or None,
+                                    val_percent=config.data.val_percent, vocab_size=config.data.vocab_size or None)
     logging.info("corpus: %s", corpus.description)
     model_cfg = model_config(config, vocab_size=corpus.vocab_size)
     optim_cfg = optim_config(config)

@@ -1,0 +1,198 @@
+"""Tests for moe_jax.corpus: tokenizer, corpus sources and their split, errors."""
+import platform
+
+import numpy as np
+import pytest
+
+from moe_jax.corpus import ByteTokenizer, Corpus, DataError, load_corpus
+
+SMALL = 64 * 1024  # max_bytes for stdlib loads: keeps every test fast
+
+
+def random_tokens(n: int, vocab: int = 256, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, size=n).astype(np.uint16)
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+@pytest.mark.parametrize("text", ["", "hello, world\n", "naïve café — 日本語 🚀", "\x00\x7f"])
+def test_tokenizer_round_trip(text):
+    tok = ByteTokenizer()
+    ids = tok.encode(text)
+    assert ids.dtype == np.uint16
+    assert ids.tolist() == list(text.encode("utf-8"))
+    assert tok.decode(ids) == text
+    assert tok.decode(ids.tolist()) == text
+
+
+def test_tokenizer_decode_ignores_out_of_range_and_replaces_bad_utf8():
+    tok = ByteTokenizer()
+    assert ByteTokenizer.vocab_size == 256
+    assert tok.decode(np.array([104, 300, 105, 65535], np.int32)) == "hi"
+    assert tok.decode([0xFF, 104]) == "\ufffdh"
+
+
+# ---------------------------------------------------------------- stdlib corpus
+
+
+def test_stdlib_corpus_loads_deterministically():
+    a = load_corpus(None, max_bytes=SMALL)
+    b = load_corpus("stdlib", max_bytes=SMALL)
+    assert isinstance(a, Corpus)
+    assert a.train.dtype == np.uint16 and a.val.dtype == np.uint16
+    assert len(a.train) > 0 and len(a.val) > 0
+    assert len(a.train) + len(a.val) == SMALL
+    assert a.vocab_size == 256
+    np.testing.assert_array_equal(a.train, b.train)
+    np.testing.assert_array_equal(a.val, b.val)
+    assert a.description == b.description
+    assert f"Python {platform.python_version()}" in a.description
+    assert "standard library" in a.description
+    # It is Python source.
+    assert b"def " in a.train.astype(np.uint8).tobytes()
+
+
+def test_stdlib_corpus_default_size_splits_by_file():
+    c = load_corpus(None, max_bytes=2 * 2**20)
+    assert len(c.train) + len(c.val) == 2 * 2**20
+    assert 0 < len(c.val) < len(c.train)
+    assert " files (" in c.description
+
+
+def test_stdlib_corpus_tiny_cap_still_has_both_splits():
+    c = load_corpus(None, max_bytes=100)
+    assert len(c.train) == 95 and len(c.val) == 5
+
+
+# ---------------------------------------------------------------- text sources
+
+
+def test_single_text_file_splits_by_tail(tmp_path):
+    text = "".join(chr(c) for c in np.random.default_rng(1).integers(32, 0x3000, size=3000))
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    data = text.encode("utf-8")
+    c = load_corpus(str(path), val_percent=10)
+    assert c.source == str(path)
+    assert c.vocab_size == 256
+    n_val = -(-len(data) // 10)
+    assert len(c.val) == n_val
+    assert np.concatenate([c.train, c.val]).astype(np.uint8).tobytes() == data
+    capped = load_corpus(str(path), max_bytes=1000)
+    assert len(capped.train) + len(capped.val) == 1000
+
+
+def test_glob_of_text_files_splits_by_file(tmp_path):
+    rng = np.random.default_rng(2)
+    contents = {}
+    for i in range(40):
+        body = bytes(rng.integers(97, 123, size=int(rng.integers(50, 200))).astype(np.uint8))
+        contents[f"doc{i:02d}.md"] = body
+        (tmp_path / f"doc{i:02d}.md").write_bytes(body)
+    (tmp_path / "empty.md").write_bytes(b"")  # empty files in a glob are skipped
+    (tmp_path / "other.txt").write_bytes(b"not matched")
+    c = load_corpus(str(tmp_path / "*.md"), max_bytes=None, val_percent=20)
+    assert len(c.train) > 0 and len(c.val) > 0
+    train, val = c.train.astype(np.uint8).tobytes(), c.val.astype(np.uint8).tobytes()
+    # Every file lands whole (plus its newline separator) in exactly one split.
+    assert len(train) + len(val) == sum(len(b) + 1 for b in contents.values())
+    for body in contents.values():
+        assert (body + b"\n" in train) != (body + b"\n" in val)
+    assert b"not matched" not in train + val
+    again = load_corpus(str(tmp_path / "*.md"), max_bytes=None, val_percent=20)
+    np.testing.assert_array_equal(c.val, again.val)
+
+
+def test_glob_recursive_and_single_match(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "x.txt").write_bytes(b"0123456789" * 10)
+    c = load_corpus(str(tmp_path / "**" / "*.txt"), val_percent=5)
+    assert len(c.train) == 95 and len(c.val) == 5
+
+
+# ---------------------------------------------------------------- .bin sources
+
+
+def test_bin_memmap_tail_split(tmp_path):
+    tokens = random_tokens(10_000, vocab=50257, seed=3)
+    path = tmp_path / "tokens.bin"
+    tokens.tofile(path)
+    c = load_corpus(str(path), val_percent=5)
+    assert isinstance(c.train, np.memmap) and isinstance(c.val, np.memmap)
+    assert len(c.val) == 500
+    np.testing.assert_array_equal(np.concatenate([c.train, c.val]), tokens)
+    assert c.vocab_size == int(tokens.max()) + 1
+    assert load_corpus(str(path), vocab_size=50304).vocab_size == 50304
+
+
+def test_bin_train_val_pairing(tmp_path):
+    train, val = random_tokens(5000, vocab=1000, seed=4), random_tokens(700, vocab=2000, seed=5)
+    train.tofile(tmp_path / "train.bin")
+    val.tofile(tmp_path / "val.bin")
+    c = load_corpus(str(tmp_path / "train.bin"))
+    assert isinstance(c.train, np.memmap) and isinstance(c.val, np.memmap)
+    np.testing.assert_array_equal(c.train, train)
+    np.testing.assert_array_equal(c.val, val)
+    assert c.vocab_size == max(int(train.max()), int(val.max())) + 1
+    assert str(tmp_path / "val.bin") in c.description
+
+
+def test_bin_vocab_size_too_small_raises(tmp_path):
+    path = tmp_path / "tok.bin"
+    np.array([1, 2, 700, 3], np.uint16).tofile(path)
+    with pytest.raises(DataError, match="700"):
+        load_corpus(str(path), vocab_size=512)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_missing_path_raises(tmp_path):
+    path = str(tmp_path / "nope.txt")
+    with pytest.raises(DataError, match="does not exist") as e:
+        load_corpus(path)
+    assert path in str(e.value) and "\n" not in str(e.value)
+
+
+def test_glob_matching_nothing_raises(tmp_path):
+    pattern = str(tmp_path / "*.md")
+    with pytest.raises(DataError, match="matches no files") as e:
+        load_corpus(pattern)
+    assert pattern in str(e.value)
+
+
+def test_empty_text_file_raises(tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_bytes(b"")
+    with pytest.raises(DataError, match="empty") as e:
+        load_corpus(str(path))
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x01\x02\x03"], ids=["empty", "odd"])
+def test_bad_bin_raises(tmp_path, content):
+    path = tmp_path / "tokens.bin"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as e:
+        load_corpus(str(path))
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_odd_val_bin_raises(tmp_path):
+    random_tokens(100).tofile(tmp_path / "train.bin")
+    (tmp_path / "val.bin").write_bytes(b"\x00\x01\x02")
+    with pytest.raises(DataError, match="odd byte size") as e:
+        load_corpus(str(tmp_path / "train.bin"))
+    assert str(tmp_path / "val.bin") in str(e.value)
+
+
+def test_directory_and_bad_val_percent_raise(tmp_path):
+    with pytest.raises(DataError, match="not a file"):
+        load_corpus(str(tmp_path))
+    with pytest.raises(DataError, match="val_percent"):
+        load_corpus(None, val_percent=0)
+
+
+def test_data_error_is_value_error():
+    assert issubclass(DataError, ValueError)
