@@ -170,22 +170,30 @@ CASES = [
 ]
 
 
-ROUTER_CASES = [(*case, drop, rts) for case in CASES for drop in (True, False)
-                for rts in ((False, True) if case[2] == 1 else (False,))]  # RTS is a top-1 option
+def _policies(k, drop):
+    """k > 2 drops by probability or by position; the policy only matters when copies drop (three
+    of the four k > 2 cases drop copies that the two policies choose differently)."""
+    return ("probs", "position") if k > 2 and drop else ("probs",)
 
 
-@pytest.mark.parametrize("S,E,k,cf,min_cap,drop,rts", ROUTER_CASES)
-def test_router_equals_loop_reference(S, E, k, cf, min_cap, drop, rts):
+ROUTER_CASES = [(*case, drop, rts, policy) for case in CASES for drop in (True, False)
+                for rts in ((False, True) if case[2] == 1 else (False,))  # RTS is a top-1 option
+                for policy in _policies(case[2], drop)]
+
+
+@pytest.mark.parametrize("S,E,k,cf,min_cap,drop,rts,policy", ROUTER_CASES)
+def test_router_equals_loop_reference(S, E, k, cf, min_cap, drop, rts, policy):
     rng = np.random.default_rng(S * 1000 + E * 10 + k)
     logits = rng.normal(size=(S, E)).astype(np.float32) * 2
     rts_scores = rng.uniform(size=(S, E)).astype(np.float32) if rts else None
     gumbel = rng.gumbel(size=(S, E)).astype(np.float32) if k == 2 else None
     routing = top_k_gating(jnp.asarray(logits), k=k, capacity_factor=cf, min_capacity=min_cap,
                            drop_tokens=drop, use_rts=rts, second_expert_sampling=gumbel is not None,
+                           drop_policy=policy,
                            rts_scores=None if rts_scores is None else jnp.asarray(rts_scores),
                            gumbel=None if gumbel is None else jnp.asarray(gumbel))
     capacity = compute_capacity(S, E, cf, min_cap, k)
-    routes, counts, aux = loop_gating(logits, k, capacity, drop, rts_scores, gumbel)
+    routes, counts, aux = loop_gating(logits, k, capacity, drop, rts_scores, gumbel, policy=policy)
     np.testing.assert_array_equal(routing.expert_counts, counts)
     np.testing.assert_allclose(routing.aux_loss, aux, rtol=2e-5)
     index, slot, weight, kept = (np.asarray(a) for a in (routing.expert_index, routing.slot,
