@@ -11,24 +11,58 @@ Suites (the paper's findings they test, REFERENCE.md):
                     fewer parameters)
   mos               PR-MoE teacher; 12.5%-shallower PR-MoE students with no KD, full KD and staged KD
   all               every variant once
-Scales: micro (a few steps of a toy model: a smoke test), tiny (the configs' tiny size, 300 steps,
-minutes per variant on 2 CPU cores), small (12 layers x 256, 2000 steps: hours on CPU).
-Every run resumes from its own folder (DIR/<variant>/seed<k>), so an interrupted suite continues.
+Every variant is a row of VARIANTS (config file, overrides, KD schedule); --scale is the argument
+of every config file (moe_jax.run_config.SCALES): micro (a few steps of a toy model: a smoke
+test), tiny (300 steps, minutes per variant on 2 CPU cores), small (12 layers x 256, 2000 steps:
+hours on CPU). Every run resumes from its own folder (DIR/<variant>/seed<k>), so an interrupted
+suite continues.
 """
 
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
+from typing import Any, Mapping, Optional
 
 from absl import app, flags, logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from experiments.configs import load_config_file  # noqa: E402
 from moe_jax import cli, trainer  # noqa: E402
 
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One ablation run: get_config(--scale) of experiments/configs/<config>.py, then `overrides`
+    (dotted config fields). A student (kd set) trains with kd.schedule=kd against the TEACHER
+    variant's run, or on its own with kd="none"."""
+
+    config: str
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    kd: Optional[str] = None
+    shares_runs_of: Optional[str] = None  # the MoS teacher is the PR-MoE run
+
+
+VARIANTS = {
+    "dense": Variant("dense"),
+    "moe": Variant("moe"),
+    "first_half": Variant("first_half"),
+    "second_half": Variant("second_half"),
+    "top2": Variant("top2"),
+    "residual": Variant("residual"),
+    "moe_2x": Variant("moe", overrides={"moe.experts": "16"}),  # twice moe.py's 8 experts
+    "pyramid": Variant("pyramid"),
+    "pr_moe": Variant("pr_moe"),
+    "teacher": Variant("pr_moe", shares_runs_of="pr_moe"),
+    "student_no_kd": Variant("mos", kd="none"),
+    "student_full_kd": Variant("mos", kd="constant"),
+    "student_staged_kd": Variant("mos", kd="staged"),
+}
+TEACHER = "teacher"
 SUITES = {
     "placement": ["dense", "moe", "first_half", "second_half"],
     "top2_vs_residual": ["moe", "top2", "residual"],
@@ -36,59 +70,37 @@ SUITES = {
     "mos": ["teacher", "student_no_kd", "student_full_kd", "student_staged_kd"],
 }
 SUITES["all"] = list(dict.fromkeys(v for suite in SUITES.values() for v in suite))
-# variant -> config file in experiments/configs
-CONFIG_FILES = {"dense": "dense", "moe": "moe", "first_half": "first_half", "second_half": "second_half",
-                "top2": "top2", "residual": "residual", "moe_2x": "moe", "pyramid": "pyramid", "pr_moe": "pr_moe",
-                "teacher": "pr_moe", "student_no_kd": "mos", "student_full_kd": "mos", "student_staged_kd": "mos"}
-KD_SCHEDULES = {"student_no_kd": "none", "student_full_kd": "constant", "student_staged_kd": "staged"}
+SCALES = ["micro", "tiny", "small"]  # config arguments (moe_jax.run_config.SCALES)
 
 flags.DEFINE_enum("suite", "all", list(SUITES), "Which ablation suite.")
-flags.DEFINE_enum("scale", "tiny", ["micro", "tiny", "small"], "Model and run size.")
+flags.DEFINE_enum("scale", "tiny", SCALES, "Model and run size: the argument of every config file.")
 flags.DEFINE_string("workdir", None, "Output folder.")
 flags.DEFINE_string("data_path", "", "Corpus (default: the Python standard library's source).")
 flags.DEFINE_integer("seeds", 1, "Seeds per variant (mean and standard deviation when > 1).")
 flags.DEFINE_integer("steps", 0, "Override the scale's step count (0: the scale's).")
 
 
-def scale_config(config, scale: str, steps: int):
-    """Applies the scale: the same shape for every variant (only the MoE part differs)."""
-    if scale == "micro":
-        config.total_steps = 6
-        config.model.update(num_layers=4, hidden_size=32, num_heads=2, ffn_size=64, max_seq_len=32)
-        config.data.update(batch_size=8, seq_len=32, max_bytes=1 << 19)
-        config.eval_batches = 1
-    elif scale == "small":
-        config.total_steps = 2000
-        config.model.update(num_layers=12, hidden_size=256, num_heads=8, ffn_size=1024, max_seq_len=256)
-        config.data.update(batch_size=32, seq_len=256)
-        config.eval_batches = 16
+def variant_config(variant: str, scale: str, seed: int, data_path: str, steps: int):
+    """The run config of a variant: the scale's steps (or `steps`), logged 30 times, evaluated and
+    checkpointed 10 times, so every variant's curve has the same points."""
+    spec = VARIANTS[variant]
+    config = load_config_file(spec.config, scale)
+    for name, value in spec.overrides.items():
+        *groups, field = name.split(".")
+        group = config
+        for part in groups:
+            group = group[part]
+        group[field] = value
+    if spec.kd not in (None, "none"):
+        config.kd.schedule = spec.kd
     if steps:
         config.total_steps = steps
     config.log_every_steps = max(1, config.total_steps // 30)
     config.eval_every_steps = max(1, config.total_steps // 10)
     config.checkpoint_every_steps = config.eval_every_steps
     config.optim.warmup_steps = min(config.optim.warmup_steps, max(1, config.total_steps // 10))
-    return config
-
-
-def _resize_experts(experts: str, num_layers: int, placement: str) -> str:
-    """Keeps a pyramid list valid when the scale changes the layer count: the last MoE layers keep
-    the large count, the others the small one."""
-    counts = [int(c) for part in experts.split(",") for c, n in [part.split("x")] for _ in range(int(n))]
-    moe_layers = num_layers // 2 if placement in ("interval", "first_half", "second_half") else len(counts)
-    large = max(1, round(moe_layers * counts.count(max(counts)) / len(counts)))
-    return f"{min(counts)}x{moe_layers - large},{max(counts)}x{large}" if moe_layers > large else f"{max(counts)}x{large}"
-
-
-def variant_config(variant: str, scale: str, seed: int, data_path: str, steps: int):
-    config = scale_config(trainer.load_config_file(CONFIG_FILES[variant]), scale, steps)
     config.seed = seed
     config.data.path = data_path
-    experts = str(config.moe.experts)
-    if variant == "moe_2x":
-        config.moe.experts = str(2 * int(experts))
-    elif "x" in experts and scale != "tiny":
-        config.moe.experts = _resize_experts(experts, config.model.num_layers, config.moe.placement)
     return config
 
 
@@ -108,23 +120,19 @@ def read_curve(workdir: str) -> dict:
 
 
 def run_dir(workdir: str, variant: str, seed: int) -> str:
-    # the MoS teacher is the PR-MoE variant: one run serves both
-    return os.path.join(workdir, "pr_moe" if variant == "teacher" else variant, f"seed{seed}")
+    return os.path.join(workdir, VARIANTS[variant].shares_runs_of or variant, f"seed{seed}")
 
 
 def run_variant(variant: str, seed: int, f) -> dict:
     workdir = run_dir(f.workdir, variant, seed)
     config = variant_config(variant, f.scale, seed, f.data_path, f.steps)
     start = time.perf_counter()
-    if variant in KD_SCHEDULES:
-        config = scale_student(config, f.scale)
-    if KD_SCHEDULES.get(variant, "none") != "none":
+    if VARIANTS[variant].kd not in (None, "none"):
         from moe_jax import distill
 
-        teacher_dir = run_dir(f.workdir, "teacher", seed)
+        teacher_dir = run_dir(f.workdir, TEACHER, seed)
         if not os.path.exists(os.path.join(teacher_dir, "results.json")):
-            run_variant("teacher", seed, f)
-        config.kd.schedule = KD_SCHEDULES[variant]
+            run_variant(TEACHER, seed, f)
         summary = distill.distill_and_evaluate(config, workdir, teacher_workdir=teacher_dir)
     else:
         summary = trainer.train_and_evaluate(config, workdir)
@@ -136,19 +144,6 @@ def run_variant(variant: str, seed: int, f) -> dict:
         summary["step_time_s"] = times[len(times) // 2]
         summary["tokens_per_sec"] = config.data.batch_size * config.data.seq_len / summary["step_time_s"]
     return summary
-
-
-def scale_student(config, scale: str):
-    """The student is 12.5% shallower than the teacher at every scale (8 -> 7, 4 -> 3 (micro), 12 -> 10 (small))."""
-    if scale == "tiny":
-        return config
-    teacher_layers = config.model.num_layers
-    config.model.num_layers = teacher_layers - max(1, round(teacher_layers / 8))
-    experts = str(config.moe.experts)
-    counts = [int(c) for part in experts.split(",") for c, n in [part.split("x")] for _ in range(int(n))]
-    moe_layers = config.model.num_layers // 2
-    config.moe.experts = f"{min(counts)}x{moe_layers - 1},{max(counts)}x1" if moe_layers > 1 else f"{max(counts)}x1"
-    return config
 
 
 def _mean_std(values):

@@ -18,15 +18,16 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moe_jax import train_lib, trainer  # noqa: E402
+from experiments.configs import load_config_file  # noqa: E402
+from moe_jax import run_config, train_lib  # noqa: E402
 
 
 def main(names):
     runs = {}
     for name in names:
-        config = trainer.load_config_file(name)
-        model_cfg = trainer.model_config(config)
-        optimizer = train_lib.make_optimizer(trainer.optim_config(config))
+        config = load_config_file(name)
+        model_cfg = run_config.model_config(config)
+        optimizer = train_lib.make_optimizer(run_config.optim_config(config))
         state = train_lib.init_state(jax.random.key(0), model_cfg, optimizer)
         step = jax.jit(functools.partial(train_lib.train_step, model_cfg=model_cfg, optimizer=optimizer))
         shape = (config.data.batch_size, config.data.seq_len)

@@ -15,6 +15,7 @@ from absl import app, flags, logging
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from experiments.configs import load_config_file  # noqa: E402
 from moe_jax import trainer  # noqa: E402
 
 flags.DEFINE_string("workdir", "workdirs/demo", "Parent folder of the two runs.")
@@ -26,7 +27,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     results = {}
     for name in ("pr_moe", "dense"):
-        config = trainer.load_config_file(name)
+        config = load_config_file(name)
         config.total_steps = flags.FLAGS.steps
         start = time.perf_counter()
         print(f"== training tiny {name} for {config.total_steps} steps", flush=True)

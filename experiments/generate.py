@@ -22,8 +22,8 @@ import ml_collections  # noqa: E402
 from moe_jax import checkpoint as checkpoint_lib  # noqa: E402
 from moe_jax import cli  # noqa: E402
 from moe_jax import inference  # noqa: E402
+from moe_jax import run_config  # noqa: E402
 from moe_jax import train_lib  # noqa: E402
-from moe_jax import trainer  # noqa: E402
 from moe_jax.corpus import ByteTokenizer  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "A training run's workdir (holds config.json and checkpoints/).")
@@ -51,7 +51,7 @@ def load_run(workdir: str, step=None):
         saved = json.load(f)
     config = ml_collections.ConfigDict(saved["config"])
     # The trainer widens the vocabulary to the corpus's; the saved model entry has the final size.
-    model_cfg = trainer.model_config(config, vocab_size=saved["model"]["vocab_size"])
+    model_cfg = run_config.model_config(config, vocab_size=saved["model"]["vocab_size"])
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"{checkpoint_dir} does not exist: the run saved no checkpoint yet; train it "
@@ -60,7 +60,7 @@ def load_run(workdir: str, step=None):
         step = ckpt.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{checkpoint_dir} holds no complete checkpoint; train the run further first")
-        optimizer = train_lib.make_optimizer(trainer.optim_config(config))
+        optimizer = train_lib.make_optimizer(run_config.optim_config(config))
         target = train_lib.abstract_state(jax.random.key(config.seed), model_cfg, optimizer)
         state, _ = ckpt.restore(step, target=target)
     return model_cfg, state["params"], step

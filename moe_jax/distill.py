@@ -50,6 +50,7 @@ from moe_jax import checkpoint as checkpoint_lib
 from moe_jax import config as config_lib
 from moe_jax import corpus as corpus_lib
 from moe_jax import model as model_lib
+from moe_jax import run_config
 from moe_jax import train_lib
 from moe_jax import trainer
 from moe_jax.config import ModelConfig
@@ -275,7 +276,7 @@ def restore_teacher_params(teacher_workdir: str, teacher_cfg: ModelConfig, step:
     """The teacher's parameters at `step`. The saved optimizer state is read too (moe_jax.checkpoint
     restores whole states; its optimizer comes from the teacher's config.json) and dropped at once."""
     teacher_run = ml_collections.ConfigDict(_read_teacher_record(teacher_workdir)["config"])
-    optimizer = train_lib.make_optimizer(trainer.optim_config(teacher_run))
+    optimizer = train_lib.make_optimizer(run_config.optim_config(teacher_run))
     target = train_lib.abstract_state(jax.random.key(0), teacher_cfg, optimizer)
     with checkpoint_lib.Checkpointer(os.path.join(teacher_workdir, "checkpoints"), keep=None, read_only=True) as ckpt:
         state, _ = ckpt.restore(step, target=target)
@@ -293,7 +294,7 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str, teache
 
     With kd.init_from_teacher_layers set and no checkpoint in workdir, the student's initial state
     is written as its step-0 checkpoint, from which the trainer then starts."""
-    trainer.validate(config)
+    run_config.validate(config)
     kd = kd_config(config)
     init_layers = parse_layer_list(config.kd.init_from_teacher_layers)
     teacher_record = _read_teacher_record(teacher_workdir)
@@ -303,7 +304,7 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str, teache
     # The student's ModelConfig exactly as the trainer will build it (its vocab grows to the corpus').
     corpus = corpus_lib.load_corpus(config.data.path or None, max_bytes=config.data.max_bytes or None,
                                     val_percent=config.data.val_percent, vocab_size=config.data.vocab_size or None)
-    student_cfg = trainer.model_config(config, vocab_size=corpus.vocab_size)
+    student_cfg = run_config.model_config(config, vocab_size=corpus.vocab_size)
     _check_vocab(student_cfg.vocab_size, teacher_cfg.vocab_size)
     if config.data.seq_len > teacher_cfg.max_seq_len:
         raise ValueError(f"data.seq_len={config.data.seq_len} exceeds the teacher's max_seq_len="
@@ -339,7 +340,7 @@ def _write_initial_state(config: ml_collections.ConfigDict, workdir: str, studen
         if ckpt.latest_step() is not None:
             return
         params = init_from_teacher(teacher_params, student_cfg, teacher_layers)
-        optimizer = train_lib.make_optimizer(trainer.optim_config(config))
+        optimizer = train_lib.make_optimizer(run_config.optim_config(config))
         state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
         ckpt.save(0, state, extra={"data_step": 0})
         logging.info("student initialised from teacher layers %s (step-0 checkpoint in %s)",

@@ -67,3 +67,91 @@ def test_expert_list_parsing():
 def test_bad_configs_name_the_field(build, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.").replace("+", r"\+")):
         build()
+
+
+# ----------------------------------------------------------------------------------------------
+# Run configs: the model / moe / optim groups are the dataclasses' fields
+# ----------------------------------------------------------------------------------------------
+
+def test_run_config_groups_are_the_dataclass_fields():
+    import dataclasses
+
+    from moe_jax import run_config, train_lib
+
+    config = run_config.default_config("tiny")
+    assert set(config.moe) == {f.name for f in dataclasses.fields(MoEConfig)}
+    assert set(config.model) == {f.name for f in dataclasses.fields(ModelConfig)} - {"moe"}
+    assert set(config.optim) == {f.name for f in dataclasses.fields(train_lib.OptimConfig)} - {"total_steps"}
+    assert config.moe.experts == "0" and run_config.model_config(config).moe is None
+
+
+@pytest.mark.parametrize("name", sorted(config.PRESETS))
+def test_every_preset_survives_the_run_config(name):
+    import ml_collections
+
+    from moe_jax import run_config
+
+    model_group, moe_group = run_config.model_groups(config.preset(name))
+    run = ml_collections.ConfigDict({"model": model_group, "moe": moe_group})
+    assert run_config.model_config(run) == config.preset(name)
+
+
+def test_none_and_tuple_fields_take_config_values():
+    """A field that may be None or a tuple has one ConfigDict type ("" / 0, a string) and is read back."""
+    import dataclasses
+    from typing import Optional
+
+    from moe_jax import run_config
+
+    @dataclasses.dataclass(frozen=True)
+    class NewSettings:  # a dataclass the run config has never seen
+        policy: Optional[str] = None
+        size: Optional[int] = None
+        layers: tuple[int, ...] = ()
+        experts: int | tuple[int, ...] | str = 8
+
+    fields = run_config.to_fields(NewSettings(experts=(32,) * 10 + (64,) * 2))
+    assert fields == {"policy": "", "size": 0, "layers": "", "experts": "32x10,64x2"}
+    assert run_config.from_fields(NewSettings, fields, "new") == {"policy": None, "size": None, "layers": (),
+                                                                   "experts": "32x10,64x2"}
+    assert run_config.from_fields(NewSettings, {"policy": "Jitter", "size": 96, "layers": "0, 3"}, "new") == {
+        "policy": "Jitter", "size": 96, "layers": (0, 3)}
+    with pytest.raises(ValueError, match=r"new\.layers='0,x' must list integers"):
+        run_config.from_fields(NewSettings, {"layers": "0,x"}, "new")
+    with pytest.raises(ValueError, match=r"new\.bogus is not a field of NewSettings"):
+        run_config.from_fields(NewSettings, {"bogus": 1}, "new")
+
+
+def test_moe_fields_are_command_line_overrides():
+    """Every MoEConfig field is a --config.moe.<field> override of a config file, read back typed."""
+    import pathlib
+
+    from absl import flags
+    from ml_collections import config_flags
+
+    from moe_jax import run_config
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "configs" / "moe.py"
+    argv = ["test", f"--config={path}:tiny", "--config.moe.router_impl=kernel", "--config.moe.expert_ffn_size=96",
+            "--config.moe.noisy_gate_policy=Jitter", "--config.moe.placement=explicit", "--config.moe.layers=1,5",
+            "--config.moe.experts=4x1,8x1"]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=flag_values, lock_config=True, sys_argv=argv)
+    flag_values(argv)
+    moe = run_config.model_config(flag_values.config).moe
+    assert (moe.router_impl, moe.expert_ffn_size, moe.noisy_gate_policy) == ("kernel", 96, "Jitter")
+    assert (moe.layers, moe.experts) == ((1, 5), (4, 8))
+
+
+def test_scales_fit_the_tiny_presets_to_their_size():
+    from moe_jax import run_config
+
+    pr_moe = {"tiny": "tiny+pr-moe"}
+    micro, small = run_config.scale_model("micro", pr_moe), run_config.scale_model("small", pr_moe)
+    assert (micro.num_layers, micro.hidden_size, micro.max_seq_len) == (4, 32, 32)
+    assert micro.moe.experts == (4, 8) and micro.moe.residual
+    assert small.moe.experts == (4, 4, 4, 4, 8, 8)  # the large count keeps its quarter of the MoE layers
+    assert run_config.scale_model("micro").moe is None
+    assert run_config.scale_model("350m", pr_moe) == config.preset("350m").replace(compute_dtype="bfloat16")
+    with pytest.raises(ValueError, match="scale 'huge' is unknown"):
+        run_config.default_config("huge")

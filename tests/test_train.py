@@ -12,17 +12,16 @@ import time
 import numpy as np
 import pytest
 
-from moe_jax import trainer
+from experiments.configs import load_config_file
+from moe_jax import config as config_lib
+from moe_jax import run_config, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p.stem for p in (ROOT / "experiments" / "configs").glob("*.py") if not p.stem.startswith("_"))
 
 
 def load_config(name, arg="tiny"):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return load_config_file(name, arg)
 
 
 def small(config, steps=2):
@@ -58,8 +57,27 @@ def test_every_config_has_docstring_and_all_scales():
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         assert "experiments/train.py --config=experiments/configs/" in module.__doc__, name
-        for scale in ("tiny", "350m", "1.3b"):
-            trainer.validate(module.get_config(scale))
+        for scale in run_config.SCALES:
+            run_config.validate(module.get_config(scale))
+
+
+# The configs' models are the presets (at the run's max_seq_len and compute dtype): nothing restated.
+CONFIG_PRESETS = {
+    "dense:tiny": "tiny", "moe:tiny": "tiny+moe", "top2:tiny": "tiny+top2", "residual:tiny": "tiny+residual",
+    "pyramid:tiny": "tiny+pyramid", "pr_moe:tiny": "tiny+pr-moe", "mos:tiny": "tiny-mos",
+    "first_half:tiny": "tiny+first-half", "second_half:tiny": "tiny+second-half", "dense:350m": "350m",
+    "moe:350m": "350m+moe-128", "pr_moe:350m": "350m+pr-moe-32/64", "mos:350m": "350m-mos",
+    "moe:1.3b": "1.3b+moe-128", "pr_moe:1.3b": "1.3b+pr-moe-64/128", "mos:1.3b": "1.3b-mos",
+}
+
+
+@pytest.mark.parametrize("config_arg", sorted(CONFIG_PRESETS))
+def test_configs_build_the_presets(config_arg):
+    name, arg = config_arg.split(":")
+    scale = run_config.SCALES[arg]
+    expected = config_lib.preset(CONFIG_PRESETS[config_arg]).replace(max_seq_len=scale.seq_len,
+                                                                   compute_dtype=scale.compute_dtype)
+    assert run_config.model_config(load_config(name, arg)) == expected
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -5,7 +5,7 @@
 tiny: 300 steps of 16 x 128 byte tokens on the Python stdlib corpus, about 1.5 minutes on 2 CPU
 cores; validation about 3.85 bits per byte (3.80 for the tiny PR-MoE). 350m / 1.3b: the paper's settings (300B tokens), GPUs.
 """
-from moe_jax.trainer import default_config
+from moe_jax.run_config import default_config
 
 
 def get_config(arg: str = "tiny"):

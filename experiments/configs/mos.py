@@ -22,20 +22,19 @@ no KD 2.647 / 2.623, KD throughout 2.614 / 2.592, staged KD (stop 210) 2.604 / 2
 2.613 (seed 0). Seed-to-seed spread is ~0.025, so expect staged < constant < no KD by ~0.01-0.05,
 the 7-layer student about level with the 8-layer teacher.
 """
-from moe_jax.trainer import default_config
+from experiments.configs import pr_moe
+from moe_jax import distill, run_config
 
-EXPERTS = {"tiny": "4x2,8x1", "350m": "32x8,64x2", "1.3b": "64x8,128x2"}
-NUM_LAYERS = {"tiny": 7, "350m": 21, "1.3b": 21}
-LEARNING_RATES = {"350m": (3e-4, 1e-6), "1.3b": (1.2e-4, 1e-6)}  # the teacher's (pr_moe.py)
+
+def student_layers(teacher_layers: int) -> int:
+    """12.5% shallower than the teacher, at least one layer less: 24 -> 21 (the paper), 8 -> 7."""
+    return teacher_layers - max(1, round(teacher_layers / 8))
 
 
 def get_config(arg: str = "tiny"):
-    config = default_config(arg)
-    config.model.num_layers = NUM_LAYERS[arg]
-    config.moe.experts = EXPERTS[arg]
-    config.moe.residual = True
-    if arg in LEARNING_RATES:
-        config.optim.learning_rate, config.optim.min_learning_rate = LEARNING_RATES[arg]
+    config = pr_moe.get_config(arg)  # the teacher's run, learning rates included
+    teacher = run_config.model_config(config)
+    run_config.set_model(config, distill.student_config(teacher, student_layers(teacher.num_layers)))
     config.kd = dict(
         beta=1.0,
         temperature=1.0,

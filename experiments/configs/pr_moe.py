@@ -7,16 +7,15 @@ tiny: 4 experts in MoE layers 2, 4, 6 and 8 in layer 8; 300 steps of 16 x 128 by
 Python stdlib corpus, about 2 minutes on 2 CPU cores; validation bits per byte below the dense
 model's at the same steps (measured: 3.80 vs 3.85).
 """
-from moe_jax.trainer import default_config
+from moe_jax.run_config import default_config
 
-EXPERTS = {"tiny": "4x3,8x1", "350m": "32x10,64x2", "1.3b": "64x10,128x2"}
+# The models of moe_jax.config.PRESETS per scale (micro and small: the tiny one at their size).
+PRESETS = {"tiny": "tiny+pr-moe", "350m": "350m+pr-moe-32/64", "1.3b": "1.3b+pr-moe-64/128"}
 LEARNING_RATES = {"350m": (3e-4, 1e-6), "1.3b": (1.2e-4, 1e-6)}  # the paper's
 
 
 def get_config(arg: str = "tiny"):
-    config = default_config(arg)
-    config.moe.experts = EXPERTS[arg]
-    config.moe.residual = True
+    config = default_config(arg, PRESETS)
     if arg in LEARNING_RATES:
         config.optim.learning_rate, config.optim.min_learning_rate = LEARNING_RATES[arg]
     return config

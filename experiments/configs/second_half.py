@@ -5,13 +5,11 @@
 The paper finds Second-Half MoE better than First-Half MoE. tiny: 8 experts, 300 steps, about
 2 minutes on 2 CPU cores.
 """
-from moe_jax.trainer import default_config
-
-EXPERTS = {"tiny": "8", "350m": "128", "1.3b": "128"}
+from experiments.configs import moe
+from moe_jax.run_config import default_config
 
 
 def get_config(arg: str = "tiny"):
-    config = default_config(arg)
-    config.moe.experts = EXPERTS[arg]
+    config = default_config(arg, moe.PRESETS)  # the experts of moe.py, placed in one half
     config.moe.placement = "second_half"
     return config

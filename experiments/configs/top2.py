@@ -4,13 +4,14 @@
 
 tiny: 8 experts, k=2, 300 steps, about 2.5 minutes on 2 CPU cores.
 """
-from moe_jax.trainer import default_config
+from experiments.configs import moe
+from moe_jax.run_config import default_config
 
-EXPERTS = {"tiny": "8", "350m": "32", "1.3b": "32"}
+EXPERTS = {"350m": "32", "1.3b": "32"}  # the paper's ablation; other scales: moe.py's experts
 
 
 def get_config(arg: str = "tiny"):
-    config = default_config(arg)
-    config.moe.experts = EXPERTS[arg]
+    config = default_config(arg, moe.PRESETS)
+    config.moe.experts = EXPERTS.get(arg, config.moe.experts)
     config.moe.k = 2
     return config
