@@ -16,8 +16,8 @@ the decode step's [B, 1, M] input. Paths:
           [E, S, M] buffer.
   serve   moe_jax.inference's serving path: mapping table, per-copy expert weights at decode and the
           dropless grouped matmul at prefill; never drops.
-  kernel  serve_moe with a kernel dispatch, when moe_jax.kernels provides `moe_dispatch.ops.dispatch`
-          (x [S, M], routing, experts) -> [S, M] and a GPU is present; skipped otherwise.
+  kernel  the "kernel" dispatch path (moe_jax.kernels.moe_layer) with drop_tokens=False; on a GPU
+          only (elsewhere it would time the kernels' jnp references).
   dense   the dense model (E = 0 in the records); its moe_layer_ms is its FFN on the same input.
 Decode is bound by reading weights: einsum and gather read every expert's weights each step, serve
 only those of the S * k chosen copies. Prefill of gather at large B * P is E times the FLOPs of a
@@ -26,7 +26,6 @@ dense FFN (C = S); it is measured once.
 The default (batches 1, 8, 32; prompt lengths 16, 128; E = 64) took 3.5 minutes on 2 shared CPU cores.
 """
 
-import contextlib
 import json
 import os
 import sys
@@ -36,7 +35,6 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import matplotlib  # noqa: E402
@@ -67,31 +65,17 @@ flags.DEFINE_integer("ffn_dim", 1024, "FFN size of the dense FFN and of each exp
 flags.DEFINE_integer("num_layers", 4, "Layers; every second one is MoE.")
 
 
-def kernel_dispatch():
-    """(dispatch function, "") when a MoE serving kernel and a GPU are present, else (None, why not)."""
-    if jax.default_backend() != "gpu":
-        return None, f"no GPU (backend {jax.default_backend()})"
-    try:
-        from moe_jax.kernels.moe_dispatch import ops
-    except ImportError:
-        return None, "moe_jax.kernels provides no moe_dispatch op yet"
-    return ops.dispatch, ""
-
-
 def base_config(f, num_experts: int, max_seq_len: int) -> ModelConfig:
     moe = MoEConfig(experts=num_experts, k=1, eval_capacity_factor=1.0, min_capacity=4) if num_experts else None
     return ModelConfig(vocab_size=256, num_layers=f.num_layers, hidden_size=f.model_dim, num_heads=4,
                        ffn_size=f.ffn_dim, max_seq_len=max_seq_len, moe=moe)
 
 
-def path_config(path: str, cfg: ModelConfig) -> tuple[ModelConfig, str]:
-    """(model config, inference moe_path) of a benchmark path."""
+def path_config(path: str, cfg: ModelConfig) -> ModelConfig:
+    """The model config a benchmark path runs."""
     if path == "einsum":  # DeepSpeed's layer as trained (base_config drops tokens, has no noise or dropout)
-        return replace_moe(cfg, dispatch="einsum"), "einsum"
-    if path == "kernel":  # the model's layer is replaced by the kernel interceptor at lowering time
-        return inference.serving_config(cfg, moe_path="gather"), "gather"
-    moe_path = "serve" if path == "dense" else path  # a dense model has no MoE layer to route
-    return inference.serving_config(cfg, moe_path=moe_path), moe_path
+        return replace_moe(cfg, dispatch="einsum")
+    return inference.serving_config(cfg, moe_path="serve" if path == "dense" else path)
 
 
 def decode_capacity(path: str, cfg: ModelConfig, batch: int):
@@ -114,42 +98,34 @@ def best_of(fn, repeats: int) -> float:
     return best
 
 
-def time_generation(params, cfg, moe_path, batch, prompt_len, f, interceptor=None) -> tuple[float, float]:
+def time_generation(params, cfg, batch, prompt_len, f) -> tuple[float, float]:
     """(prefill ms, decode ms per step) of `batch` random prompts of prompt_len tokens."""
     tokens = jax.random.randint(jax.random.key(batch), (batch, prompt_len), 0, cfg.vocab_size)
     lengths = jnp.full((batch,), prompt_len, jnp.int32)
     rng, zero, one = jax.random.key(0), jnp.float32(0.0), jnp.float32(1.0)
-    prefill = jax.jit(inference.prefill, static_argnames=("cfg", "max_len", "moe_path"))
-    decode = jax.jit(inference.decode_tokens, static_argnames=("cfg", "num_tokens", "moe_path"))
-    statics = dict(cfg=cfg, moe_path=moe_path)
-    with nn.intercept_methods(interceptor) if interceptor else contextlib.nullcontext():  # traced inside
-        prefill_exe = prefill.lower(params, tokens, lengths, max_len=prompt_len + f.new_tokens, **statics).compile()
-        logits, state = jax.block_until_ready(prefill_exe(params, tokens, lengths))  # warm-up
-        prefill_s = best_of(lambda: jax.block_until_ready(prefill_exe(params, tokens, lengths)), 1)
-        decode_exe = decode.lower(params, state, logits, rng, zero, one, num_tokens=f.new_tokens, **statics).compile()
+    prefill = jax.jit(inference.prefill, static_argnames=("cfg", "max_len"))
+    decode = jax.jit(inference.decode_tokens, static_argnames=("cfg", "num_tokens"))
+    prefill_exe = prefill.lower(params, tokens, lengths, max_len=prompt_len + f.new_tokens, cfg=cfg).compile()
+    logits, state = jax.block_until_ready(prefill_exe(params, tokens, lengths))  # warm-up
+    prefill_s = best_of(lambda: jax.block_until_ready(prefill_exe(params, tokens, lengths)), 1)
+    decode_exe = decode.lower(params, state, logits, rng, zero, one, num_tokens=f.new_tokens, cfg=cfg).compile()
     jax.block_until_ready(decode_exe(params, state, logits, rng, zero, one))  # warm-up
     decode_s = best_of(lambda: jax.block_until_ready(decode_exe(params, state, logits, rng, zero, one)), f.repeats)
     return prefill_s * 1e3, decode_s * 1e3 / (f.new_tokens - 1)
 
 
-def time_moe_layer(path, params, cfg, batch, f, kernel_fn) -> float:
+def time_moe_layer(path, params, cfg, batch, f) -> float:
     """ms of one MoE layer (the first; for dense the FFN of the same block) on a [batch, 1, M] input."""
     x = jax.random.normal(jax.random.key(1), (batch, 1, cfg.hidden_size), jnp.dtype(cfg.compute_dtype))
     first = cfg.moe_layer_indices()[0] if cfg.moe is not None else 1  # dense: the same block's FFN
     block = params[f"block_{first}"]
     if path == "dense":
         layer, fn = block["mlp"], moe_lib.dense_mlp
-    else:
-        layer = inference.moe_layer_params(block["moe"], cfg.moe.residual)
-        if path == "serve":
-            def fn(p, x):
-                return inference.serve_moe(p, x, moe=cfg.moe)[0]
-        elif path == "kernel":
-            def fn(p, x):
-                return inference.serve_moe(p, x, moe=cfg.moe, dispatch_fn=kernel_fn)[0]
-        else:
-            def fn(p, x):
-                return moe_lib.moe_forward(p, x, moe=cfg.moe, train=False)[0]
+    else:  # the model's own layer parameters and layer function, with the path's config
+        layer = block["moe"]
+
+        def fn(p, x):
+            return moe_lib.moe_forward(p, x, moe=cfg.moe, train=False)[0]
     call = jax.jit(fn)
     jax.block_until_ready(call(layer, x))
 
@@ -205,15 +181,15 @@ def main(argv):
         cli.fail(f"--paths holds {unknown}; use some of {PATHS}")
     if min(batches + prompt_lens) < 1 or min(expert_counts) < 2 or f.new_tokens < 2:
         cli.fail("--batches and --prompt_lens must be >= 1, --experts >= 2 and --new_tokens >= 2")
-    kernel_fn, kernel_note = kernel_dispatch()
-    paths = [p for p in PATHS if p in f.paths and (p != "kernel" or kernel_fn is not None)]
+    on_gpu = jax.default_backend() == "gpu"
+    paths = [p for p in PATHS if p in f.paths and (p != "kernel" or on_gpu)]
     max_seq_len = max(prompt_lens) + f.new_tokens
     title = (f"{jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}: {f.num_layers} layers, "
              f"M={f.model_dim}, FFN={f.ffn_dim}, top-1 MoE every 2nd layer, float32, "
              f"{f.new_tokens - 1} decode steps")
     print(title)
-    if "kernel" in f.paths and kernel_fn is None:
-        print(f"kernel path skipped: {kernel_note}")
+    if "kernel" in f.paths and not on_gpu:
+        print(f"kernel path skipped: no GPU (backend {jax.default_backend()})")
     header = (f"{'E':>3} {'path':>7} {'batch':>5} {'P':>4} {'C':>4} {'prefill ms':>10} {'ms/token':>9} "
               f"{'tokens/s':>9} {'MoE layer ms':>12} {'layer vs einsum':>15}")
     print(header)
@@ -223,15 +199,14 @@ def main(argv):
     jobs += [(0, "dense")] if "dense" in paths else []  # the dense model does not depend on E
     for num_experts, path in jobs:
         base = base_config(f, num_experts, max_seq_len)
-        cfg, moe_path = path_config(path, base)
+        cfg = path_config(path, base)
         params = jax.jit(model_lib.init_params, static_argnums=1)(jax.random.key(0), base)
-        interceptor = inference.serving_interceptor(kernel_fn) if path == "kernel" else None
         for batch in batches:
-            layer_ms = time_moe_layer(path, params, cfg, batch, f, kernel_fn)
+            layer_ms = time_moe_layer(path, params, cfg, batch, f)
             einsum_layer = next((r["moe_layer_ms"] for r in records if r["path"] == "einsum"
                                  and r["E"] == num_experts and r["batch"] == batch), None)
             for prompt_len in prompt_lens:
-                prefill_ms, step_ms = time_generation(params, cfg, moe_path, batch, prompt_len, f, interceptor)
+                prefill_ms, step_ms = time_generation(params, cfg, batch, prompt_len, f)
                 capacity = None if path == "dense" else decode_capacity(path, cfg, batch)
                 record = {"path": path, "E": num_experts, "batch": batch,
                           "prompt_len": prompt_len, "ms_per_token": step_ms, "moe_layer_ms": layer_ms,

@@ -21,6 +21,7 @@ that would start after --budget_s seconds (default 420) is skipped and marked so
 section stops measuring 45 s after that.
 """
 
+import dataclasses
 import os
 import sys
 import time
@@ -36,10 +37,8 @@ import jax.numpy as jnp  # noqa: E402
 from moe_jax import moe as moe_lib  # noqa: E402
 from moe_jax.config import MoEConfig  # noqa: E402
 from moe_jax.kernels import bench_util, platform  # noqa: E402
-from moe_jax.kernels import moe_layer  # noqa: E402
 from moe_jax.kernels.dispatch import benchmark as dispatch_benchmark  # noqa: E402
 from moe_jax.kernels.gating import benchmark as gating_benchmark  # noqa: E402
-from moe_jax.kernels.gating import ops as gating_ops  # noqa: E402
 from moe_jax.kernels.grouped_matmul import benchmark as gmm_benchmark  # noqa: E402
 
 flags.DEFINE_string("out", None, "Write the markdown report to this file.", required=True)
@@ -63,14 +62,6 @@ def layer_params(num_experts, model_dim, ffn_dim):
     }
 
 
-def fused_layer(params, x, moe):
-    """The layer with every step on the kernels: gate logits, fused gating, kernel dispatch."""
-    logits = moe_lib.gate_logits(params["gate"], x, moe=moe, train=True, rng=None)
-    routing = gating_ops.top_k_gating(logits, k=moe.k, capacity_factor=moe.capacity_factor,
-                                      min_capacity=moe.min_capacity, drop_tokens=moe.drop_tokens)
-    return moe_layer.dispatch_kernel(x, routing, params["experts"]), routing.aux_loss
-
-
 def run_layers(layers, deadline: float) -> list[bench_util.Record]:
     """Measures each layer and path until time.perf_counter() passes `deadline`."""
     records = []
@@ -84,11 +75,12 @@ def run_layers(layers, deadline: float) -> list[bench_util.Record]:
         weight_bytes = 2 * 2 * num_experts * model_dim * ffn_dim
 
         def forward_fn(path):
-            if path == "kernel + fused gating":
-                return lambda params, x: fused_layer(params, x, moe)
+            # "kernel + fused gating": every step on the kernels (router_impl="kernel", dispatch "kernel")
+            layer_moe = dataclasses.replace(moe, router_impl="kernel") if path == "kernel + fused gating" else moe
+            layer_path = "kernel" if path == "kernel + fused gating" else path
 
             def forward(params, x):
-                y, stats = moe_lib.moe_forward(params, x, moe=moe, train=True, path=path)
+                y, stats = moe_lib.moe_forward(params, x, moe=layer_moe, train=True, path=layer_path)
                 return y, stats["aux_loss"]
             return forward
 

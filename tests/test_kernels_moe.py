@@ -52,17 +52,21 @@ def test_kernel_path_equals_gather_path_with_gradients(interpret):
     jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5), grads, grads_want)
 
 
-def test_moe_layer_config_accepts_kernel_path():
-    """MoEConfig(dispatch="kernel") through moe_forward (on CPU: the kernels' jnp references)."""
+@pytest.mark.parametrize("router_impl", ["jnp", "kernel"])
+def test_moe_layer_config_accepts_kernel_path(router_impl):
+    """MoEConfig(dispatch="kernel") through moe_forward, with either router implementation (on CPU:
+    the kernels' jnp references), equals the gather path with the jnp router."""
     num_tokens, num_experts, model_dim, ffn_dim = 40, 4, 8, 16
     keys = jax.random.split(jax.random.key(1), 3)
     params = {"gate": {"kernel": jax.random.normal(keys[0], (model_dim, num_experts))},
               "experts": make_experts(keys[1], num_experts, model_dim, ffn_dim)}
     x = jax.random.normal(keys[2], (2, num_tokens // 2, model_dim))
-    moe = MoEConfig(experts=num_experts, k=2, capacity_factor=1.0, use_rts=False, dispatch="kernel")
-    forward = jax.jit(lambda p, x, path: moe_lib.moe_forward(p, x, moe=moe, train=True, path=path)[0],
+    moe = MoEConfig(experts=num_experts, k=2, capacity_factor=1.0, use_rts=False, router_impl=router_impl,
+                    dispatch="kernel")
+    reference = MoEConfig(experts=num_experts, k=2, capacity_factor=1.0, use_rts=False, dispatch="gather")
+    forward = jax.jit(lambda p, x, moe: moe_lib.moe_forward(p, x, moe=moe, train=True, rng=jax.random.key(3))[0],
                       static_argnums=2)
-    np.testing.assert_allclose(forward(params, x, "kernel"), forward(params, x, "gather"), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(forward(params, x, moe), forward(params, x, reference), rtol=1e-5, atol=1e-5)
 
 
 def test_fused_layer_lowers_for_cuda():
