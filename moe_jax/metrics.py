@@ -1,9 +1,13 @@
-"""Metric logging (JSON lines + TensorBoard), MoE load statistics, MFU, progress bar.
+"""Metric writers (JSON lines + TensorBoard) and model FLOPs utilisation.
 
 * ``MetricWriter``: ``workdir/metrics.jsonl`` (one JSON object per ``write``),
   ``workdir/config.json`` and TensorBoard scalars in ``workdir/tensorboard/``.
 * ``transformer_flops_per_token``, ``mfu``, ``peak_flops_per_device``.
-* ``Progress``: a one-line progress bar on stderr (plain lines when not a TTY).
+
+Progress is not drawn here: the trainer writes one absl log line per logging step (step, loss,
+tokens/s, ETA from the last window's step time). That needs no progress-bar dependency (tqdm,
+clu), reads the same in a terminal, a file and a multi-host job's logs, and goes through the
+logging every other module uses.
 """
 
 from __future__ import annotations
@@ -13,16 +17,13 @@ import json
 import math
 import numbers
 import os
-import sys
-import time
-from typing import Any, Callable, Mapping, TextIO
+from typing import Any, Mapping, TextIO
 
 import jax
 import numpy as np
 
 __all__ = [
     "MetricWriter",
-    "Progress",
     "mfu",
     "peak_flops_per_device",
     "transformer_flops_per_token",
@@ -238,13 +239,6 @@ class MetricWriter:
 
 
 # ----------------------------------------------------------------------------
-# MoE load statistics
-# ----------------------------------------------------------------------------
-
-
-
-
-# ----------------------------------------------------------------------------
 # FLOPs / MFU
 # ----------------------------------------------------------------------------
 
@@ -328,135 +322,3 @@ def peak_flops_per_device(device: Any = None) -> float:
         if key in kind:
             return flops
     return math.nan
-
-
-# ----------------------------------------------------------------------------
-# Progress bar
-# ----------------------------------------------------------------------------
-
-
-def _format_duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return "-:--:--"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"
-
-
-def _format_rate(value: float | None) -> str:
-    if value is None or not math.isfinite(value):
-        return "-"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.1f}{unit}"
-    return f"{value:.0f}"
-
-
-class Progress:
-    """One-line training progress on stderr: step/total, loss, tokens/s, ETA.
-
-    On a TTY the line is redrawn in place (carriage return) at most every
-    ``min_interval`` seconds (0.5). When the stream is not a TTY (CI logs,
-    files) a plain line is printed at most every ``plain_interval`` seconds
-    (30), without control characters. The last step is always shown.
-
-    The ETA uses the average step rate since the first ``update`` (which
-    usually includes compilation, so it is excluded).
-
-    Only process 0 prints, unless ``enabled`` is given.
-    """
-
-    BAR_WIDTH = 20
-
-    def __init__(
-        self,
-        total_steps: int,
-        start_step: int = 0,
-        *,
-        stream: TextIO | None = None,
-        min_interval: float = 0.5,
-        plain_interval: float = 30.0,
-        enabled: bool | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ):
-        self.total_steps = int(total_steps)
-        self.start_step = int(start_step)
-        self.stream = stream if stream is not None else sys.stderr
-        isatty = getattr(self.stream, "isatty", None)
-        self.tty = bool(isatty()) if callable(isatty) else False
-        self.interval = min_interval if self.tty else plain_interval
-        self.enabled = (jax.process_index() == 0) if enabled is None else bool(enabled)
-        self._clock = clock
-        self._origin: tuple[int, float] | None = None  # (step, time) of the first update
-        self._last_print: float | None = None
-        self._pending: str | None = None  # latest line not yet shown
-        self._width = 0
-        self._closed = False
-
-    def update(self, step: int, loss: float | None = None, tokens_per_sec: float | None = None) -> None:
-        """Records progress after ``step``; prints if the interval has passed."""
-        if not self.enabled or self._closed:
-            return
-        now = self._clock()
-        step = int(step)
-        if self._origin is None:
-            self._origin = (step, now)
-        line = self._format(step, loss, tokens_per_sec, now)
-        due = self._last_print is None or now - self._last_print >= self.interval
-        if due or step >= self.total_steps:
-            self._emit(line)
-            self._last_print = now
-            self._pending = None
-        else:
-            self._pending = line
-
-    def close(self) -> None:
-        """Prints the latest state if it was not shown and ends the line."""
-        if not self.enabled or self._closed:
-            self._closed = True
-            return
-        if self._pending is not None:
-            self._emit(self._pending)
-        if self.tty and self._width:
-            self.stream.write("\n")
-        self.stream.flush()
-        self._closed = True
-
-    def __enter__(self) -> "Progress":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _format(self, step: int, loss, tokens_per_sec, now: float) -> str:
-        total = max(self.total_steps, 1)
-        frac = min(max(step / total, 0.0), 1.0)
-        eta = None
-        origin_step, origin_time = self._origin
-        if step > origin_step and now > origin_time:
-            rate = (step - origin_step) / (now - origin_time)
-            eta = (self.total_steps - step) / rate
-        elif step >= self.total_steps:
-            eta = 0.0
-        parts = [f"step {step}/{self.total_steps}"]
-        if self.tty:
-            filled = int(round(frac * self.BAR_WIDTH))
-            parts[0] += f" [{'#' * filled}{'.' * (self.BAR_WIDTH - filled)}]"
-        parts[0] += f" {100 * frac:5.1f}%"
-        if loss is not None:
-            loss = float(_to_python(loss))
-            parts.append(f"loss {loss:.4f}")
-        if tokens_per_sec is not None:
-            parts.append(f"{_format_rate(float(_to_python(tokens_per_sec)))} tok/s")
-        parts.append(f"ETA {_format_duration(eta)}")
-        return " | ".join(parts)
-
-    def _emit(self, line: str) -> None:
-        if self.tty:
-            pad = max(self._width - len(line), 0)
-            self.stream.write("\r" + line + " " * pad)
-            self._width = len(line)
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()

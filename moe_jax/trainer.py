@@ -13,6 +13,7 @@ checkpoints/, and results.json at the end.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import json
 import math
@@ -133,7 +134,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     flops_per_token = metrics_lib.transformer_flops_per_token(
         counts.active, model_cfg.num_layers, model_cfg.hidden_size, config.data.seq_len)
     peak = metrics_lib.peak_flops_per_device() * jax.device_count()
-    progress = metrics_lib.Progress(config.total_steps, start_step=start_step)
 
     # --- Train loop ------------------------------------------------------------------------------
     pending = []  # (step, loss) device scalars since the last check: checked without a per-step sync
@@ -171,14 +171,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     eval_metrics = evaluate(state["params"], eval_data, eval_fn)
                     record.update(eval_metrics)
                 writer.write(step, record)
-                progress.update(step, record["loss"], tokens_per_sec)
+                if jax.process_index() == 0:
+                    logging.info("%s", progress_line(step, config.total_steps, last_step, record["loss"],
+                                                     tokens_per_sec, step_time))
                 window_start, window_steps = time.perf_counter(), 0
             if step % config.checkpoint_every_steps == 0 or is_last:
                 ckpt.save(step, state, extra={"data_step": batches.step})
                 last_good = step
         ckpt.wait()
     finally:
-        progress.close()
         writer.close()
         ckpt.close()
 
@@ -203,6 +204,15 @@ def _check_finite(pending: list, last_good: Optional[int], workdir: str) -> None
             raise TrainingError(
                 f"loss became {float(loss)} at step {step}; {where}. Lower optim.learning_rate or "
                 "check the data, then rerun with the same --workdir to resume from that checkpoint.")
+
+
+def progress_line(step: int, total_steps: int, last_step: int, loss: float, tokens_per_sec: float,
+                  step_time: float) -> str:
+    """The log line of a logging step: 'step 120/300  loss 2.6431  15,204 tokens/s  ETA 0:02:11',
+    the ETA being this run's steps left (to last_step) at the last window's step time."""
+    eta = (last_step - step) * step_time
+    eta_text = str(datetime.timedelta(seconds=round(eta))) if math.isfinite(eta) else "-"
+    return f"step {step}/{total_steps}  loss {loss:.4f}  {tokens_per_sec:,.0f} tokens/s  ETA {eta_text}"
 
 
 def format_summary(summary: dict) -> str:

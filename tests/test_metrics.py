@@ -1,6 +1,5 @@
-"""Tests for moe_jax.metrics."""
+"""Tests for moe_jax.metrics (and the MoE load statistics of moe_jax.gating)."""
 import glob
-import io
 import json
 import math
 import os
@@ -11,11 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import metrics as M
+from moe_jax.gating import expert_load_stats
 from moe_jax.metrics import (
     MetricWriter,
-    Progress,
-    expert_load_stats,
     mfu,
     peak_flops_per_device,
     transformer_flops_per_token,
@@ -165,58 +162,3 @@ def test_peak_flops_lookup():
     assert math.isnan(peak_flops_per_device(FakeDevice("Mystery Accelerator 9000")))
     assert peak_flops_per_device() == 100e9  # tests run on CPU devices
 
-
-class FakeTTY(io.StringIO):
-    def isatty(self):
-        return True
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self):
-        return self.t
-
-
-def test_progress_tty():
-    stream, clock = FakeTTY(), Clock()
-    p = Progress(100, start_step=0, stream=stream, clock=clock, enabled=True)
-    p.update(1, loss=np.float32(3.25), tokens_per_sec=12_345.0)  # first: printed
-    clock.t += 0.1
-    p.update(2, loss=3.0, tokens_per_sec=12_000.0)  # throttled
-    assert stream.getvalue().count("\r") == 1
-    clock.t += 0.9  # 1 step/s since the first update
-    p.update(11, loss=2.5, tokens_per_sec=13_000.0)
-    out = stream.getvalue()
-    assert out.count("\r") == 2
-    last = out.split("\r")[-1]
-    assert "step 11/100" in last and "loss 2.5000" in last and "13.0k tok/s" in last
-    # 10 steps in 1 s -> 89 steps left take 8.9 s
-    assert "ETA 0:00:09" in last and "[##" in last
-    clock.t += 0.1
-    p.update(12, loss=2.4)
-    p.close()
-    out = stream.getvalue()
-    assert "step 12/100" in out.split("\r")[-1] and out.endswith("\n")
-
-
-def test_progress_plain_when_not_tty():
-    stream, clock = io.StringIO(), Clock()
-    p = Progress(1000, start_step=500, stream=stream, clock=clock, enabled=True, plain_interval=10.0)
-    for step in range(501, 560):
-        p.update(step, loss=1.0 + 1.0 / step, tokens_per_sec=2e6)
-        clock.t += 1.0
-    p.close()
-    out = stream.getvalue()
-    assert "\r" not in out and "\x1b" not in out
-    lines = out.strip().split("\n")
-    assert 5 <= len(lines) <= 8  # ~59 s at one line per 10 s, plus the final one
-    assert lines[0].startswith("step 501/1000") and "2.0M tok/s" in lines[0]
-    assert lines[-1].startswith("step 559/1000")
-    assert "ETA 0:07:21" in lines[-1]  # 441 steps left at 1 step/s
-
-
-def test_progress_duration_format():
-    assert M._format_duration(3 * 3600 + 4 * 60 + 5) == "3:04:05"
-    assert M._format_duration(None) == "-:--:--"

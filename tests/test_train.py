@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -80,10 +81,18 @@ def test_configs_build_the_presets(config_arg):
     assert run_config.model_config(load_config(name, arg)) == expected
 
 
+def test_progress_line():
+    line = trainer.progress_line(120, 300, 200, 2.64312, 15204.4, 0.5)
+    assert line == "step 120/300  loss 2.6431  15,204 tokens/s  ETA 0:00:40"  # 80 steps left at 0.5 s
+    assert trainer.progress_line(1, 10, 10, 3.0, float("nan"), float("nan")).endswith("ETA -")
+
+
 @pytest.mark.parametrize("name", CONFIGS)
-def test_one_training_step_of_every_config(name, tmp_path):
+def test_one_training_step_of_every_config(name, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="absl")
     config = small(load_config(name), steps=1)
     summary = trainer.train_and_evaluate(config, str(tmp_path))
+    assert any(record.getMessage().startswith("step 1/1  loss ") for record in caplog.records)
     assert np.isfinite(summary["val_loss"])
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1]
