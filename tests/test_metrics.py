@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moe_jax import config as config_lib
+from moe_jax import model as model_lib
 from moe_jax.gating import expert_load_stats
 from moe_jax.metrics import (
     MetricWriter,
@@ -138,12 +140,22 @@ def test_expert_load_stats_hand_example():
         expert_load_stats(counts, kept, capacity=4)
 
 
-def test_flops_and_mfu():
-    n, layers, hidden, seq = 125_000_000, 12, 768, 2048
-    fpt = transformer_flops_per_token(n, layers, hidden, seq)
-    assert fpt == 6 * n + 12 * layers * hidden * seq
-    tps = 123_456.0
-    assert mfu(fpt, tps, 989e12) == pytest.approx(fpt * tps / 989e12)
+def test_flops_per_token_matches_the_compiled_training_pass():
+    """6N + 12LHT against XLA's FLOP count of a dense GPT's jitted forward and backward pass. The
+    attention term is a fifth of the total here, so leaving it out (or miscounting N) fails."""
+    cfg = config_lib.ModelConfig(vocab_size=256, num_layers=2, hidden_size=64, num_heads=4, ffn_size=256,
+                                 max_seq_len=128, moe=None)
+    params = model_lib.init_params(jax.random.key(0), cfg)
+    tokens = jax.random.randint(jax.random.key(1), (4, 129), 0, 256)
+    grad_fn = jax.grad(lambda p: model_lib.lm_loss(model_lib.apply(p, tokens[:, :-1], cfg)[0], tokens[:, 1:]))
+    cost = jax.jit(grad_fn).lower(params).compile().cost_analysis()
+    xla_per_token = (cost[0] if isinstance(cost, list) else cost)["flops"] / tokens[:, 1:].size
+    formula = transformer_flops_per_token(model_lib.count_params(cfg).active, 2, 64, 128)
+    assert 12 * 2 * 64 * 128 > 0.15 * formula
+    assert xla_per_token == pytest.approx(formula, rel=0.05)
+
+
+def test_mfu():
     assert mfu(2.0, 3.0, 12.0) == 0.5
     assert math.isnan(mfu(1.0, 1.0, float("nan")))
 
