@@ -34,7 +34,7 @@ split run the configured path on each shard.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -55,17 +55,106 @@ def expert_ffn(experts: dict, buffer: jax.Array) -> jax.Array:
     return jnp.einsum("ecf,efm->ecm", hidden, experts["w2"].astype(dtype)) + experts["b2"][:, None, :].astype(dtype)
 
 
+def einsum_to_buffer(x: jax.Array, routing: Routing) -> jax.Array:
+    """x [S, M] -> the experts' input buffer [E, C, M] by the one-hot dispatch mask (DeepSpeed's)."""
+    _, dispatch_mask = routing.to_dense()
+    return jnp.einsum("sec,sm->ecm", dispatch_mask.astype(x.dtype), x)
+
+
+def einsum_from_buffer(out: jax.Array, routing: Routing) -> jax.Array:
+    """out [E, C, M] -> y [S, M] by the one-hot combine weights (DeepSpeed's)."""
+    combine, _ = routing.to_dense()
+    return jnp.einsum("sec,ecm->sm", combine.astype(out.dtype), out)
+
+
 def dispatch_einsum(x: jax.Array, routing: Routing, experts: dict) -> jax.Array:
-    combine, dispatch_mask = routing.to_dense()
-    buffer = jnp.einsum("sec,sm->ecm", dispatch_mask.astype(x.dtype), x)
-    out = expert_ffn(experts, buffer)
-    return jnp.einsum("sec,ecm->sm", combine.astype(x.dtype), out)
+    return einsum_from_buffer(expert_ffn(experts, einsum_to_buffer(x, routing)), routing)
+
+
+# Moving rows by the mapping table. The table is a partial permutation between token copies and
+# buffer rows: copy n = s * k + j (token s, its j-th choice) sits in row position[s, j] or in none
+# (dropped), and row r holds copy row_copy[r] or none (empty). Both directions are known, so the
+# transpose of each gather is a gather by the other map, not the scatter-add autodiff would emit
+# (XLA:CPU runs a scatter-add one row after another). Rows are looked up with mode="fill": an index
+# past the end (a dropped copy, an empty row) reads a zero row.
+
+USE_CUSTOM_VJP = True
+"""When False, gather_to_buffer, combine_from_buffer and the dropless path differentiate their
+gathers by autodiff (scatter-adds) instead of the inverse-map VJPs below: the baseline that the
+benchmark and the tests compare with. Read at trace time."""
+
+
+def _take_rows(rows: jax.Array, index: jax.Array) -> jax.Array:
+    """rows [N, M], index [...] -> [..., M]; zero rows where index >= N."""
+    return jnp.take(rows, index, axis=0, mode="fill", fill_value=0)
+
+
+def _row_copies(position: jax.Array, num_rows: int) -> jax.Array:
+    """position [S, k] (num_rows or more where a copy has no row) -> row_copy [num_rows]: the copy
+    s * k + j held by each row, S * k where the row is empty. Assumes no two copies share a row."""
+    num_copies = position.size
+    return jnp.full((num_rows,), num_copies, jnp.int32).at[position.reshape(-1)].set(
+        jnp.arange(num_copies, dtype=jnp.int32), mode="drop")
+
+
+@jax.custom_vjp
+def gather_copies(x: jax.Array, row_copy: jax.Array, position: jax.Array) -> jax.Array:
+    """x [S, M] -> rows [R, M], row r = x[row_copy[r] // k] (zero where empty); k = position.shape[1].
+
+    The backward pass reads, for each token, the rows of its k copies and sums them: d_x [S, M] =
+    sum_j d_rows[position[s, j]] (dropped copies read zero)."""
+    return _take_rows(x, row_copy // position.shape[1])
+
+
+def _gather_copies_fwd(x, row_copy, position):
+    return _take_rows(x, row_copy // position.shape[1]), position
+
+
+def _gather_copies_bwd(position, d_rows):
+    return _take_rows(d_rows, position).sum(axis=1), None, None
+
+
+gather_copies.defvjp(_gather_copies_fwd, _gather_copies_bwd)
+
+
+@jax.custom_vjp
+def combine_copies(rows: jax.Array, position: jax.Array, row_copy: jax.Array, weight: jax.Array) -> jax.Array:
+    """rows [R, M] -> y [S, M] = sum_j weight[s, j] * rows[position[s, j]] (dropped copies read zero).
+
+    The backward pass sends each row the cotangent of the token whose copy it holds, times that
+    copy's weight (d_rows[r] = weight[n] * d_y[n // k] with n = row_copy[r]; zero where empty), and
+    gives each weight the product of its row with the token's cotangent, so the gate trains."""
+    weight = weight.astype(rows.dtype)
+    return jnp.einsum("skm,sk->sm", _take_rows(rows, position), weight)
+
+
+def _combine_copies_fwd(rows, position, row_copy, weight):
+    y = jnp.einsum("skm,sk->sm", _take_rows(rows, position), weight.astype(rows.dtype))
+    return y, (rows, position, row_copy, weight)
+
+
+def _combine_copies_bwd(residuals, d_y):
+    rows, position, row_copy, weight = residuals
+    k = position.shape[1]
+    row_weight = _take_rows(weight.reshape(-1, 1).astype(rows.dtype), row_copy)  # [R, 1], 0 where empty
+    d_rows = _take_rows(d_y, row_copy // k) * row_weight
+    # Re-gathering the copies' rows costs one read of S * k rows; keeping them from the forward
+    # pass would hold another [S, k, M] array until the backward pass.
+    d_weight = jnp.einsum("skm,sm->sk", _take_rows(rows, position), d_y).astype(weight.dtype)
+    return d_rows, None, None, d_weight
+
+
+combine_copies.defvjp(_combine_copies_fwd, _combine_copies_bwd)
 
 
 def gather_to_buffer(x: jax.Array, routing: Routing) -> jax.Array:
     """x [S, M] -> the experts' input buffer [E, C, M] (empty slots are zero rows)."""
     num_tokens, k = routing.expert_index.shape
     rows = routing.num_experts * routing.capacity
+    if USE_CUSTOM_VJP:
+        position = routing.flat_position()
+        buffer = gather_copies(x, _row_copies(position, rows), position)
+        return buffer.reshape(routing.num_experts, routing.capacity, x.shape[1])
     position = routing.flat_position().reshape(-1)
     token = jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), k)
     # slot -> token that fills it; num_tokens (a zero row) where empty. Dropped copies point past
@@ -76,8 +165,13 @@ def gather_to_buffer(x: jax.Array, routing: Routing) -> jax.Array:
 
 
 def combine_from_buffer(out: jax.Array, routing: Routing) -> jax.Array:
-    """out [E, C, M] -> y [S, M] = sum over each token's kept copies of weight * expert output."""
+    """out [E, C, M] -> y [S, M] = sum over each token's kept copies of weight * expert output.
+    Differentiable in out and in routing.weight."""
     model_dim = out.shape[-1]
+    if USE_CUSTOM_VJP:
+        position = routing.flat_position()
+        row_copy = _row_copies(position, routing.num_experts * routing.capacity)
+        return combine_copies(out.reshape(-1, model_dim), position, row_copy, routing.weight)
     flat = jnp.concatenate([out.reshape(-1, model_dim), jnp.zeros((1, model_dim), out.dtype)], axis=0)
     rows = flat[routing.flat_position()]  # [S, k, M]; dropped copies read the zero row
     return jnp.einsum("skm,sk->sm", rows, routing.weight.astype(out.dtype))
@@ -155,13 +249,14 @@ def default_tile(num_rows: int, num_experts: int) -> int:
     return int(min(256, max(16, pl2(mean_group) // 2)))
 
 
-def grouped_ffn_tiles(experts: dict, rows: jax.Array, sorted_expert: jax.Array,
-                      group_sizes: jax.Array, tile: int | None = None) -> jax.Array:
-    """Expert FFN on expert-sorted rows [N, M]: each group padded to a multiple of `tile` rows, then
-    one [tile, M] x [M, F] and one [tile, F] x [F, M] matmul per used tile with its expert's weights."""
-    num_rows, model_dim = rows.shape
+def _tile_layout(sorted_expert: jax.Array, group_sizes: jax.Array, tile: int):
+    """Where expert-sorted rows go when each group is padded to a multiple of `tile` rows.
+
+    Returns (destination [N]: each sorted row's row in the tiles, source [Nt * T]: each tile row's
+    sorted row, N where it is padding, tile_expert [Nt], used_tiles: the tiles that hold rows, a
+    traced scalar). Nt is a static bound: N rows plus at most tile - 1 padding rows per group."""
+    num_rows = sorted_expert.shape[0]
     num_experts = group_sizes.shape[0]
-    tile = tile or default_tile(num_rows, num_experts)
     padded_sizes = (group_sizes + tile - 1) // tile * tile
     padded_end = jnp.cumsum(padded_sizes)
     padded_start = padded_end - padded_sizes
@@ -170,15 +265,30 @@ def grouped_ffn_tiles(experts: dict, rows: jax.Array, sorted_expert: jax.Array,
     num_tiles = (num_rows + num_experts * (tile - 1) + tile - 1) // tile  # static upper bound
     source = jnp.full((num_tiles * tile,), num_rows, jnp.int32).at[destination].set(
         jnp.arange(num_rows, dtype=jnp.int32))
-    tiles = jnp.concatenate([rows, jnp.zeros((1, model_dim), rows.dtype)])[source].reshape(num_tiles, tile, model_dim)
     tile_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(num_tiles) * tile, side="right"),
                               num_experts - 1).astype(jnp.int32)
     used_tiles = (padded_end[-1] // tile).astype(jnp.int32)
-    dtype = rows.dtype
+    return destination.astype(jnp.int32), source, tile_expert, used_tiles
+
+
+def _tiled_ffn(experts: dict, tiles: jax.Array, tile_expert: jax.Array, used_tiles: jax.Array) -> jax.Array:
+    """Expert FFN on row tiles [Nt, T, M], tile t with expert tile_expert[t]'s weights -> [Nt, T, M]."""
+    dtype = tiles.dtype
     hidden = tiled_matmul(tiles, experts["w1"].astype(dtype), tile_expert, used_tiles)
     hidden = gelu(hidden + experts["b1"].astype(dtype)[tile_expert][:, None, :])
     out = tiled_matmul(hidden, experts["w2"].astype(dtype), tile_expert, used_tiles)
-    out = out + experts["b2"].astype(dtype)[tile_expert][:, None, :]
+    return out + experts["b2"].astype(dtype)[tile_expert][:, None, :]
+
+
+def grouped_ffn_tiles(experts: dict, rows: jax.Array, sorted_expert: jax.Array,
+                      group_sizes: jax.Array, tile: int | None = None) -> jax.Array:
+    """Expert FFN on expert-sorted rows [N, M]: each group padded to a multiple of `tile` rows, then
+    one [tile, M] x [M, F] and one [tile, F] x [F, M] matmul per used tile with its expert's weights."""
+    num_rows, model_dim = rows.shape
+    tile = tile or default_tile(num_rows, group_sizes.shape[0])
+    destination, source, tile_expert, used_tiles = _tile_layout(sorted_expert, group_sizes, tile)
+    tiles = jnp.concatenate([rows, jnp.zeros((1, model_dim), rows.dtype)])[source].reshape(-1, tile, model_dim)
+    out = _tiled_ffn(experts, tiles, tile_expert, used_tiles)
     return out.reshape(-1, model_dim)[destination]
 
 
@@ -187,19 +297,45 @@ def pl2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _inverse_permutation(order: jax.Array) -> jax.Array:
+    """order [N] (a permutation) -> rank [N] with rank[order[i]] = i."""
+    return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype), unique_indices=True)
+
+
 def dispatch_dropless(x: jax.Array, routing: Routing, experts: dict, impl: str | None = None) -> jax.Array:
+    """x [S, M] -> y [S, M] with every copy computed: copies sorted by expert, then a grouped matmul.
+
+    With the inverse-map VJPs (USE_CUSTOM_VJP) the sort and, for "tiles", the padding to row tiles
+    are one mapping table from token copies to rows: x is gathered straight into the rows the
+    grouped matmul reads and the outputs are gathered straight back, so the backward pass has no
+    scatter-add either."""
     num_tokens, k = routing.expert_index.shape
     impl = impl or ("tiles" if jax.default_backend() == "cpu" else "ragged")
-    order, sorted_expert, group_sizes = _sort_copies(routing)
-    rows = x[order // k]
-    if impl == "ragged":
-        out = grouped_ffn_ragged(experts, rows, sorted_expert, group_sizes)
-    elif impl == "tiles":
-        out = grouped_ffn_tiles(experts, rows, sorted_expert, group_sizes)
-    else:
+    if impl not in ("ragged", "tiles"):
         raise ValueError(f"dropless impl={impl!r}; use 'ragged' or 'tiles'")
-    per_copy = jnp.zeros_like(out).at[order].set(out)  # back to (token, choice) order
-    return jnp.einsum("skm,sk->sm", per_copy.reshape(num_tokens, k, -1), routing.weight.astype(x.dtype))
+    order, sorted_expert, group_sizes = _sort_copies(routing)
+    if not USE_CUSTOM_VJP:
+        rows = x[order // k]
+        if impl == "ragged":
+            out = grouped_ffn_ragged(experts, rows, sorted_expert, group_sizes)
+        else:
+            out = grouped_ffn_tiles(experts, rows, sorted_expert, group_sizes)
+        per_copy = jnp.zeros_like(out).at[order].set(out)  # back to (token, choice) order
+        return jnp.einsum("skm,sk->sm", per_copy.reshape(num_tokens, k, -1), routing.weight.astype(x.dtype))
+    num_copies, model_dim = order.shape[0], x.shape[1]
+    rank = _inverse_permutation(order)  # copy -> its row in expert-sorted order
+    if impl == "ragged":
+        row_copy, position = order, rank.reshape(num_tokens, k)
+        out = grouped_ffn_ragged(experts, gather_copies(x, row_copy, position), sorted_expert, group_sizes)
+    else:
+        tile = default_tile(num_copies, routing.num_experts)
+        destination, source, tile_expert, used_tiles = _tile_layout(sorted_expert, group_sizes, tile)
+        # Compose the two maps: copy -> sorted row -> tile row, and tile row -> sorted row -> copy.
+        position = destination[rank].reshape(num_tokens, k)
+        row_copy = jnp.take(order, source, mode="fill", fill_value=num_copies)
+        tiles = gather_copies(x, row_copy, position).reshape(-1, tile, model_dim)
+        out = _tiled_ffn(experts, tiles, tile_expert, used_tiles).reshape(-1, model_dim)
+    return combine_copies(out, position, row_copy, routing.weight)
 
 
 def dispatch_copies(x: jax.Array, routing: Routing, experts: dict) -> jax.Array:
@@ -253,26 +389,40 @@ class DispatchPath:
     """One way of running the experts: fn(x [S, M], routing, experts) -> y [S, M].
 
     uses_capacity: False when the path has no capacity buffer; the layer then routes with
-    drop_tokens=False, so no token is dropped."""
+      drop_tokens=False, so no token is dropped.
+    exchange: how the path crosses devices when a layer's experts are split over the expert group
+      (moe_jax.exchange): "buffer" packs the [E, C, M] capacity buffer with `pack` (x, routing)
+      -> [E, C, M], exchanges it and unpacks the experts' outputs with `unpack` (out [E, C, M],
+      routing) -> y [S, M]; "rows" sends only the token copies that exist (the dropless exchange);
+      None: the path has no expert-parallel form, and a mesh that splits experts is an error."""
 
     fn: DispatchFn
     uses_capacity: bool = True
+    exchange: Optional[str] = None
+    pack: Optional[Callable] = None
+    unpack: Optional[Callable] = None
 
 
+EXCHANGES = ("buffer", "rows", None)
 PATHS: dict[str, DispatchPath] = {}
 
 
-def register_path(name: str, fn: DispatchFn, *, uses_capacity: bool = True) -> None:
+def register_path(name: str, fn: DispatchFn, *, uses_capacity: bool = True, exchange: Optional[str] = None,
+                  pack: Optional[Callable] = None, unpack: Optional[Callable] = None) -> None:
     """Adds a dispatch path under `name` (the value of MoEConfig.dispatch that selects it)."""
     if name in PATHS:
         raise ValueError(f"dispatch path {name!r} is registered twice")
-    PATHS[name] = DispatchPath(fn, uses_capacity)
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange={exchange!r} is unknown; use one of {EXCHANGES}")
+    if exchange == "buffer" and (pack is None or unpack is None):
+        raise ValueError(f"dispatch path {name!r}: the buffer exchange needs pack and unpack functions")
+    PATHS[name] = DispatchPath(fn, uses_capacity, exchange, pack, unpack)
 
 
-register_path("einsum", dispatch_einsum)
-register_path("gather", dispatch_gather)
-register_path("dropless", dispatch_dropless, uses_capacity=False)
-register_path("serve", dispatch_serving, uses_capacity=False)
+register_path("einsum", dispatch_einsum, exchange="buffer", pack=einsum_to_buffer, unpack=einsum_from_buffer)
+register_path("gather", dispatch_gather, exchange="buffer", pack=gather_to_buffer, unpack=combine_from_buffer)
+register_path("dropless", dispatch_dropless, uses_capacity=False, exchange="rows")
+register_path("serve", dispatch_serving, uses_capacity=False, exchange="rows")
 register_path("kernel", dispatch_kernel)
 
 
