@@ -102,6 +102,9 @@ class Corpus:
       description: one human-readable line for logs (sizes, file counts, and for
         the stdlib corpus the Python version).
       vocab_size: number of token ids the model must embed (256 for text).
+      tokens_are_bytes: whether each token is one byte of the text (text sources),
+        so that a loss per token is a loss per byte. False for ``.bin`` files,
+        whose tokens are a tokenizer's ids of unknown length in bytes.
     """
 
     train: np.ndarray
@@ -109,6 +112,13 @@ class Corpus:
     source: str
     description: str
     vocab_size: int = ByteTokenizer.vocab_size
+    tokens_are_bytes: bool = True
+
+    @property
+    def bits_metric(self) -> str:
+        """The name of the validation loss in bits: ``"val_bpb"`` (bits per byte)
+        where a token is a byte, else ``"val_bits_per_token"``."""
+        return "val_bpb" if self.tokens_are_bytes else "val_bits_per_token"
 
 
 def load_corpus(
@@ -333,7 +343,7 @@ def _bin_corpus(path: pathlib.Path, *, val_percent: float, vocab_size: int | Non
     description = (
         f"nanoGPT uint16 tokens: train {path} ({_fmt_count(len(train))} tokens), {split}, vocab_size {vocab_size}"
     )
-    return Corpus(train, val, str(path), description, vocab_size)
+    return Corpus(train, val, str(path), description, vocab_size, tokens_are_bytes=False)
 
 
 def _bin_vocab_size(train: np.ndarray, val: np.ndarray, vocab_size: int | None, source: str) -> int:

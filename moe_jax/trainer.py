@@ -56,14 +56,14 @@ def _layer_stats(moe_layers: dict) -> dict:
     return out
 
 
-def evaluate(params, eval_data: list, eval_fn) -> dict:
+def evaluate(params, eval_data: list, eval_fn, bits_metric: str = "val_bpb") -> dict:
     nll, tokens = 0.0, 0.0
     for batch in eval_data:
         out = eval_fn(params, batch)
         nll += float(out["nll_sum"])
         tokens += float(out["tokens"])
     val_loss = nll / tokens
-    return {"val_loss": val_loss, "val_bpb": train_lib.bits_per_byte(val_loss)}
+    return {"val_loss": val_loss, bits_metric: train_lib.bits_per_byte(val_loss)}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -168,7 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                "mfu": metrics_lib.mfu(flops_per_token, tokens_per_sec, peak),
                                "moe": _layer_stats(host["moe_layers"])})
                 if step % config.eval_every_steps == 0 or is_last:
-                    eval_metrics = evaluate(state["params"], eval_data, eval_fn)
+                    eval_metrics = evaluate(state["params"], eval_data, eval_fn, corpus.bits_metric)
                     record.update(eval_metrics)
                 writer.write(step, record)
                 if jax.process_index() == 0:
@@ -184,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         ckpt.close()
 
     if not eval_metrics:  # resumed at the end: evaluate the restored state
-        eval_metrics = evaluate(state["params"], eval_data, eval_fn)
+        eval_metrics = evaluate(state["params"], eval_data, eval_fn, corpus.bits_metric)
     summary = {
         "steps": int(jax.device_get(state["step"])), "params_total": counts.total, "params_active": counts.active,
         "tokens_per_sec": tokens_per_sec, "step_time_s": step_time, **eval_metrics,
@@ -220,7 +220,8 @@ def format_summary(summary: dict) -> str:
         ("steps", f"{summary['steps']}"),
         ("parameters (total / active)", f"{summary['params_total']:,} / {summary['params_active']:,}"),
         ("validation loss (nats/token)", f"{summary['val_loss']:.4f}"),
-        ("validation bits per byte", f"{summary['val_bpb']:.4f}"),
+        ("validation bits per byte", f"{summary['val_bpb']:.4f}") if "val_bpb" in summary else
+        ("validation bits per token", f"{summary['val_bits_per_token']:.4f}"),
         ("tokens / s", f"{summary['tokens_per_sec']:.0f}"),
         ("layer experts", " ".join(str(e) for e in summary["layer_experts"])),
     ]

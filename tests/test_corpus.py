@@ -1,9 +1,11 @@
 """Tests for moe_jax.corpus: tokenizer, corpus sources and their split, errors."""
+import json
 import platform
 
 import numpy as np
 import pytest
 
+from moe_jax import run_config, trainer
 from moe_jax.corpus import ByteTokenizer, Corpus, DataError, load_corpus
 
 SMALL = 64 * 1024  # max_bytes for stdlib loads: keeps every test fast
@@ -143,6 +145,32 @@ def test_bin_vocab_size_too_small_raises(tmp_path):
     np.array([1, 2, 700, 3], np.uint16).tofile(path)
     with pytest.raises(DataError, match="700"):
         load_corpus(str(path), vocab_size=512)
+
+
+# ---------------------------------------------------------------- what a token is
+
+
+def test_bits_metric_names_what_a_token_is(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"0123456789" * 10)
+    random_tokens(1000, vocab=50257, seed=6).tofile(tmp_path / "tokens.bin")
+    for text in (load_corpus(None, max_bytes=SMALL), load_corpus(str(tmp_path / "a.txt"))):
+        assert text.tokens_are_bytes and text.bits_metric == "val_bpb"
+    tokens = load_corpus(str(tmp_path / "tokens.bin"))
+    assert not tokens.tokens_are_bytes and tokens.bits_metric == "val_bits_per_token"
+
+
+def test_training_on_a_token_file_reports_bits_per_token_not_per_byte(tmp_path):
+    random_tokens(20_000, vocab=300, seed=8).tofile(tmp_path / "tokens.bin")
+    config = run_config.default_config("micro")
+    config.data.path = str(tmp_path / "tokens.bin")
+    config.total_steps = config.eval_every_steps = config.checkpoint_every_steps = 1
+    summary = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        record = json.loads(f.readline())
+    for metrics in (summary, record):
+        assert "val_bpb" not in metrics
+        np.testing.assert_allclose(metrics["val_bits_per_token"], metrics["val_loss"] / np.log(2), rtol=1e-6)
+    assert "validation bits per token" in trainer.format_summary(summary)
 
 
 # ---------------------------------------------------------------- errors
