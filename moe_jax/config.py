@@ -83,6 +83,10 @@ class MoEConfig:
     router: str = "topk"  # a name of moe_jax.gating.ROUTERS; "topk" is DeepSpeed's top-k gating
     router_impl: str = "jnp"  # "kernel": the fused gating kernel (moe_jax.kernels.gating; jnp off GPU)
     dispatch: str = "gather"  # a name of moe_jax.dispatch.PATHS
+    # dropless / serve under expert parallelism: each device sends each other device at most
+    # ceil(copies / ep * factor) token copies; copies past that bound are not processed (counted
+    # as overflow). ep (the expert group size) or more: nothing can overflow.
+    row_exchange_factor: float = 2.0
     expert_ffn_size: Optional[int] = None  # None: the model's ffn_size
 
     def __post_init__(self):
@@ -120,6 +124,9 @@ class MoEConfig:
             raise ValueError(f"moe.router_impl={self.router_impl!r} is unknown; use one of {ROUTER_IMPLS}")
         if self.dispatch not in dispatch.PATHS:
             raise ValueError(f"moe.dispatch={self.dispatch!r} is unknown; use one of {tuple(dispatch.PATHS)}")
+        if not self.row_exchange_factor > 0:
+            raise ValueError(f"moe.row_exchange_factor={self.row_exchange_factor} must be > 0 (2.0 sends at most "
+                             "twice the mean rows per device pair; the expert group size never overflows)")
         if self.aux_loss_coef < 0 or self.z_loss_coef < 0:
             raise ValueError("moe.aux_loss_coef and moe.z_loss_coef must be >= 0")
         counts = self.experts if isinstance(self.experts, tuple) else (self.experts,)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import dispatch as dispatch_lib
+from moe_jax import exchange as exchange_lib
 from moe_jax import gating as gating_lib
 from moe_jax import parallel as parallel_lib
 from moe_jax.config import MoEConfig
@@ -78,7 +79,7 @@ def moe_forward(params: dict, x: jax.Array, *, moe: MoEConfig, train: bool,
     if path is not None:
         moe = dataclasses.replace(moe, dispatch=path)
     if parallel is not None:
-        y, stats = parallel_lib.sharded_moe(params, x, moe=moe, train=train, rng=rng, par=parallel, route_fn=route)
+        y, stats = exchange_lib.sharded_moe(params, x, moe=moe, train=train, rng=rng, par=parallel, route_fn=route)
     else:
         tokens = x.reshape(-1, shape[-1])
         routing = route(params["gate"], tokens, moe=moe, train=train, rng=rng)

@@ -14,20 +14,17 @@ Parameters (partition rules by name, `param_specs`):
   dense MLP w1 [M, F] (None, tensor), w2 [F, M] (tensor, None); residual MLP likewise
   experts w1 [E, M, F] (EP, None, tensor if expert_slicing), w2 [E, F, M] (EP, tensor if slicing, None)
   everything else (embeddings, LayerNorm, gates, coefficients) replicated.
-The dense part runs under GSPMD (jit with these shardings); the MoE exchange runs under
-`jax.shard_map`:
+The dense part runs under GSPMD (jit with these shardings); each MoE layer runs under
+`jax.shard_map` (moe_jax.exchange: route locally, move tokens to their experts' devices, run, return).
 
-  route locally -> pack the local [E, C, M] buffer (C: capacity of this shard's tokens, as in
-  DeepSpeed) -> all_to_all over the expert group -> the local experts see [E/ep, ep*C, M] ->
-  all_to_all back -> combine.
-
-Exchanges (`exchange`):
-  "flat"          one all_to_all over the whole expert group (O(ep) messages per device)
+Exchanges (`exchange`), the topology of the all_to_all and what tensor ranks do:
+  "auto"          (default) "coordinated" when tensor > 1 without expert slicing, else "flat"
+  "flat"          one all_to_all over the whole expert group (O(ep) messages per device); tensor
+                  ranks repeat the same expert work (DeepSpeed without tensor coordination)
+  "coordinated"   flat, and the tensor ranks, which hold the same tokens, share out the expert
+                  work and all-gather the results (DeepSpeed's tensor-coordinated exchange)
   "hierarchical"  intra-node all_to_all over `expert`, then inter-node over `expert_node`
-                  (O(G + ep/G) hops), same result
-  "coordinated"   tensor ranks hold the same tokens, so each sends only its 1/tp share of the
-                  capacity slots, then the results are all-gathered over `tensor` (DeepSpeed's
-                  tensor-coordinated exchange; C is padded to a multiple of tp with empty slots)
+                  (O(G + ep/G) hops), same result; tensor ranks share the work as "coordinated"
 Expert slicing (`expert_slicing=True`) instead splits each expert's FFN dimension over `tensor`;
 partial outputs are summed over `tensor`.
 
@@ -49,18 +46,14 @@ import re
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moe_jax import dispatch as dispatch_lib
-from moe_jax import gating as gating_lib
-from moe_jax.gating import Routing
 
 AXES = ("data", "expert_node", "expert", "tensor")
 EXPERT_AXES = ("expert_node", "expert")
 BATCH_AXES = ("data", "expert_node", "expert")
-EXCHANGES = ("flat", "hierarchical", "coordinated")
+EXCHANGES = ("auto", "flat", "hierarchical", "coordinated")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +61,7 @@ class ParallelConfig:
     """How the model is spread over a mesh. Hashable: it is part of the jitted step's closure."""
 
     mesh: jax.sharding.Mesh
-    exchange: str = "flat"
+    exchange: str = "auto"
     expert_slicing: bool = False
 
     def __post_init__(self):
@@ -79,6 +72,14 @@ class ParallelConfig:
         if self.exchange == "coordinated" and self.expert_slicing:
             raise ValueError("mesh.exchange='coordinated' splits tokens over tensor ranks and "
                              "mesh.expert_slicing=True splits experts over them; choose one")
+
+    @property
+    def resolved_exchange(self) -> str:
+        """The exchange in force: "auto" is "coordinated" with tensor ranks to share the work
+        (tensor > 1, no expert slicing), else "flat"."""
+        if self.exchange != "auto":
+            return self.exchange
+        return "coordinated" if self.tensor_size > 1 and not self.expert_slicing else "flat"
 
     @property
     def expert_size(self) -> int:
@@ -204,89 +205,6 @@ def validate(model_cfg, par: ParallelConfig, batch_size: int) -> None:
 
 def batch_sharding(par: ParallelConfig) -> NamedSharding:
     return NamedSharding(par.mesh, P(BATCH_AXES))
-
-
-# ----------------------------------------------------------------------------------------------
-# The MoE exchange
-# ----------------------------------------------------------------------------------------------
-
-def _all_to_all(buffer: jax.Array, par: ParallelConfig) -> jax.Array:
-    """buffer [ep, ...] (row j goes to expert rank j) -> [ep, ...] (row j came from rank j)."""
-    nodes, local = par.mesh.shape["expert_node"], par.mesh.shape["expert"]
-    if par.exchange != "hierarchical" or nodes == 1 or local == 1:
-        return jax.lax.all_to_all(buffer, EXPERT_AXES, 0, 0, tiled=True)
-    rest = buffer.shape[1:]
-    staged = buffer.reshape(nodes, local, *rest)
-    staged = jax.lax.all_to_all(staged, "expert", 1, 1, tiled=True)  # intra-node first
-    staged = jax.lax.all_to_all(staged, "expert_node", 0, 0, tiled=True)  # then across nodes
-    return staged.reshape(buffer.shape)
-
-
-def _expert_ffn(experts: dict, buffer: jax.Array, par: ParallelConfig) -> jax.Array:
-    """Local experts on [E_local, rows, M]; with expert slicing the FFN dim is split over tensor."""
-    if not (par.expert_slicing and par.tensor_size > 1):
-        return dispatch_lib.expert_ffn(experts, buffer)
-    dtype = buffer.dtype
-    hidden = jnp.einsum("ecm,emf->ecf", buffer, experts["w1"].astype(dtype)) + experts["b1"][:, None, :].astype(dtype)
-    partial = jnp.einsum("ecf,efm->ecm", dispatch_lib.gelu(hidden), experts["w2"].astype(dtype))
-    return jax.lax.psum(partial, "tensor") + experts["b2"][:, None, :].astype(dtype)
-
-
-def exchange_and_run(tokens: jax.Array, routing: Routing, experts: dict, par: ParallelConfig) -> jax.Array:
-    """Inside shard_map: local tokens [S, M] -> y [S, M] through experts sharded over the group."""
-    ep, tp = par.expert_size, par.tensor_size
-    num_experts, capacity = routing.num_experts, routing.capacity
-    model_dim = tokens.shape[-1]
-    buffer = dispatch_lib.gather_to_buffer(tokens, routing)  # [E, C, M]
-    coordinated = par.exchange == "coordinated" and tp > 1
-    if coordinated:  # each tensor rank sends its 1/tp of the slots
-        share = -(-capacity // tp)
-        buffer = jnp.pad(buffer, ((0, 0), (0, share * tp - capacity), (0, 0)))
-        rank = jax.lax.axis_index("tensor")
-        buffer = jax.lax.dynamic_slice_in_dim(buffer, rank * share, share, axis=1)
-    slots = buffer.shape[1]
-    local_experts = num_experts // ep
-    sent = buffer.reshape(ep, local_experts, slots, model_dim)
-    received = _all_to_all(sent, par)  # [ep (source), E_local, slots, M]
-    rows = received.transpose(1, 0, 2, 3).reshape(local_experts, ep * slots, model_dim)
-    out = _expert_ffn(experts, rows, par)
-    out = out.reshape(local_experts, ep, slots, model_dim).transpose(1, 0, 2, 3)
-    out = _all_to_all(out, par).reshape(num_experts, slots, model_dim)
-    if coordinated:
-        out = jax.lax.all_gather(out, "tensor", axis=1, tiled=True)[:, :capacity]
-    return dispatch_lib.combine_from_buffer(out, routing)
-
-
-def sharded_moe(params: dict, tokens: jax.Array, *, moe, train: bool, rng, par: ParallelConfig, route_fn):
-    """Runs route + dispatch of one MoE layer under shard_map. tokens [B, T, M] (global, batch-sharded).
-    Returns (y [B, T, M], stats) with stats reduced over the whole batch."""
-    num_experts = params["gate"]["kernel"].shape[1]
-    sharded = par.experts_sharded(num_experts)
-    expert_specs = param_specs({"experts": params["experts"]}, par)["experts"]
-    x_spec = P(BATCH_AXES)
-    has_rng = rng is not None
-
-    def body(x, gate, experts, key):
-        batch, length, model_dim = x.shape
-        flat = x.reshape(-1, model_dim)
-        if has_rng:  # a different stream per shard (RTS, jitter and noise are per-shard draws)
-            key = jax.random.fold_in(key, jax.lax.axis_index(BATCH_AXES))
-        routing = route_fn(gate, flat, moe=moe, train=train, rng=key if has_rng else None)
-        if sharded:
-            y = exchange_and_run(flat, routing, experts, par)
-        elif par.expert_slicing and par.tensor_size > 1:
-            y = dispatch_lib.combine_from_buffer(
-                _expert_ffn(experts, dispatch_lib.gather_to_buffer(flat, routing), par), routing)
-        else:
-            y = dispatch_lib.dispatch(moe.dispatch, flat, routing, experts)
-        stats = gating_lib.routing_stats(routing, axes=BATCH_AXES)
-        return y.reshape(batch, length, model_dim), stats
-
-    key = rng if has_rng else jax.random.key(0)
-    stat_specs = {name: P() for name in ("aux_loss", "z_loss", "expert_counts", "kept_counts", "dropped_fraction")}
-    fn = jax.shard_map(body, mesh=par.mesh, in_specs=(x_spec, P(), expert_specs, P()),
-                       out_specs=(x_spec, stat_specs), check_vma=False)
-    return fn(tokens, params["gate"], params["experts"], key)
 
 
 def device_put_batch(batch: dict, par: ParallelConfig) -> dict:

@@ -207,7 +207,7 @@ def default_config(scale: str = "tiny", presets: Optional[Mapping[str, str]] = N
     # Device mesh (moe_jax.parallel): data x expert x tensor must equal the device count (-1 fills).
     # expert_nodes > 1 splits the expert axis into inter-node groups (hierarchical exchange).
     c.mesh = ml_collections.ConfigDict({"data": -1, "expert": 1, "tensor": 1, "expert_nodes": 1,
-                                        "exchange": "flat", "expert_slicing": False})
+                                        "exchange": "auto", "expert_slicing": False})
     return c
 
 
@@ -233,7 +233,7 @@ def parallel_config(config: ml_collections.ConfigDict) -> Optional[parallel_lib.
     if jax.device_count() == 1 and m.expert in (1, -1) and m.tensor in (1, -1):
         return None
     mesh = parallel_lib.make_mesh(m.data, m.expert, m.tensor, m.get("expert_nodes", 1))
-    return parallel_lib.ParallelConfig(mesh, exchange=m.get("exchange", "flat"),
+    return parallel_lib.ParallelConfig(mesh, exchange=m.get("exchange", "auto"),
                                        expert_slicing=m.get("expert_slicing", False))
 
 
@@ -257,5 +257,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          "raise model.max_seq_len or shorten data.seq_len")
     model_config(config)
     optim_config(config)
-    if config.mesh.get("exchange", "flat") not in parallel_lib.EXCHANGES:
+    if config.mesh.get("exchange", "auto") not in parallel_lib.EXCHANGES:
         raise ValueError(f"mesh.exchange={config.mesh.exchange!r} is unknown; use one of {parallel_lib.EXCHANGES}")

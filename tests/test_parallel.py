@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import config, model, parallel, train_lib
+from moe_jax import config, exchange, model, parallel, train_lib
+from moe_jax import dispatch as dispatch_lib
 from moe_jax import moe as moe_lib
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1), (1, 4, 2)]
@@ -92,6 +93,86 @@ def test_layer_with_dropping_equals_per_shard_reference(mesh, exchange, slicing,
     np.testing.assert_allclose(stats["dropped_fraction"], np.mean([s["dropped_fraction"] for _, s in per_shard]),
                                rtol=1e-6)
     np.testing.assert_array_equal(stats["expert_counts"], sum(s["expert_counts"] for _, s in per_shard))
+
+
+def _layer_params(num_experts=8, model_dim=16, ffn_dim=32, seed=5):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    return {"gate": {"kernel": jax.random.normal(keys[0], (model_dim, num_experts))},
+            "experts": {"w1": jax.random.normal(keys[1], (num_experts, model_dim, ffn_dim)) * 0.3,
+                        "b1": jax.random.normal(keys[2], (num_experts, ffn_dim)) * 0.1,
+                        "w2": jax.random.normal(keys[3], (num_experts, ffn_dim, model_dim)) * 0.3,
+                        "b2": jax.random.normal(keys[4], (num_experts, model_dim)) * 0.1}}
+
+
+EP_PATHS = [name for name, path in dispatch_lib.PATHS.items() if path.exchange is not None]
+
+
+@pytest.mark.parametrize("path", EP_PATHS)
+@pytest.mark.parametrize("mesh", [(1, 8, 1), (2, 2, 2), (1, 4, 2)])
+def test_every_dispatch_path_under_expert_parallelism_equals_one_device(path, mesh):
+    """The configured path runs on the mesh (its own exchange), forward and gradients equal to one
+    device; nothing is dropped (no capacity, and a row bound that cannot overflow: factor = ep)."""
+    moe = config.MoEConfig(experts=8, k=2, drop_tokens=False, second_expert_sampling=False, use_rts=False,
+                           dispatch=path, row_exchange_factor=8.0)
+    params = _layer_params()
+    x = jax.random.normal(jax.random.key(6), (16, 4, 16))
+    par = parallel.ParallelConfig(parallel.make_mesh(*mesh))
+
+    def loss(params, x, par):
+        y, stats = moe_lib.moe_forward(params, x, moe=moe, train=True, parallel=par)
+        return jnp.sum(jnp.sin(y)) + stats["aux_loss"], (y, stats)
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)
+    (_, (y_ref, _)), grads_ref = grad(params, x, None)
+    (_, (y, stats)), grads = grad(params, x, par)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads, grads_ref)
+    assert float(stats["overflow_fraction"]) == 0.0 and float(stats["dropped_fraction"]) == 0.0
+
+
+@pytest.mark.parametrize("mesh", [(1, 8, 1), (1, 4, 2)])
+def test_rows_exchange_overflow_is_dropped_and_counted(mesh):
+    """With a row bound below the load, each shard processes, per destination device, its first
+    `bound` copies in (token, choice) order; the rest contribute 0 and are counted as overflow.
+    Reference: the single-device layer on each shard with those copies marked dropped."""
+    factor = 0.5
+    moe = config.MoEConfig(experts=8, k=2, second_expert_sampling=False, use_rts=False, dispatch="dropless",
+                           row_exchange_factor=factor)
+    params = _layer_params()
+    x = jax.random.normal(jax.random.key(7), (8, 6, 16))
+    par = parallel.ParallelConfig(parallel.make_mesh(*mesh))
+    y, stats = jax.jit(lambda p, x: moe_lib.moe_forward(p, x, moe=moe, train=True, parallel=par))(params, x)
+    ep, tp = par.expert_size, par.tensor_size
+    outputs, overflowed, copies = [], 0, 0
+    for shard in jnp.split(x, par.batch_size_divisor):
+        tokens = shard.reshape(-1, 16)
+        routing = moe_lib.route(params["gate"], tokens, moe=moe, train=True, rng=None)
+        expert = np.asarray(routing.expert_index)
+        share = -(-tokens.shape[0] // tp)  # with tensor ranks, each sends the copies of its share of tokens
+        bound = exchange.row_bound(share * moe.k, par, factor)
+        processed = np.zeros_like(expert, bool)
+        for rank in range(tp):
+            seen = np.zeros(ep, int)
+            for s in range(rank * share, min((rank + 1) * share, tokens.shape[0])):
+                for j in range(moe.k):
+                    dest = expert[s, j] // (8 // ep)
+                    processed[s, j] = seen[dest] < bound
+                    seen[dest] += 1
+        overflowed += int((~processed).sum())
+        copies += processed.size
+        dropped = routing.replace(kept=jnp.asarray(processed), weight=routing.weight * processed)
+        outputs.append(dispatch_lib.dispatch_gather(tokens, dropped, params["experts"]))
+    assert overflowed > 0  # the bound really binds
+    np.testing.assert_allclose(y.reshape(-1, 16), jnp.concatenate(outputs), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats["overflow_fraction"], overflowed / copies, rtol=1e-6)
+    np.testing.assert_allclose(stats["dropped_fraction"], overflowed / copies, rtol=1e-6)
+
+
+def test_path_without_exchange_is_rejected_on_an_expert_mesh():
+    moe = config.MoEConfig(experts=8, k=1, dispatch="kernel")
+    par = parallel.ParallelConfig(parallel.make_mesh(1, 8, 1))
+    with pytest.raises(ValueError, match="moe.dispatch='kernel' has no expert-parallel exchange"):
+        moe_lib.moe_forward(_layer_params(), jnp.ones((8, 2, 16)), moe=moe, train=False, parallel=par)
 
 
 def test_train_steps_equal_single_device():

@@ -1,0 +1,276 @@
+"""One MoE layer under shard_map: route per shard, move tokens to their experts' devices, run, return.
+
+`sharded_moe` is what `moe_jax.moe.moe_forward` calls on a mesh. Each shard routes its own tokens
+(capacity, dropping and random token selection per shard, as in DeepSpeed), then the configured
+dispatch path (`MoEConfig.dispatch`, a name of moe_jax.dispatch.PATHS) decides how tokens cross
+devices, by its registry entry's `exchange`:
+
+  "buffer"  (einsum, gather) the path packs the [E, C, M] capacity buffer with its own pack
+            function, the buffer goes through all_to_all over the expert group, each device runs
+            its E / ep experts on [E / ep, ep * C, M], all_to_all back, the path unpacks.
+  "rows"    (dropless, serve) only the token copies that exist cross: each device sends every
+            other device at most `bound = ceil(copies / ep * moe.row_exchange_factor)` rows (a
+            static bound, since XLA:CPU has no ragged all_to_all), the receiver runs its experts on
+            the received rows with a grouped matmul (row tiles on CPU, ragged_dot on GPU), and the
+            outputs go back the same way. A copy past its destination's bound is not processed:
+            its output is 0 (the weights of the token's other copies are not renormalised), it is
+            counted in `overflow_fraction` and in `dropped_fraction` / `kept_counts`. With
+            factor >= ep nothing can overflow.
+  None      (kernel) no expert-parallel form: a mesh that splits such a layer's experts is an
+            error that names the path.
+
+Layers whose experts are not split (fewer experts than the expert group, or no expert axis) run the
+path itself on each shard's tokens.
+
+Tensor ranks hold the same tokens. Unless the experts are sliced over `tensor` (expert slicing: each
+rank runs 1/tp of every expert's FFN dimension and the partial outputs are summed) or the exchange
+is "flat" (each rank repeats the same work), the work is split over the tensor ranks and the
+results all-gathered: the buffer exchange sends 1/tp of the capacity slots per rank (DeepSpeed's
+tensor-coordinated exchange; C padded to a multiple of tp with empty slots), the rows exchange
+sends the copies of 1/tp of the tokens, and a layer that is not split runs 1/tp of its buffer's
+slots (buffer paths) or of its tokens (rows paths) per rank.
+
+The hierarchical exchange runs each all_to_all as an intra-node stage over `expert` and an
+inter-node stage over `expert_node` (moe_jax.parallel).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from moe_jax import dispatch as dispatch_lib
+from moe_jax import gating as gating_lib
+from moe_jax.gating import Routing
+from moe_jax.parallel import BATCH_AXES, EXPERT_AXES, ParallelConfig, param_specs
+
+STAT_NAMES = ("aux_loss", "z_loss", "expert_counts", "kept_counts", "dropped_fraction", "overflow_fraction")
+
+
+def _all_to_all(buffer: jax.Array, par: ParallelConfig) -> jax.Array:
+    """buffer [ep, ...] (row j goes to expert rank j) -> [ep, ...] (row j came from rank j)."""
+    nodes, local = par.mesh.shape["expert_node"], par.mesh.shape["expert"]
+    if par.exchange != "hierarchical" or nodes == 1 or local == 1:
+        return jax.lax.all_to_all(buffer, EXPERT_AXES, 0, 0, tiled=True)
+    rest = buffer.shape[1:]
+    staged = buffer.reshape(nodes, local, *rest)
+    staged = jax.lax.all_to_all(staged, "expert", 1, 1, tiled=True)  # intra-node first
+    staged = jax.lax.all_to_all(staged, "expert_node", 0, 0, tiled=True)  # then across nodes
+    return staged.reshape(buffer.shape)
+
+
+def _sliced(par: ParallelConfig) -> bool:
+    return par.expert_slicing and par.tensor_size > 1
+
+
+def _split_over_tensor(par: ParallelConfig) -> bool:
+    """Whether tensor ranks share out the expert work (else it is sliced or repeated)."""
+    return par.tensor_size > 1 and not par.expert_slicing and par.resolved_exchange != "flat"
+
+
+def _expert_ffn(experts: dict, buffer: jax.Array, par: ParallelConfig) -> jax.Array:
+    """Local experts on [E_local, rows, M]; with expert slicing the FFN dim is split over tensor."""
+    if not _sliced(par):
+        return dispatch_lib.expert_ffn(experts, buffer)
+    dtype = buffer.dtype
+    hidden = jnp.einsum("ecm,emf->ecf", buffer, experts["w1"].astype(dtype)) + experts["b1"][:, None, :].astype(dtype)
+    partial = jnp.einsum("ecf,efm->ecm", dispatch_lib.gelu(hidden), experts["w2"].astype(dtype))
+    return jax.lax.psum(partial, "tensor") + experts["b2"][:, None, :].astype(dtype)
+
+
+def _tensor_share(size: int, par: ParallelConfig) -> tuple[int, jax.Array]:
+    """(share, this tensor rank's start) when `size` items are split into tp shares (the last
+    padded: share = ceil(size / tp))."""
+    share = -(-size // par.tensor_size)
+    return share, jax.lax.axis_index("tensor") * share
+
+
+def _ffn_on_slots(experts: dict, buffer: jax.Array, par: ParallelConfig, split: bool) -> jax.Array:
+    """Experts on a buffer [E, C, M]; with `split` each tensor rank runs its 1/tp of the slots."""
+    if not split:
+        return _expert_ffn(experts, buffer, par)
+    capacity = buffer.shape[1]
+    share, start = _tensor_share(capacity, par)
+    padded = jnp.pad(buffer, ((0, 0), (0, share * par.tensor_size - capacity), (0, 0)))
+    out = _expert_ffn(experts, jax.lax.dynamic_slice_in_dim(padded, start, share, axis=1), par)
+    return jax.lax.all_gather(out, "tensor", axis=1, tiled=True)[:, :capacity]
+
+
+def buffer_exchange(tokens: jax.Array, routing: Routing, experts: dict, par: ParallelConfig, path) -> jax.Array:
+    """Local tokens [S, M] -> y [S, M] through experts split over the group, by the path's capacity
+    buffer (path.pack / path.unpack)."""
+    ep = par.expert_size
+    num_experts, capacity = routing.num_experts, routing.capacity
+    model_dim = tokens.shape[-1]
+    buffer = path.pack(tokens, routing)  # [E, C, M]
+    split = _split_over_tensor(par)
+    if split:  # each tensor rank sends its 1/tp of the slots
+        share, start = _tensor_share(capacity, par)
+        buffer = jnp.pad(buffer, ((0, 0), (0, share * par.tensor_size - capacity), (0, 0)))
+        buffer = jax.lax.dynamic_slice_in_dim(buffer, start, share, axis=1)
+    slots = buffer.shape[1]
+    local_experts = num_experts // ep
+    received = _all_to_all(buffer.reshape(ep, local_experts, slots, model_dim), par)  # [ep (source), E_l, slots, M]
+    rows = received.transpose(1, 0, 2, 3).reshape(local_experts, ep * slots, model_dim)
+    out = _expert_ffn(experts, rows, par)
+    out = out.reshape(local_experts, ep, slots, model_dim).transpose(1, 0, 2, 3)
+    out = _all_to_all(out, par).reshape(num_experts, slots, model_dim)
+    if split:
+        out = jax.lax.all_gather(out, "tensor", axis=1, tiled=True)[:, :capacity]
+    return path.unpack(out, routing)
+
+
+def row_bound(copies: int, par: ParallelConfig, factor: float) -> int:
+    """Rows each device sends each other device in the rows exchange: ceil(copies / ep * factor),
+    between 1 and `copies` (copies: this rank's token copies)."""
+    return max(1, min(copies, math.ceil(copies / par.expert_size * factor)))
+
+
+def _grouped_rows(experts: dict, rows: jax.Array, row_expert: jax.Array, num_local: int) -> jax.Array:
+    """Local experts on received rows [R, M] in any order; row_expert [R] (num_local: an empty row,
+    whose output is unspecified). Rows are sorted by expert for the grouped matmul and put back."""
+    order = jnp.argsort(row_expert, stable=True).astype(jnp.int32)
+    sorted_expert = row_expert[order]
+    group_sizes = jnp.zeros(num_local, jnp.int32).at[row_expert].add(1, mode="drop")  # empties dropped
+    sorted_rows = rows[order]
+    clamped = jnp.minimum(sorted_expert, num_local - 1)  # empty rows sit past the groups' total
+    if jax.default_backend() == "cpu":
+        out = dispatch_lib.grouped_ffn_tiles(experts, sorted_rows, clamped, group_sizes)
+    else:
+        out = dispatch_lib.grouped_ffn_ragged(experts, sorted_rows, clamped, group_sizes)
+    return jnp.zeros_like(out).at[order].set(out)
+
+
+def rows_exchange(tokens: jax.Array, routing: Routing, experts: dict, par: ParallelConfig,
+                  factor: float) -> tuple[jax.Array, jax.Array]:
+    """Local tokens [S, M] -> (y [S, M], overflow [S, k] bool) sending only the copies that exist
+    (module docstring)."""
+    if _sliced(par):
+        raise ValueError("the rows exchange (dispatch 'dropless' or 'serve') does not slice experts over "
+                         "tensor ranks; set mesh.expert_slicing=False (tensor ranks then share the tokens) "
+                         "or use moe.dispatch='gather'")
+    ep = par.expert_size
+    num_tokens, k = routing.expert_index.shape
+    num_local = routing.num_experts // ep
+    model_dim = tokens.shape[-1]
+    num_copies = num_tokens * k
+    expert = routing.expert_index.reshape(-1)
+    valid = routing.kept.reshape(-1)
+    token_of_copy = jnp.arange(num_copies, dtype=jnp.int32) // k
+    split = _split_over_tensor(par)
+    if split:  # this tensor rank sends the copies of its 1/tp of the tokens
+        share, start = _tensor_share(num_tokens, par)
+        valid = valid & (token_of_copy >= start) & (token_of_copy < start + share)
+        copies = share * k
+    else:
+        copies = num_copies
+    bound = row_bound(copies, par, factor)
+    dest = jnp.where(valid, expert // num_local, ep)  # invalid copies sort last
+    order = jnp.argsort(dest, stable=True).astype(jnp.int32)
+    per_dest = jnp.zeros(ep + 1, jnp.int32).at[dest].add(1)
+    start_of = jnp.cumsum(per_dest) - per_dest
+    rank_sorted = jnp.arange(num_copies, dtype=jnp.int32) - start_of[dest[order]]
+    rank = jnp.zeros(num_copies, jnp.int32).at[order].set(rank_sorted)
+    sent = valid & (rank < bound)
+    overflow = valid & (rank >= bound)
+    row = jnp.where(sent, dest * bound + rank, ep * bound)  # the copy's row in the send buffer
+    row_copy = jnp.full((ep * bound,), num_copies, jnp.int32).at[row].set(
+        jnp.arange(num_copies, dtype=jnp.int32), mode="drop")
+    filled = row_copy < num_copies
+    padded_tokens = jnp.concatenate([tokens, jnp.zeros((1, model_dim), tokens.dtype)])
+    send = padded_tokens[jnp.where(filled, row_copy // k, num_tokens)].reshape(ep, bound, model_dim)
+    send_expert = jnp.where(filled, expert[jnp.minimum(row_copy, num_copies - 1)] % num_local, num_local)
+    received = _all_to_all(send, par).reshape(ep * bound, model_dim)
+    received_expert = _all_to_all(send_expert.reshape(ep, bound), par).reshape(ep * bound)
+    out = _grouped_rows(experts, received, received_expert, num_local)
+    back = _all_to_all(out.reshape(ep, bound, model_dim), par).reshape(ep * bound, model_dim)
+    per_copy = jnp.concatenate([back, jnp.zeros((1, model_dim), back.dtype)])[row]  # [N, M]; unsent: 0
+    weight = routing.weight * sent.reshape(num_tokens, k)
+    y = jnp.einsum("skm,sk->sm", per_copy.reshape(num_tokens, k, model_dim), weight.astype(tokens.dtype))
+    if split:
+        y = _gather_token_shares(y, par)
+    return y, overflow.reshape(num_tokens, k)
+
+
+def _gather_token_shares(y: jax.Array, par: ParallelConfig) -> jax.Array:
+    """y [S, M] whose rows outside this tensor rank's share are not its own -> every rank's share."""
+    num_tokens = y.shape[0]
+    share, start = _tensor_share(num_tokens, par)
+    padded = jnp.pad(y, ((0, share * par.tensor_size - num_tokens), (0, 0)))
+    mine = jax.lax.dynamic_slice_in_dim(padded, start, share, axis=0)
+    return jax.lax.all_gather(mine, "tensor", axis=0, tiled=True)[:num_tokens]
+
+
+def _token_rows(routing: Routing, start: jax.Array, size: int, total: int) -> Routing:
+    """The routing of tokens [start, start + size) of the table padded to `total` rows with empty
+    (not kept, weight 0) copies; capacity and statistics unchanged."""
+    def rows(a):
+        padded = jnp.pad(a, ((0, total - a.shape[0]),) + ((0, 0),) * (a.ndim - 1))
+        return jax.lax.dynamic_slice_in_dim(padded, start, size, axis=0)
+
+    return routing.replace(expert_index=rows(routing.expert_index), slot=rows(routing.slot),
+                           weight=rows(routing.weight), kept=rows(routing.kept))
+
+
+def local_layer(tokens: jax.Array, routing: Routing, experts: dict, par: ParallelConfig, path,
+                path_name: str) -> jax.Array:
+    """A layer whose experts are not split over the expert group, on this shard's tokens."""
+    if _sliced(par):
+        if path.exchange != "buffer":
+            raise ValueError(f"mesh.expert_slicing=True needs a capacity-buffer dispatch path (einsum or gather); "
+                             f"moe.dispatch={path_name!r} has none")
+        return path.unpack(_expert_ffn(experts, path.pack(tokens, routing), par), routing)
+    if not _split_over_tensor(par) or path.exchange is None:
+        return path.fn(tokens, routing, experts)
+    if path.exchange == "buffer":
+        return path.unpack(_ffn_on_slots(experts, path.pack(tokens, routing), par, split=True), routing)
+    share, start = _tensor_share(tokens.shape[0], par)
+    padded = jnp.pad(tokens, ((0, share * par.tensor_size - tokens.shape[0]), (0, 0)))
+    mine = jax.lax.dynamic_slice_in_dim(padded, start, share, axis=0)
+    y = path.fn(mine, _token_rows(routing, start, share, share * par.tensor_size), experts)
+    return jax.lax.all_gather(y, "tensor", axis=0, tiled=True)[:tokens.shape[0]]
+
+
+def sharded_moe(params: dict, tokens: jax.Array, *, moe, train: bool, rng, par: ParallelConfig, route_fn):
+    """Runs route + dispatch of one MoE layer under shard_map. tokens [B, T, M] (global, batch-sharded).
+    Returns (y [B, T, M], stats) with stats reduced over the whole batch."""
+    num_experts = params["gate"]["kernel"].shape[1]
+    sharded = par.experts_sharded(num_experts)
+    path = dispatch_lib.get_path(moe.dispatch)
+    if sharded and path.exchange is None:
+        usable = tuple(name for name, p in dispatch_lib.PATHS.items() if p.exchange is not None)
+        raise ValueError(f"moe.dispatch={moe.dispatch!r} has no expert-parallel exchange, and this mesh splits "
+                         f"the {num_experts} experts of a layer over mesh.expert={par.expert_size}; use one of "
+                         f"{usable}, or mesh.expert=1")
+    expert_specs = param_specs({"experts": params["experts"]}, par)["experts"]
+    x_spec = P(BATCH_AXES)
+    has_rng = rng is not None
+
+    def body(x, gate, experts, key):
+        batch, length, model_dim = x.shape
+        flat = x.reshape(-1, model_dim)
+        if has_rng:  # a different stream per shard (RTS, jitter and noise are per-shard draws)
+            key = jax.random.fold_in(key, jax.lax.axis_index(BATCH_AXES))
+        routing = route_fn(gate, flat, moe=moe, train=train, rng=key if has_rng else None)
+        overflow = jnp.zeros(routing.kept.shape, bool)
+        if not sharded:
+            y = local_layer(flat, routing, experts, par, path, moe.dispatch)
+        elif path.exchange == "buffer":
+            y = buffer_exchange(flat, routing, experts, par, path)
+        else:
+            y, overflow = rows_exchange(flat, routing, experts, par, moe.row_exchange_factor)
+            if _split_over_tensor(par):  # each tensor rank knows the overflow of its own tokens only
+                overflow = jax.lax.psum(overflow.astype(jnp.int32), "tensor") > 0
+        routing = routing.replace(kept=routing.kept & ~overflow)
+        stats = gating_lib.routing_stats(routing, axes=BATCH_AXES)
+        stats["dropped_fraction"] = jax.lax.pmean(1.0 - jnp.mean(routing.kept.astype(jnp.float32)), BATCH_AXES)
+        stats["overflow_fraction"] = jax.lax.pmean(jnp.mean(overflow.astype(jnp.float32)), BATCH_AXES)
+        return y.reshape(batch, length, model_dim), stats
+
+    key = rng if has_rng else jax.random.key(0)
+    fn = jax.shard_map(body, mesh=par.mesh, in_specs=(x_spec, P(), expert_specs, P()),
+                       out_specs=(x_spec, {name: P() for name in STAT_NAMES}), check_vma=False)
+    return fn(tokens, params["gate"], params["experts"], key)
