@@ -1,17 +1,23 @@
-r"""The MoE exchange: bytes each device sends and measured time per exchange, flat vs hierarchical
-vs tensor-coordinated, on this machine's devices; and the analytic message counts up to 1024 GPUs.
+r"""The MoE exchange: flat vs hierarchical vs tensor-coordinated. On this machine's devices, the
+time of one exchange (measured) beside the messages and bytes each device sends in it (computed by
+`round_trip_cost`, not measured); then the same model up to 1024 GPUs.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python experiments/bench_comm.py [--markdown FILE]
 
-Measured: one round trip (dispatch all_to_all + return all_to_all; for "coordinated" also the
-all_gather over tensor) of a per-device [E, C, M] float32 buffer under shard_map. On virtual CPU
-devices the "network" is memory copies, so times show the data-movement cost, not link latency.
+One exchange is a round trip of a per-device [E, C, M] float32 buffer B under shard_map: the
+dispatch all_to_all and the return all_to_all over the expert mesh axis, and for "coordinated" the
+all_gather over tensor. On virtual CPU devices the "network" is memory copies, so times show the
+data-movement cost, not link latency.
 
-Analytic (messages a device sends per exchange, one direction; p devices, G per node, L tensor ranks):
-  flat          p - 1                       (the paper's O(p))
-  hierarchical  (G - 1) + (p / G - 1)       (the paper's O(G + p/G))
-  coordinated   (p / L - 1) + (L - 1)       (the paper's O(p/L) + O(L): all_to_all among the
-                                             p/L ranks of one tensor index, then all_gather over L)
+The model, per device and round trip (p devices, G per node, L tensor ranks). The all_to_alls run
+among the expert ranks only, p / L of them when L tensor ranks hold the same tokens:
+  flat, L = 1     2 (p - 1) messages, 2 B (p - 1) / p                 (the paper's O(p))
+  flat, L > 1     2 (p/L - 1) messages, 2 B (p/L - 1) / (p/L): every tensor rank sends the whole
+                  buffer, the same rows as its L - 1 tensor peers
+  hierarchical    2 ((G - 1) + (p/G - 1)) messages (the paper's O(G + p/G)): within the node, then
+                  across nodes
+  coordinated     2 (p/L - 1) + (L - 1) messages (the paper's O(p/L) + O(L)): each tensor rank
+                  exchanges a 1/L share of the slots, then all-gathers the shares over L
 """
 
 import os
@@ -48,17 +54,26 @@ SETTINGS = [
 ]
 
 
-def bytes_sent(par: parallel.ParallelConfig, buffer_bytes: int) -> int:
-    """Bytes one device sends in one round trip (both all_to_alls, plus the all_gather)."""
-    ep, tp = par.expert_size, par.tensor_size
-    nodes, local = par.mesh.shape["expert_node"], par.mesh.shape["expert"]
-    if par.exchange == "coordinated" and tp > 1:
-        share = buffer_bytes // tp
-        return 2 * share * (ep - 1) // ep + share * (tp - 1)
-    if par.exchange == "hierarchical" and nodes > 1 and local > 1:
-        one_way = buffer_bytes * (local - 1) // local + buffer_bytes * (nodes - 1) // nodes
-        return 2 * one_way
-    return 2 * buffer_bytes * (ep - 1) // ep
+def round_trip_cost(exchange: str, expert_ranks: int, tensor: int = 1, nodes: int = 1) -> tuple[int, float]:
+    """(messages, bytes in units of the buffer B) that one device sends in one round trip.
+
+    expert_ranks: the size of the expert mesh axis, which the all_to_alls run over (p / L of p
+    devices when L tensor ranks hold the same tokens); tensor: L; nodes: the expert ranks' node
+    groups ("hierarchical" only). See the module docstring for the model.
+    """
+    if exchange == "coordinated" and tensor > 1:
+        share = 1.0 / tensor
+        return (2 * (expert_ranks - 1) + (tensor - 1),
+                2 * share * (expert_ranks - 1) / expert_ranks + share * (tensor - 1))
+    local = expert_ranks // nodes
+    if exchange == "hierarchical" and nodes > 1 and local > 1:
+        return 2 * ((local - 1) + (nodes - 1)), 2 * ((local - 1) / local + (nodes - 1) / nodes)
+    return 2 * (expert_ranks - 1), 2 * (expert_ranks - 1) / expert_ranks
+
+
+def mesh_cost(par: parallel.ParallelConfig) -> tuple[int, float]:
+    """`round_trip_cost` of a mesh and exchange."""
+    return round_trip_cost(par.exchange, par.expert_size, par.tensor_size, par.mesh.shape["expert_node"])
 
 
 def measure(par: parallel.ParallelConfig, experts: int, capacity: int, model_dim: int, repeats: int) -> float:
@@ -91,13 +106,16 @@ def measure(par: parallel.ParallelConfig, experts: int, capacity: int, model_dim
     return best * 1e3
 
 
-def analytic_rows(gpus_per_node: int = 8, tensor: int = 4):
+def analytic_rows(gpus_per_node: int = 8, tensor: int = 4) -> list[tuple[int, dict]]:
+    """[(p, {column: (messages, bytes in units of B)})] for p up to 1024 GPUs."""
     rows = []
     for p in (8, 16, 64, 128, 256, 512, 1024):
-        flat = p - 1
-        hierarchical = (min(gpus_per_node, p) - 1) + (max(p // gpus_per_node, 1) - 1)
-        coordinated = (max(p // tensor, 1) - 1) + (min(tensor, p) - 1)
-        rows.append((p, flat, hierarchical, coordinated))
+        rows.append((p, {
+            "flat, L = 1": round_trip_cost("flat", p),
+            f"flat, L = {tensor}": round_trip_cost("flat", p // tensor, tensor),
+            "hierarchical, L = 1": round_trip_cost("hierarchical", p, 1, max(p // gpus_per_node, 1)),
+            f"coordinated, L = {tensor}": round_trip_cost("coordinated", p // tensor, tensor),
+        }))
     return rows
 
 
@@ -106,24 +124,30 @@ def main(argv):
     f = flags.FLAGS
     lines = []
     buffer_bytes = f.experts * f.capacity * f.model_dim * 4
-    lines.append(f"Measured on {jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}: "
-                 f"one round trip of a per-device [E={f.experts}, C={f.capacity}, M={f.model_dim}] float32 buffer "
-                 f"({buffer_bytes / 2**20:.0f} MiB)\n")
-    lines.append("| mesh (data, expert, tensor) | exchange | expert nodes | MiB sent per device | ms |")
-    lines.append("|---|---|---|---|---|")
+    lines.append(f"On {jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}: one round trip "
+                 f"of a per-device [E={f.experts}, C={f.capacity}, M={f.model_dim}] float32 buffer "
+                 f"({buffer_bytes / 2**20:.0f} MiB). Messages and MiB are computed (the module's model); "
+                 f"ms is measured (best of {f.repeats}).\n")
+    lines.append("| mesh (data, expert, tensor) | exchange | expert nodes | messages per device (computed) "
+                 "| MiB sent per device (computed) | ms per round trip (measured) |")
+    lines.append("|---|---|---|---|---|---|")
     for mesh_shape, exchange, nodes in SETTINGS:
         if jax.device_count() != 8:
             raise SystemExit("run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (or on 8 devices)")
         par = parallel.ParallelConfig(parallel.make_mesh(*mesh_shape, expert_nodes=nodes), exchange=exchange)
         ms = measure(par, f.experts, f.capacity, f.model_dim, f.repeats)
-        sent = bytes_sent(par, buffer_bytes) / 2**20
-        lines.append(f"| {mesh_shape} | {exchange} | {nodes} | {sent:.1f} | {ms:.1f} |")
+        messages, fraction = mesh_cost(par)
+        lines.append(f"| {mesh_shape} | {exchange} | {nodes} | {messages} | {fraction * buffer_bytes / 2**20:.1f} "
+                     f"| {ms:.1f} |")
         print(lines[-1], flush=True)
-    lines.append("\nAnalytic messages per device per exchange (G = 8 GPUs per node, L = 4 tensor ranks):\n")
-    lines.append("| GPUs p | flat O(p) | hierarchical O(G + p/G) | coordinated O(p/L) + O(L) |")
-    lines.append("|---|---|---|---|")
-    for p, flat, hierarchical, coordinated in analytic_rows():
-        lines.append(f"| {p} | {flat} | {hierarchical} | {coordinated} |")
+    rows = analytic_rows()
+    lines.append("\nComputed, not measured: messages per device per round trip, and in brackets the bytes sent "
+                 "in units of the buffer B (G = 8 GPUs per node, L tensor ranks; the all_to_alls run over the "
+                 "p / L expert ranks):\n")
+    lines.append("| GPUs p | " + " | ".join(rows[0][1]) + " |")
+    lines.append("|---" * (len(rows[0][1]) + 1) + "|")
+    for p, columns in rows:
+        lines.append(f"| {p} | " + " | ".join(f"{messages} ({size:.2f} B)" for messages, size in columns.values()) + " |")
     text = "\n".join(lines)
     print(text)
     if f.markdown:
