@@ -1,11 +1,13 @@
 r"""Generates text from a trained checkpoint with the KV-cache serving path (moe_jax.inference).
 
-  python experiments/generate.py --workdir=workdirs/moe --prompt="def main(" [--max_new_tokens=128] \
+  python experiments/generate.py --workdir=workdirs/moe --prompt="def main(" [--max_new_tokens=N] \
       [--temperature=0.8] [--top_p=0.95] [--seed=0] [--dtype=bfloat16] [--moe_path=serve] [--step=N]
 
 Reads the run's workdir/config.json and its latest checkpoint (or --step) from workdir/checkpoints,
 both written by experiments/train.py, and prints the prompt with its continuation and the speed.
-Byte-level tokens: the prompt is UTF-8 bytes. Temperature 0 is greedy decoding.
+Byte-level tokens: the prompt is UTF-8 bytes. Temperature 0 is greedy decoding. Prompt and new
+tokens share the model's max_seq_len: by default it generates as many tokens as fit, and a larger
+--max_new_tokens is clipped to that, with a note on stderr.
 """
 
 import json
@@ -28,7 +30,8 @@ from moe_jax.corpus import ByteTokenizer  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "A training run's workdir (holds config.json and checkpoints/).")
 flags.DEFINE_string("prompt", None, "Text to continue.")
-flags.DEFINE_integer("max_new_tokens", 128, "Tokens (bytes) to generate.")
+flags.DEFINE_integer("max_new_tokens", None, "Tokens (bytes) to generate; default and at most what fits after "
+                     "the prompt in the model's max_seq_len.")
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1]; 1 keeps every token.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
@@ -79,16 +82,22 @@ def main(argv):
         cli.fail(str(error))
     tokenizer = ByteTokenizer()
     prompt = tokenizer.encode(f.prompt).tolist()
+    room = model_cfg.max_seq_len - len(prompt)  # prompt and new tokens share max_seq_len
+    max_new_tokens = max(room, 1) if f.max_new_tokens is None else f.max_new_tokens
+    if max_new_tokens > room > 0:
+        print(f"--max_new_tokens={max_new_tokens} does not fit after the {len(prompt)}-token prompt in "
+              f"max_seq_len={model_cfg.max_seq_len}; generating {room}", file=sys.stderr)
+        max_new_tokens = room
     generator = inference.Generator(params, model_cfg, dtype=f.dtype, moe_path=f.moe_path)
     try:
-        result = generator.generate([prompt], f.max_new_tokens, temperature=f.temperature, top_p=f.top_p,
+        result = generator.generate([prompt], max_new_tokens, temperature=f.temperature, top_p=f.top_p,
                                     seed=f.seed)
     except ValueError as error:
         cli.fail(f"--prompt / --max_new_tokens: {error}")
     print(f.prompt + tokenizer.decode(result.tokens[0]))
-    decode_steps = max(f.max_new_tokens - 1, 1)
+    decode_steps = max(max_new_tokens - 1, 1)
     print(f"\n[step {step}, {model_cfg.layer_experts()} experts per layer, {f.dtype}, moe_path={f.moe_path}] "
-          f"{f.max_new_tokens} tokens at {result.tokens_per_s:.1f} tokens/s (prefill of {len(prompt)} tokens "
+          f"{max_new_tokens} tokens at {result.tokens_per_s:.1f} tokens/s (prefill of {len(prompt)} tokens "
           f"{result.prefill_s * 1e3:.1f} ms, decode {result.decode_s * 1e3 / decode_steps:.2f} ms/token; "
           f"compiled in {result.compile_s:.1f} s)", file=sys.stderr)
 
