@@ -255,6 +255,7 @@ class Generator:
         self.parallel = parallel
         self.params = cast_params(params, dtype)
         if parallel is not None:  # experts split over the expert axes, the rest as in training
+            parallel_lib.validate(self.cfg, parallel, parallel.batch_size_divisor)  # prompts are filled up to it
             specs = parallel_lib.param_specs(self.params, parallel)
             self.params = jax.device_put(self.params, parallel_lib.shardings(specs, parallel.mesh))
         self._compiled: dict = {}

@@ -70,8 +70,10 @@ class Attention(nn.Module):
                            self.param_dtype)
         b_out = self.param("out_bias", nn.initializers.zeros, (model_dim,), self.param_dtype)
         qkv = x @ w_qkv.astype(dtype) + b_qkv.astype(dtype)
-        q, k, v = jnp.split(qkv.reshape(batch, length, 3, self.num_heads, head_dim), 3, axis=2)
-        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+        # Columns are head-major (head, q/k/v, dim): splitting them over tensor ranks gives each rank
+        # whole heads' q, k and v, so attention runs on local heads with no all-gather.
+        qkv = qkv.reshape(batch, length, self.num_heads, 3, head_dim)
+        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
         if cache is None:
             out = causal_attention(q, k, v)
             new_cache = None

@@ -45,6 +45,8 @@ import math
 import re
 from typing import Optional
 
+from absl import logging
+
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -72,6 +74,8 @@ class ParallelConfig:
         if self.exchange == "coordinated" and self.expert_slicing:
             raise ValueError("mesh.exchange='coordinated' splits tokens over tensor ranks and "
                              "mesh.expert_slicing=True splits experts over them; choose one")
+        if self.exchange == "hierarchical":
+            _check_expert_axis_within_hosts(self.mesh)
 
     @property
     def resolved_exchange(self) -> str:
@@ -96,6 +100,20 @@ class ParallelConfig:
     def experts_sharded(self, num_experts: int) -> bool:
         """Whether a layer's experts are split over the expert group (else replicated)."""
         return num_experts >= self.expert_size > 1
+
+
+def _check_expert_axis_within_hosts(mesh: jax.sharding.Mesh) -> None:
+    """The hierarchical exchange's first stage runs over `expert` as the intra-node stage: every
+    group of devices along that axis must live in one process (host)."""
+    devices = np.moveaxis(np.asarray(mesh.devices), AXES.index("expert"), -1)
+    for group in devices.reshape(-1, devices.shape[-1]):
+        hosts = sorted({device.process_index for device in group})
+        if len(hosts) > 1:
+            raise ValueError(
+                f"mesh.exchange='hierarchical' runs its intra-node stage over the 'expert' axis, but the mesh "
+                f"{dict(mesh.shape)} puts devices of processes {hosts} in one 'expert' group; set "
+                "mesh.expert_nodes so that mesh.expert / expert_nodes devices sit in each host, or use "
+                "mesh.exchange='flat'")
 
 
 def make_mesh(data: int = -1, expert: int = 1, tensor: int = 1, expert_nodes: int = 1,
@@ -135,6 +153,7 @@ def _rules(slicing: bool):
     ep = EXPERT_AXES
     t_expert = "tensor" if slicing else None
     return [
+        (r"(^|/)wte$", P("tensor", None)),  # vocab-parallel embedding and logits
         (r"attn/qkv_kernel$", P(None, "tensor")),
         (r"attn/qkv_bias$", P("tensor")),
         (r"attn/out_kernel$", P("tensor", None)),
@@ -160,7 +179,7 @@ def param_specs(params, par: ParallelConfig):
         name = _path_name(path)
         for pattern, rule in rules:
             if re.search(pattern, name):
-                if name.split("/")[-2] == "experts" and not par.experts_sharded(leaf.shape[0]):
+                if name.split("/")[-2:-1] == ["experts"] and not par.experts_sharded(leaf.shape[0]):
                     rule = P(None, *rule[1:])  # replicated experts (fewer than the expert group)
                 return _fit(rule, leaf.shape, par.mesh, name)
         return P()
@@ -168,14 +187,23 @@ def param_specs(params, par: ParallelConfig):
     return jax.tree_util.tree_map_with_path(spec, params)
 
 
+_REPLICATED_LOGGED: set = set()
+
+
 def _fit(spec: P, shape, mesh, name: str) -> P:
     """Drops a sharding where the dimension does not divide (e.g. a tensor axis larger than a
-    tiny model's bias); expert dimensions are validated separately with a clear error."""
+    tiny model's bias), with a warning once per parameter; expert dimensions are validated
+    separately with a clear error (`validate`)."""
     out = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    for dim_index, (dim, axes) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
         names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
         size = math.prod(mesh.shape[a] for a in names)
-        out.append(axes if size == 1 or dim % size == 0 else None)
+        fits = size == 1 or dim % size == 0
+        if not fits and (name, dim_index) not in _REPLICATED_LOGGED:
+            _REPLICATED_LOGGED.add((name, dim_index))
+            logging.warning("parameter %s: dimension %d (size %d) does not divide over mesh axes %s (size %d); "
+                            "it is replicated there instead of split", name, dim_index, dim, names, size)
+        out.append(axes if fits else None)
     return P(*out)
 
 

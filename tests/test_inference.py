@@ -201,3 +201,12 @@ def test_sharded_decode_equals_single_device(mesh):
     sharded = inference.Generator(params, cfg, moe_path="gather", parallel=par).generate(prompts, max_new_tokens=6)
     assert sharded.tokens == single.tokens
     assert len(sharded.tokens) == 5
+
+
+def test_generator_validates_the_mesh(params):
+    from moe_jax import parallel
+
+    par = parallel.ParallelConfig(parallel.make_mesh(1, 8, 1))
+    bad = config.replace_moe(CFG, experts=12)  # 12 experts over an expert axis of 8
+    with pytest.raises(ValueError, match="num_experts=12, not divisible by the expert mesh axis"):
+        inference.Generator(model.init_params(jax.random.key(0), bad), bad, parallel=par)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from moe_jax import config, exchange, model, parallel, train_lib
 from moe_jax import dispatch as dispatch_lib
@@ -219,3 +220,27 @@ def test_clear_errors():
         parallel.validate(CFG, par, 12)
     with pytest.raises(ValueError, match="choose one"):
         parallel.ParallelConfig(parallel.make_mesh(1, 4, 2), exchange="coordinated", expert_slicing=True)
+
+
+def test_hierarchical_exchange_needs_each_expert_group_within_one_host():
+    class Device:
+        def __init__(self, process_index):
+            self.process_index = process_index
+
+    class FakeMesh:  # 2 hosts x 4 devices, as (data, expert_node, expert, tensor)
+        def __init__(self, hosts):
+            self.devices = np.array([Device(h) for h in hosts], dtype=object).reshape(1, 2, 4, 1)
+            self.shape = {"data": 1, "expert_node": 2, "expert": 4, "tensor": 1}
+
+    parallel._check_expert_axis_within_hosts(FakeMesh([0, 0, 0, 0, 1, 1, 1, 1]))  # one host per node
+    with pytest.raises(ValueError, match="puts devices of processes \\[0, 1\\] in one 'expert' group"):
+        parallel._check_expert_axis_within_hosts(FakeMesh([0, 1, 0, 1, 0, 1, 0, 1]))
+
+
+def test_a_sharding_that_does_not_divide_is_logged(caplog):
+    par = parallel.ParallelConfig(parallel.make_mesh(1, 1, 8))
+    params = {"odd": {"mlp": {"w1": jax.ShapeDtypeStruct((4, 12), jnp.float32)}}}  # 12 columns over 8 ranks
+    with caplog.at_level("WARNING"):
+        specs = parallel.param_specs(params, par)
+    assert specs["odd"]["mlp"]["w1"] == P(None, None)
+    assert "odd/mlp/w1: dimension 1 (size 12) does not divide" in caplog.text
