@@ -24,8 +24,8 @@ import ml_collections  # noqa: E402
 from moe_jax import checkpoint as checkpoint_lib  # noqa: E402
 from moe_jax import cli  # noqa: E402
 from moe_jax import inference  # noqa: E402
+from moe_jax import model as model_lib  # noqa: E402
 from moe_jax import run_config  # noqa: E402
-from moe_jax import train_lib  # noqa: E402
 from moe_jax.corpus import ByteTokenizer  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "A training run's workdir (holds config.json and checkpoints/).")
@@ -55,18 +55,13 @@ def load_run(workdir: str, step=None):
     config = ml_collections.ConfigDict(saved["config"])
     # The trainer widens the vocabulary to the corpus's; the saved model entry has the final size.
     model_cfg = run_config.model_config(config, vocab_size=saved["model"]["vocab_size"])
-    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    checkpoint_dir = os.path.join(workdir, checkpoint_lib.CHECKPOINT_DIR)
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"{checkpoint_dir} does not exist: the run saved no checkpoint yet; train it "
                                 "past config.checkpoint_every_steps (or to the end) first")
-    with checkpoint_lib.Checkpointer(checkpoint_dir, keep=None, read_only=True) as ckpt:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{checkpoint_dir} holds no complete checkpoint; train the run further first")
-        optimizer = train_lib.make_optimizer(run_config.optim_config(config))
-        target = train_lib.abstract_state(jax.random.key(config.seed), model_cfg, optimizer)
-        state, _ = ckpt.restore(step, target=target)
-    return model_cfg, state["params"], step
+    target = jax.eval_shape(lambda: model_lib.init_params(jax.random.key(0), model_cfg))
+    params, step = checkpoint_lib.load_params(checkpoint_dir, target, step)  # parameters only
+    return model_cfg, params, step
 
 
 def main(argv):

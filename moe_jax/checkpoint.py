@@ -1,20 +1,25 @@
 """Training checkpoints: a small wrapper over ``orbax.checkpoint.CheckpointManager``.
 
-Each checkpoint is one step directory holding two Orbax items::
+Each checkpoint is one step directory; every entry of the saved dict is an Orbax item of its own,
+so parameters can be restored without the optimizer state (a distillation teacher, generation,
+the initialisation of another run)::
 
     <directory>/<step>/
-        state/               # the array pytree (StandardSave / StandardRestore)
-        extra/               # a small JSON dict (JsonSave / JsonRestore)
+        params/              # an array pytree (StandardSave / StandardRestore)
+        opt_state/           # another one
+        extra/               # a small JSON dict (JsonSave / JsonRestore): data position, ...
         _CHECKPOINT_METADATA
         commit_success.txt   # written last, just before the commit
 
 Usage::
 
-    with Checkpointer(workdir / "ckpt", keep=3, save_every=1000) as ckpt:
-        if ckpt.latest_step() is not None:
-            state, extra = ckpt.restore(target=jax.eval_shape(init_state))
+    with Checkpointer(workdir / "checkpoints", keep=3) as ckpt:
+        step = ckpt.latest_step()
+        if step is not None:
+            items, extra = ckpt.restore(step, target={"params": params_shapes, "opt_state": opt_shapes})
         ...
-        ckpt.save(step, state, extra={"data_position": pos, "rng": seed})
+        ckpt.save(step, {"params": params, "opt_state": opt_state}, extra={"data_step": step})
+    params, step = load_params("runs/teacher", target=params_shapes)  # another run's, read-only
 
 Atomicity. Orbax writes a step into ``<step>.orbax-checkpoint-tmp`` and
 renames it to ``<step>`` when the save is committed (on GCS it writes
@@ -24,36 +29,34 @@ next ``Checkpointer`` opens the directory. As a second guard, this wrapper only
 counts a step directory as a checkpoint when it holds ``commit_success.txt``
 (Orbax 0.12 writes it in both atomicity modes, just before the rename). So a
 partly copied step directory, or one with its marker missing, is never
-returned by ``latest_step()``, ``all_steps()`` or ``restore()``, does not count
-towards ``keep``, and is overwritten if that step is saved again. (Checkpoints
-written by old Orbax versions without the marker are therefore ignored.)
+returned by ``latest_step()`` or ``restore()``, does not count towards
+``keep``, and is overwritten if that step is saved again. (Checkpoints written
+by old Orbax versions without the marker are therefore ignored.)
 
 Several processes (``jax.distributed``): every process must construct the
-``Checkpointer`` and call ``save``/``restore``/``wait``/``close`` in the same
-order, with the same arguments; Orbax coordinates the writes (each process
-writes its own shards, the primary process writes metadata and the ``extra``
-JSON and commits the step). There is no process-0-only logic here.
+``Checkpointer`` and call ``save``/``restore``/``close`` in the same order,
+with the same arguments; Orbax coordinates the writes (each process writes its
+own shards, the primary process writes metadata and the ``extra`` JSON and
+commits the step). There is no process-0-only logic here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
-__all__ = ["Checkpointer"]
+__all__ = ["Checkpointer", "checkpoint_dir", "load_params"]
 
-log = logging.getLogger(__name__)
-
-STATE_ITEM = "state"
 EXTRA_ITEM = "extra"
+CHECKPOINT_DIR = "checkpoints"  # a workdir's checkpoint directory
 # Orbax's commit marker; see orbax/checkpoint/_src/path/atomicity_types.py.
 COMMIT_MARKER = "commit_success.txt"
 
@@ -114,54 +117,14 @@ def _normalise_extra(extra: dict | None) -> dict:
     return json.loads(json.dumps(extra, default=_to_json_value))
 
 
-def _concrete_sharding(sharding, mesh):
-    """Replaces a NamedSharding over an AbstractMesh with one over a real mesh.
-
-    With explicit mesh axes (``jax.make_mesh``'s default in jax 0.12),
-    ``jax.eval_shape`` returns shardings over an ``AbstractMesh``, even inside
-    ``jax.set_mesh``; Orbax 0.12.8 fails on them with "_device_assignment is
-    not implemented for `jax.sharding.AbstractMesh`".
-    """
-    if not isinstance(sharding, jax.sharding.NamedSharding):
-        return sharding
-    abstract = sharding.mesh
-    if not isinstance(abstract, jax.sharding.AbstractMesh):
-        return sharding
-    candidates = [mesh] if mesh is not None else []
-    get_mesh = getattr(jax.sharding, "get_mesh", None)
-    context_mesh = get_mesh() if get_mesh is not None else None
-    if context_mesh is not None and not context_mesh.empty:
-        candidates.append(context_mesh)
-    for candidate in candidates:
-        if (
-            candidate.axis_names == abstract.axis_names
-            and tuple(candidate.axis_sizes) == tuple(abstract.axis_sizes)
-        ):
-            return jax.sharding.NamedSharding(candidate, sharding.spec, memory_kind=sharding.memory_kind)
-    raise ValueError(
-        f"restore target has a sharding over an abstract mesh ({abstract}), as "
-        "jax.eval_shape returns for explicitly sharded arrays; pass the concrete mesh "
-        "(`restore(..., mesh=mesh)`), call restore inside `with jax.set_mesh(mesh):`, "
-        "or give ShapeDtypeStructs with concrete shardings."
-    )
-
-
-def _abstract_target(target: Any, mesh) -> Any:
-    """Maps a target pytree to what ``StandardRestore`` accepts.
-
-    jax arrays become ShapeDtypeStructs (keeping their sharding), numpy scalars
-    become 0-d arrays (Orbax rejects ``np.generic`` leaves), abstract-mesh
-    shardings are resolved (see ``_concrete_sharding``).
-    """
+def _abstract_target(target: Any) -> Any:
+    """Maps a target pytree to what ``StandardRestore`` accepts: jax arrays become
+    ShapeDtypeStructs (keeping their sharding), numpy scalars 0-d arrays (Orbax rejects
+    ``np.generic`` leaves)."""
 
     def leaf(x):
         if isinstance(x, jax.Array):
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-        if isinstance(x, jax.ShapeDtypeStruct):
-            sharding = _concrete_sharding(x.sharding, mesh)
-            if sharding is x.sharding:
-                return x
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding, weak_type=x.weak_type)
         if isinstance(x, np.generic):
             return np.asarray(x)
         return x
@@ -169,55 +132,44 @@ def _abstract_target(target: Any, mesh) -> Any:
     return jax.tree.map(leaf, target)
 
 
+def _path_name(path) -> str:
+    """A pytree path as 'block_1/moe/experts/w1'."""
+    return "/".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    return {_path_name(path): tuple(leaf.shape if hasattr(leaf, "shape") else np.shape(leaf))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 class Checkpointer:
-    """Saves and restores ``(state, extra)`` pairs under one directory.
+    """Saves and restores dicts of array pytrees (one Orbax item each) plus a JSON ``extra`` dict.
 
     Args:
       directory: root directory (local path or anything ``etils.epath``
         understands, e.g. ``gs://``). Created if missing.
       keep: number of most recent checkpoints to keep (``None``: keep all).
-      save_every: if set, ``save(step, ...)`` only writes when ``step`` is a
-        multiple of it (plus the very first save into an empty directory, which
-        Orbax always accepts). ``force=True`` overrides. ``None``: every call
-        saves.
-      async_save: if True, ``save`` returns once the arrays are copied to host
-        memory and the write continues in a background thread; call ``wait()``
-        before relying on the files. ``restore`` and ``close`` wait by
-        themselves.
       read_only: for readers of another run's checkpoints (generation,
-        distillation teachers): never creates, deletes or cleans up anything,
-        so a run that is still saving there is left alone.
+        distillation teachers, initialisation): never creates, deletes or
+        cleans up anything, so a run that is still saving there is left alone.
 
     Saving at a step that already has a committed checkpoint never overwrites
-    it: ``save`` logs and returns False (also with ``force=True``). Saving at
-    a step below ``latest_step()`` is skipped unless ``force=True``.
+    it, and a step below ``latest_step()`` is not saved: ``save`` logs and
+    returns False.
     """
 
-    def __init__(
-        self,
-        directory,
-        *,
-        keep: int | None = 3,
-        save_every: int | None = None,
-        async_save: bool = False,
-        read_only: bool = False,
-    ):
+    def __init__(self, directory, *, keep: Optional[int] = 3, read_only: bool = False):
         if keep is not None and keep < 1:
             raise ValueError(f"keep must be >= 1 or None, got {keep}")
-        if save_every is not None and save_every < 1:
-            raise ValueError(f"save_every must be >= 1 or None, got {save_every}")
         directory = epath.Path(directory)
         if "://" not in str(directory):
             directory = directory.expanduser().resolve()
         self.directory = directory
         self.keep = keep
-        self.save_every = save_every
-        self.async_save = async_save
         self._name_format = _CommittedStepNameFormat()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
-            save_interval_steps=save_every or 1,
-            enable_async_checkpointing=async_save,
+            enable_async_checkpointing=False,
             # Delete `<step>.orbax-checkpoint-tmp*` dirs left by a crashed save.
             cleanup_tmp_directories=not read_only,
             step_name_format=self._name_format,
@@ -227,72 +179,48 @@ class Checkpointer:
         self._mngr = ocp.CheckpointManager(directory, options=options)
         self._closed = False
 
-    # -- queries ---------------------------------------------------------------
-
-    def all_steps(self) -> list[int]:
-        """Committed (or, with async_save, in-flight) steps, ascending."""
-        return sorted(self._mngr.all_steps())
-
-    def latest_step(self) -> int | None:
-        """The newest checkpointed step, or None if there is none.
-
-        Read from disk when the Checkpointer is opened and updated by its own
-        saves (call ``reload()`` to see checkpoints written by another job).
-        With ``async_save`` it includes a step whose write is still in flight;
-        ``restore`` waits for it.
-        """
+    def latest_step(self) -> Optional[int]:
+        """The newest committed step, or None if there is none (read when the Checkpointer is
+        opened and updated by its own saves)."""
         return self._mngr.latest_step()
 
-    def reload(self) -> None:
-        """Re-reads the list of checkpoints from disk."""
-        self._mngr.reload()
-
-    # -- save / restore --------------------------------------------------------
-
-    def save(self, step: int, state: Any, extra: dict | None = None, force: bool = False) -> bool:
-        """Saves ``state`` (pytree of arrays) and ``extra`` (JSON dict) at ``step``.
-
-        Returns True if a checkpoint was written (or, with async_save, started),
-        False if skipped (``save_every``, step not newer than the latest, or the
-        step already exists). Raises TypeError for a non-JSON ``extra`` before
-        anything is written.
-        """
+    def save(self, step: int, items: dict[str, Any], extra: Optional[dict] = None) -> bool:
+        """Saves each entry of ``items`` (name -> pytree of arrays) as its own item, and ``extra``
+        (a JSON dict), at ``step``. Returns True if a checkpoint was written, False if skipped
+        (the step exists or is not newer than the latest). Raises TypeError for a non-JSON
+        ``extra`` before anything is written."""
         self._check_open()
         step = int(step)
+        if EXTRA_ITEM in items:
+            raise ValueError(f"the item name {EXTRA_ITEM!r} is reserved for `extra`; rename that item")
         extra = _normalise_extra(extra)
         if step in self._mngr.all_steps():
-            log.info("checkpoint for step %d already exists in %s; not saving", step, self.directory)
+            logging.info("checkpoint for step %d already exists in %s; not saving", step, self.directory)
             return False
-        args = ocp.args.Composite(
-            **{STATE_ITEM: ocp.args.StandardSave(state), EXTRA_ITEM: ocp.args.JsonSave(extra)}
-        )
-        return bool(self._mngr.save(step, args=args, force=force))
+        args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+        return bool(self._mngr.save(step, args=ocp.args.Composite(**args, **{EXTRA_ITEM: ocp.args.JsonSave(extra)})))
 
-    def restore(self, step: int | None = None, *, target: Any = None, mesh=None) -> tuple[Any, dict]:
-        """Restores ``(state, extra)`` from ``step`` (default: the latest).
+    def restore(self, step: Optional[int] = None, target: Optional[dict[str, Any]] = None) -> tuple[dict, dict]:
+        """Restores ``(items, extra)`` from ``step`` (default: the latest).
 
         Args:
           step: step to restore; None for ``latest_step()``.
-          target: pytree with the structure of the saved state whose leaves are
-            ``jax.ShapeDtypeStruct`` (e.g. ``jax.eval_shape(init_fn)``, with or
-            without ``sharding=``), jax/numpy arrays, or python scalars. The
-            result has the target's pytree structure (namedtuples such as optax
-            states included), dtypes (arrays are cast if they differ from the
-            saved ones) and shardings. A leaf without a sharding gets the
-            sharding it was saved with, which needs the same devices.
-            Without a target, Orbax rebuilds the tree from its metadata: dicts
-            and lists instead of namedtuples/dataclasses, saved shardings.
-          mesh: concrete mesh for target shardings defined over an
-            ``AbstractMesh`` (what ``jax.eval_shape`` returns for explicitly
-            sharded arrays); the mesh set with ``jax.set_mesh`` is used if
-            this is None.
+          target: item name -> pytree whose leaves are ``jax.ShapeDtypeStruct``
+            (e.g. from ``jax.eval_shape``, with or without ``sharding=``), jax
+            or numpy arrays: only these items are read. The result has the
+            target's pytree structure (optax namedtuples included), dtypes
+            (arrays are cast if they differ from the saved ones) and shardings;
+            a leaf without a sharding gets the one it was saved with. An item
+            whose target is None, or every item when ``target`` is None, is
+            rebuilt from its metadata (dicts and lists, saved shardings).
 
         Raises:
           FileNotFoundError: no (complete) checkpoint in the directory, or none
             at ``step``.
+          ValueError: a target's parameter paths or shapes differ from the saved
+            ones (the message names the path and both shapes).
         """
         self._check_open()
-        self.wait()
         steps = self._mngr.all_steps()
         if step is None:
             if not steps:
@@ -301,27 +229,49 @@ class Checkpointer:
         step = int(step)
         if step not in steps:
             raise FileNotFoundError(
-                f"No complete checkpoint for step {step} in {self.directory} "
-                f"(available steps: {sorted(steps)})"
-            )
-        state_args = (
-            ocp.args.StandardRestore() if target is None
-            else ocp.args.StandardRestore(_abstract_target(target, mesh))
-        )
-        items = {STATE_ITEM: state_args}
-        has_extra = (self.directory / self._name_format.build_name(step) / EXTRA_ITEM).exists()
-        if has_extra:
-            items[EXTRA_ITEM] = ocp.args.JsonRestore()
-        restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
-        extra = restored[EXTRA_ITEM] if has_extra else {}
-        return restored[STATE_ITEM], dict(extra or {})
+                f"No complete checkpoint for step {step} in {self.directory} (available steps: {sorted(steps)})")
+        step_dir = self.directory / self._name_format.build_name(step)
+        if target is None:
+            target = {path.name: None for path in step_dir.iterdir()
+                      if path.is_dir() and path.name != EXTRA_ITEM}
+        args = {}
+        for name, tree in target.items():
+            if not (step_dir / name).exists():
+                raise ValueError(f"{step_dir} has no item {name!r}; it holds {sorted(p.name for p in step_dir.iterdir())}")
+            if tree is None:
+                args[name] = ocp.args.StandardRestore()
+            else:
+                self._check_shapes(step_dir, name, tree)
+                args[name] = ocp.args.StandardRestore(_abstract_target(tree))
+        if (step_dir / EXTRA_ITEM).exists():
+            args[EXTRA_ITEM] = ocp.args.JsonRestore()
+        restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
+        extra = dict(restored[EXTRA_ITEM] or {}) if EXTRA_ITEM in args else {}
+        return {name: restored[name] for name in target}, extra
 
-    # -- lifecycle -------------------------------------------------------------
+    def restore_params(self, step: Optional[int] = None, target: Any = None) -> Any:
+        """The ``params`` item alone (no optimizer state is read); ``target`` as in ``restore``."""
+        items, _ = self.restore(step, target={"params": target})
+        return items["params"]
 
-    def wait(self) -> None:
-        """Blocks until an in-flight async save is committed (no-op if sync)."""
-        if not self._closed:
-            self._mngr.wait_until_finished()
+    def _check_shapes(self, step_dir, name: str, target: Any) -> None:
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            saved = _shapes(handler.metadata(step_dir / name).tree)
+        finally:
+            handler.close()
+        wanted = _shapes(target)
+        fix = "the run that wrote it has another model: use its config (or, to resume, a new --workdir)"
+        for path, shape in wanted.items():
+            if path not in saved:
+                raise ValueError(f"{step_dir}/{name} has no {path} (shape {shape} in this model); it holds "
+                                 f"{sorted(saved)[:8]}...; {fix}")
+            if saved[path] != shape:
+                raise ValueError(f"{step_dir}/{name}: {path} has shape {saved[path]} there but {shape} in this "
+                                 f"model; {fix}")
+        extra = sorted(set(saved) - set(wanted))
+        if extra:
+            raise ValueError(f"{step_dir}/{name} holds {extra[:8]}, which this model does not have; {fix}")
 
     def close(self) -> None:
         """Waits for pending saves and releases Orbax's threads. Idempotent."""
@@ -335,13 +285,26 @@ class Checkpointer:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __repr__(self) -> str:
-        return (
-            f"Checkpointer({str(self.directory)!r}, keep={self.keep}, "
-            f"save_every={self.save_every}, async_save={self.async_save})"
-        )
-
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError(f"{self!r} is closed")
+            raise RuntimeError(f"Checkpointer({str(self.directory)!r}) is closed")
 
+
+def checkpoint_dir(path: str) -> str:
+    """The checkpoint directory of a run: ``path/checkpoints`` when path is a workdir, else path."""
+    nested = os.path.join(path, CHECKPOINT_DIR)
+    return nested if os.path.isdir(nested) else path
+
+
+def load_params(path: str, target: Any = None, step: Optional[int] = None) -> tuple[Any, int]:
+    """(params, step) of another run, read-only: path is its workdir or checkpoint directory, step
+    defaults to its latest. FileNotFoundError names what is missing; ValueError (from
+    ``restore``) names a parameter whose shape differs from ``target``'s."""
+    directory = checkpoint_dir(path)
+    if not os.path.isdir(directory):  # else the Checkpointer would fail on a missing directory
+        raise FileNotFoundError(f"{path} is not a directory; give the workdir of a run or its checkpoints/")
+    with Checkpointer(directory, keep=None, read_only=True) as ckpt:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{directory} holds no complete checkpoint; train that run further first")
+        return ckpt.restore_params(step, target), step

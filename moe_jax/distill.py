@@ -37,6 +37,7 @@ Public API:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Optional, Sequence
@@ -258,10 +259,8 @@ def load_teacher_config(teacher_workdir: str) -> ModelConfig:
 
 def teacher_checkpoint_step(teacher_workdir: str) -> int:
     """The step of the teacher's latest complete checkpoint; FileNotFoundError if there is none.
-
-    Do not point this at a teacher that is still training: opening its checkpoints/ removes the
-    temporary directory of a save in flight."""
-    directory = os.path.join(teacher_workdir, "checkpoints")
+    Read-only: a teacher that is still training is left alone."""
+    directory = os.path.join(teacher_workdir, checkpoint_lib.CHECKPOINT_DIR)
     step = None
     if os.path.isdir(directory):  # else Checkpointer would create it
         with checkpoint_lib.Checkpointer(directory, keep=None, read_only=True) as ckpt:
@@ -273,14 +272,10 @@ def teacher_checkpoint_step(teacher_workdir: str) -> int:
 
 
 def restore_teacher_params(teacher_workdir: str, teacher_cfg: ModelConfig, step: int) -> dict:
-    """The teacher's parameters at `step`. The saved optimizer state is read too (moe_jax.checkpoint
-    restores whole states; its optimizer comes from the teacher's config.json) and dropped at once."""
-    teacher_run = ml_collections.ConfigDict(_read_teacher_record(teacher_workdir)["config"])
-    optimizer = train_lib.make_optimizer(run_config.optim_config(teacher_run))
-    target = train_lib.abstract_state(jax.random.key(0), teacher_cfg, optimizer)
-    with checkpoint_lib.Checkpointer(os.path.join(teacher_workdir, "checkpoints"), keep=None, read_only=True) as ckpt:
-        state, _ = ckpt.restore(step, target=target)
-    return state["params"]
+    """The teacher's parameters at `step` (its optimizer state is not read)."""
+    target = jax.eval_shape(lambda: model_lib.init_params(jax.random.key(0), teacher_cfg))
+    params, _ = checkpoint_lib.load_params(teacher_workdir, target, step)
+    return params
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,8 +287,8 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str, teache
     trainer.train_and_evaluate (same checkpoints, metrics, resume and failure handling; kd_loss and
     kd_on are logged with the other metrics). Returns train_and_evaluate's summary.
 
-    With kd.init_from_teacher_layers set and no checkpoint in workdir, the student's initial state
-    is written as its step-0 checkpoint, from which the trainer then starts."""
+    With kd.init_from_teacher_layers set, a student that has no checkpoint in workdir starts from
+    those teacher layers (train_and_evaluate's init_params) with a fresh optimizer state."""
     run_config.validate(config)
     kd = kd_config(config)
     init_layers = parse_layer_list(config.kd.init_from_teacher_layers)
@@ -325,23 +320,9 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str, teache
         json.dump({"teacher_workdir": os.path.abspath(teacher_workdir), "teacher_step": teacher_step,
                    "teacher_model": dataclasses.asdict(teacher_cfg)}, f, indent=2)
 
-    if init_layers:
-        _write_initial_state(config, workdir, student_cfg, teacher_params, init_layers)
+    init_params = None
+    if init_layers:  # read only when workdir holds no checkpoint yet
+        init_params = functools.partial(init_from_teacher, teacher_params, student_cfg, init_layers)
     return trainer.train_and_evaluate(config, workdir, loss_hook=make_kd_hook(teacher_cfg, kd),
-                                      hook_inputs=teacher_params)
+                                      hook_inputs=teacher_params, init_params=init_params)
 
-
-def _write_initial_state(config: ml_collections.ConfigDict, workdir: str, student_cfg: ModelConfig,
-                         teacher_params: dict, teacher_layers: Sequence[int]) -> None:
-    """Saves {student params from teacher_layers, fresh optimizer state, step 0} (train_lib.init_state's
-    structure) as workdir's step-0 checkpoint, unless the workdir already holds a checkpoint (then the
-    run resumes from that instead)."""
-    with checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints) as ckpt:
-        if ckpt.latest_step() is not None:
-            return
-        params = init_from_teacher(teacher_params, student_cfg, teacher_layers)
-        optimizer = train_lib.make_optimizer(run_config.optim_config(config))
-        state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
-        ckpt.save(0, state, extra={"data_step": 0})
-        logging.info("student initialised from teacher layers %s (step-0 checkpoint in %s)",
-                     config.kd.init_from_teacher_layers, workdir)

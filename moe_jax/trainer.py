@@ -2,9 +2,18 @@
 
 `config` is an ml_collections.ConfigDict with groups model, moe, data, optim, mesh and top-level
 seed, total_steps, log_every_steps, eval_every_steps, checkpoint_every_steps, keep_checkpoints,
-eval_batches (`default_config(scale)` builds one). Resume order: the latest complete checkpoint in
-workdir, else a fresh start. A resumed run repeats the losses of an uninterrupted one exactly
-(batches and random keys are functions of the seed and the step).
+eval_batches, init_from (`moe_jax.run_config.default_config(scale)` builds one).
+
+Start order, the only one:
+  1. the latest complete checkpoint in workdir/checkpoints: parameters, optimizer state and step,
+     after checking that the seed, batch size and sequence length are the ones it was trained with;
+  2. else the parameters of another run, `config.init_from` (its workdir or checkpoint directory;
+     parameters only, a ValueError names a parameter whose shape differs), or those that the
+     caller's `init_params` returns (a distillation student built from its teacher's layers),
+     with a fresh optimizer state at step 0;
+  3. else a fresh initialisation from the seed.
+A resumed run repeats the losses of an uninterrupted one exactly (batches and random keys are
+functions of the seed and the step).
 
 Workdir outputs: config.json, metrics.jsonl (one JSON object per logged step), tensorboard/,
 checkpoints/, and results.json at the end.
@@ -19,9 +28,10 @@ import json
 import math
 import os
 import time
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -66,13 +76,74 @@ def evaluate(params, eval_data: list, eval_fn, bits_metric: str = "val_bpb") -> 
     return {"val_loss": val_loss, bits_metric: train_lib.bits_per_byte(val_loss)}
 
 
+# The config fields that fix the batch sequence, as checkpoint extras (with the data step).
+_DATA_FIELDS = {"seed": "seed", "batch_size": "data.batch_size", "seq_len": "data.seq_len"}
+
+
+def _data_position(config: ml_collections.ConfigDict) -> dict:
+    return {"seed": config.seed, "batch_size": config.data.batch_size, "seq_len": config.data.seq_len}
+
+
+def _with_shardings(abstract, shardings):
+    if shardings is None:
+        return abstract
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def _check_data_position(extra: dict, config: ml_collections.ConfigDict, step: int, directory) -> None:
+    """A resumed run sees the batches of an uninterrupted one only with the seed, batch size and
+    sequence length that the checkpoint was trained with, at the checkpoint's step."""
+    for key, current in _data_position(config).items():
+        saved, name = extra.get(key), _DATA_FIELDS[key]
+        if saved is not None and saved != current:
+            raise ValueError(f"the checkpoint at step {step} in {directory} was trained with {name}={saved}, this run "
+                             f"has {name}={current}: resuming would not continue its batch sequence; rerun with "
+                             f"--config.{name}={saved}, or use a new --workdir")
+    if extra.get("data_step", step) != step:
+        raise ValueError(f"the checkpoint at step {step} in {directory} records data position {extra['data_step']}; "
+                         "it is inconsistent: delete that step directory or use a new --workdir")
+
+
+def _start_state(config, ckpt, abstract, shardings, init_rng, model_cfg, optimizer, init_params):
+    """(state, start step) in the module docstring's start order."""
+    start_step = ckpt.latest_step()
+    shard = (lambda name: None) if shardings is None else (lambda name: shardings[name])
+    if start_step is not None:
+        target = {name: _with_shardings(abstract[name], shard(name)) for name in ("params", "opt_state")}
+        items, extra = ckpt.restore(start_step, target)
+        _check_data_position(extra, config, start_step, ckpt.directory)
+        step = jax.jit(lambda: jnp.asarray(start_step, jnp.int32), out_shardings=shard("step"))()
+        logging.info("resumed from %s at step %d", ckpt.directory, start_step)
+        return {**items, "step": step}, start_step
+    init_from = config.get("init_from", "")
+    if init_from and init_params is not None:
+        raise ValueError(f"config.init_from={init_from} and this run's own initial parameters (e.g. "
+                         "kd.init_from_teacher_layers) both set where a run starts; keep one")
+    if init_from:
+        try:
+            params, step = checkpoint_lib.load_params(init_from, _with_shardings(abstract["params"], shard("params")))
+        except (FileNotFoundError, ValueError) as error:
+            raise type(error)(f"config.init_from={init_from}: {error}") from None
+        logging.info("parameters from %s at step %d", init_from, step)
+    elif init_params is not None:
+        params = init_params()
+        if shardings is not None:
+            params = jax.device_put(params, shardings["params"])
+    else:
+        return jax.jit(lambda r: train_lib.init_state(r, model_cfg, optimizer), out_shardings=shardings)(init_rng), 0
+    fresh = lambda p: {"params": p, "opt_state": optimizer.init(p), "step": jnp.zeros((), jnp.int32)}  # noqa: E731
+    return jax.jit(fresh, out_shardings=shardings)(params), 0
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       loss_hook: Optional[train_lib.LossHook] = None, hook_inputs=None) -> dict:
-    """Trains (resuming from workdir when it holds a checkpoint), evaluates, writes metrics.
-    Returns a summary dict (also written to workdir/results.json).
+                       loss_hook: Optional[train_lib.LossHook] = None, hook_inputs=None,
+                       init_params: Optional[Callable[[], Any]] = None) -> dict:
+    """Trains (in the module docstring's start order), evaluates, writes metrics. Returns a summary
+    dict (also written to workdir/results.json).
 
     loss_hook / hook_inputs add a term to the training loss (see train_lib.train_step); its metrics
-    are logged with the others. Mixture-of-Students distillation uses this."""
+    are logged with the others. init_params() returns the parameters to start from when workdir
+    has no checkpoint. Mixture-of-Students distillation uses both."""
     run_config.validate(config)
     os.makedirs(workdir, exist_ok=True)
 
@@ -104,20 +175,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     eval_fn = jax.jit(functools.partial(train_lib.eval_step, model_cfg=model_cfg, parallel=par))
     place = (lambda batch: parallel_lib.device_put_batch(batch, par)) if par else (lambda batch: batch)
 
-    # --- Checkpoint: resume first ---------------------------------------------------------------
-    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-    start_step = ckpt.latest_step()
-    if start_step is not None:
-        target = abstract
-        if state_shardings is not None:
-            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract, state_shardings)
-        state, _ = ckpt.restore(start_step, target=target)
-        logging.info("resumed from %s/checkpoints at step %d", workdir, start_step)
-    else:
-        state = jax.jit(lambda r: train_lib.init_state(r, model_cfg, optimizer),
-                        out_shardings=state_shardings)(init_rng)
-        start_step = 0
+    # --- Start: this workdir's checkpoint, else init_from / init_params, else fresh -------------
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, checkpoint_lib.CHECKPOINT_DIR),
+                                       keep=config.keep_checkpoints)
+    try:
+        state, start_step = _start_state(config, ckpt, abstract, state_shardings, init_rng, model_cfg, optimizer,
+                                         init_params)
+    except BaseException:
+        ckpt.close()
+        raise
     last_good = start_step if start_step else None
 
     writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
@@ -176,9 +242,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                                      tokens_per_sec, step_time))
                 window_start, window_steps = time.perf_counter(), 0
             if step % config.checkpoint_every_steps == 0 or is_last:
-                ckpt.save(step, state, extra={"data_step": batches.step})
+                ckpt.save(step, {"params": state["params"], "opt_state": state["opt_state"]},
+                          extra={"data_step": batches.step, **_data_position(config)})
                 last_good = step
-        ckpt.wait()
     finally:
         writer.close()
         ckpt.close()

@@ -1,5 +1,6 @@
-"""Tests for moe_jax.checkpoint (Orbax CheckpointManager wrapper)."""
+"""Tests for moe_jax.checkpoint (Orbax CheckpointManager wrapper): items restored together or alone."""
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -11,13 +12,13 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moe_jax.checkpoint import COMMIT_MARKER, Checkpointer
+from moe_jax.checkpoint import COMMIT_MARKER, Checkpointer, load_params
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_state(seed: int):
-    """Nested train-state-like pytree with an optax adamw state (namedtuples)."""
+    """Train-state-like items: nested params and their optax adamw state (namedtuples)."""
     k = jax.random.split(jax.random.key(seed), 4)
     params = {
         "embed": jax.random.normal(k[0], (16, 8), jnp.float32),
@@ -30,7 +31,7 @@ def make_state(seed: int):
     opt_state = tx.init(params)
     grads = jax.tree.map(lambda p: jax.random.normal(k[1], p.shape, p.dtype), params)
     _, opt_state = tx.update(grads, opt_state, params)  # non-zero mu/nu/count
-    return {"params": params, "opt_state": opt_state, "step": jnp.asarray(seed, jnp.int32) + 3}
+    return {"params": params, "opt_state": opt_state}
 
 
 def assert_same_tree(a, b):
@@ -63,13 +64,11 @@ def test_round_trip_with_target_and_extra(tmp_path):
         np.testing.assert_array_equal(untargeted["params"]["embed"], state["params"]["embed"])
 
 
-def test_keep_last_k_and_save_every(tmp_path):
+def test_keep_last_k(tmp_path):
     state = make_state(2)
-    with Checkpointer(tmp_path, keep=2, save_every=10) as ckpt:
-        saved = {s: ckpt.save(s, state, extra={"s": s}) for s in (10, 15, 20, 30, 35)}
-        assert saved == {10: True, 15: False, 20: True, 30: True, 35: False}
-        assert ckpt.save(35, state, force=True)
-        assert ckpt.all_steps() == [30, 35]
+    with Checkpointer(tmp_path, keep=2) as ckpt:
+        saved = {s: ckpt.save(s, state, extra={"s": s}) for s in (10, 20, 30, 35)}
+        assert saved == {10: True, 20: True, 30: True, 35: True}
         assert ckpt.latest_step() == 35
         assert ckpt.restore(30)[1] == {"s": 30}
     assert sorted(p for p in os.listdir(tmp_path) if p.isdigit()) == ["30", "35"]
@@ -80,8 +79,7 @@ def test_existing_step_is_skipped_not_overwritten(tmp_path):
     with Checkpointer(tmp_path) as ckpt:
         assert ckpt.save(5, first, extra={"v": 1})
         assert ckpt.save(5, second, extra={"v": 2}) is False
-        assert ckpt.save(5, second, extra={"v": 2}, force=True) is False
-        assert ckpt.save(3, second) is False  # older than latest, not forced
+        assert ckpt.save(3, second) is False  # older than latest
         restored, extra = ckpt.restore(5, target=jax.eval_shape(lambda: first))
     assert_same_tree(restored, first)
     assert extra == {"v": 1}
@@ -95,6 +93,8 @@ def test_restore_errors(tmp_path):
         ckpt.save(1, make_state(5))
         with pytest.raises(FileNotFoundError, match="step 2"):
             ckpt.restore(2)
+        with pytest.raises(ValueError, match="reserved"):
+            ckpt.save(3, {"extra": make_state(5)["params"]})
 
 
 def test_bad_extra_fails_before_writing(tmp_path):
@@ -109,43 +109,64 @@ def test_restore_with_shardings(tmp_path):
     mesh = jax.make_mesh((8,), ("x",))
     sharded = NamedSharding(mesh, P("x"))
     w = jax.random.normal(jax.random.key(7), (16, 4))
-    state = {"w": jax.device_put(w, sharded), "b": jax.random.normal(jax.random.key(8), (16,))}
+    params = {"w": jax.device_put(w, sharded), "b": jax.random.normal(jax.random.key(8), (16,))}
     with Checkpointer(tmp_path) as ckpt:
-        ckpt.save(1, state)
+        ckpt.save(1, {"params": params})
         # Different sharding than saved (replicated), given explicitly.
         target = {
             "w": jax.ShapeDtypeStruct((16, 4), jnp.float32, sharding=NamedSharding(mesh, P())),
             "b": jax.ShapeDtypeStruct((16,), jnp.float32, sharding=NamedSharding(mesh, P("x"))),
         }
-        restored, _ = ckpt.restore(target=target)
+        restored = ckpt.restore_params(target=target)
         assert restored["w"].sharding == target["w"].sharding
         assert restored["b"].sharding == target["b"].sharding
         np.testing.assert_array_equal(restored["w"], w)
-
-        # jax.eval_shape gives shardings over an AbstractMesh: resolved from
-        # the mesh argument or the jax.set_mesh context, error otherwise.
-        abstract = jax.eval_shape(lambda: state)
-        assert isinstance(abstract["w"].sharding.mesh, jax.sharding.AbstractMesh)
-        restored, _ = ckpt.restore(target=abstract, mesh=mesh)
-        assert restored["w"].sharding.is_equivalent_to(sharded, 2)
-        with jax.set_mesh(mesh):
-            restored, _ = ckpt.restore(target=abstract)
+        # A target of real arrays keeps their shardings.
+        restored = ckpt.restore_params(target=params)
         assert restored["w"].sharding.is_equivalent_to(sharded, 2)
         np.testing.assert_array_equal(restored["w"], w)
-        with pytest.raises(ValueError, match="abstract mesh"):
-            ckpt.restore(target=abstract)
 
 
-def test_async_save(tmp_path):
-    state = make_state(9)
-    with Checkpointer(tmp_path, async_save=True, keep=1) as ckpt:
-        assert ckpt.save(1, state)
-        assert ckpt.save(2, make_state(10))
-        restored, _ = ckpt.restore(target=jax.eval_shape(lambda: state))
-        assert ckpt.latest_step() == 2
-    assert_same_tree(restored, make_state(10))
-    assert os.path.exists(tmp_path / "2" / COMMIT_MARKER)
-    assert not os.path.exists(tmp_path / "1")
+def test_params_restore_alone(tmp_path):
+    """Parameters are an item of their own: they restore without the optimizer state, even when
+    that item is gone, and from the workdir of another run (read-only)."""
+    state = make_state(12)
+    params_shape = jax.eval_shape(lambda: state["params"])
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        ckpt.save(4, state, extra={"data_step": 4})
+    assert sorted(p for p in os.listdir(tmp_path / "checkpoints" / "4") if not p.startswith("_")) == sorted([
+        COMMIT_MARKER, "extra", "opt_state", "params"])
+    shutil.rmtree(tmp_path / "checkpoints" / "4" / "opt_state")
+    with Checkpointer(tmp_path / "checkpoints", read_only=True) as ckpt:
+        assert_same_tree(ckpt.restore_params(4, target=params_shape), state["params"])
+        items, extra = ckpt.restore(target={"params": params_shape})
+        assert list(items) == ["params"] and extra == {"data_step": 4}
+        with pytest.raises(ValueError, match="no item 'opt_state'"):
+            ckpt.restore(4, target={"opt_state": None})
+    params, step = load_params(str(tmp_path), target=params_shape)  # the workdir holding checkpoints/
+    assert step == 4
+    assert_same_tree(params, state["params"])
+    with pytest.raises(FileNotFoundError, match="no/such/run is not a directory"):
+        load_params(str(tmp_path / "no" / "such" / "run"))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
+        load_params(str(tmp_path / "empty"))
+
+
+def test_shape_mismatch_names_the_parameter_and_both_shapes(tmp_path):
+    state = make_state(13)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, state)
+        wider = jax.eval_shape(lambda: state["params"])
+        wider["layers"][1]["w"] = jax.ShapeDtypeStruct((8, 16), jnp.bfloat16)
+        with pytest.raises(ValueError, match=r"layers/1/w has shape \(8, 8\) there but \(8, 16\) in this model"):
+            ckpt.restore_params(target=wider)
+        extra_param = {**jax.eval_shape(lambda: state["params"]), "head": jax.ShapeDtypeStruct((8,), jnp.float32)}
+        with pytest.raises(ValueError, match=r"has no head \(shape \(8,\) in this model\)"):
+            ckpt.restore_params(target=extra_param)
+        fewer = {"embed": jax.ShapeDtypeStruct((16, 8), jnp.float32)}
+        with pytest.raises(ValueError, match="layers/0/b"):
+            ckpt.restore_params(target=fewer)
 
 
 def test_half_written_checkpoints_are_ignored(tmp_path):
@@ -158,16 +179,15 @@ def test_half_written_checkpoints_are_ignored(tmp_path):
     # checkpoint: Orbax's tmp dirs (current and older naming) and a final-named
     # step dir whose commit marker is missing (e.g. an interrupted copy).
     for name in ("30.orbax-checkpoint-tmp", "40.orbax-checkpoint-tmp-1712345678"):
-        os.makedirs(tmp_path / name / "state")
-        (tmp_path / name / "state" / "garbage").write_bytes(os.urandom(64))
+        os.makedirs(tmp_path / name / "params")
+        (tmp_path / name / "params" / "garbage").write_bytes(os.urandom(64))
     partial = tmp_path / "50"
-    os.makedirs(partial / "state")
+    os.makedirs(partial / "params")
     (partial / "_CHECKPOINT_METADATA").write_text("{}")
-    (partial / "state" / "garbage").write_bytes(os.urandom(64))
+    (partial / "params" / "garbage").write_bytes(os.urandom(64))
 
     with Checkpointer(tmp_path, keep=2) as ckpt:
         assert ckpt.latest_step() == 20
-        assert ckpt.all_steps() == [10, 20]
         restored, extra = ckpt.restore(target=jax.eval_shape(lambda: state))
         assert extra == {"s": 20}
         assert_same_tree(restored, state)
@@ -177,7 +197,7 @@ def test_half_written_checkpoints_are_ignored(tmp_path):
         # is replaced by a real one, keep=2 counts only committed steps.
         assert ckpt.save(30, state, extra={"s": 30})
         assert ckpt.save(50, state, extra={"s": 50})
-        assert ckpt.all_steps() == [30, 50]
+        assert ckpt.latest_step() == 50
         assert ckpt.restore(50)[1] == {"s": 50}
     assert sorted(os.listdir(tmp_path)) == ["30", "50"]
 
@@ -194,7 +214,7 @@ CRASH_SCRIPT = textwrap.dedent(
     rng = np.random.default_rng(0)
     state = {"w": rng.standard_normal((64, 32)).astype(np.float32), "n": np.int32(7)}
     ckpt = Checkpointer(directory)
-    ckpt.save(10, state, extra={"s": 10})
+    ckpt.save(10, {"state": state}, extra={"s": 10})
 
     # Die right before step 20 is committed: all data is written to the tmp
     # dir, only the final rename of the step directory is missing.
@@ -205,7 +225,7 @@ CRASH_SCRIPT = textwrap.dedent(
         return await original(self)
     atomicity.AtomicRenameTemporaryPath.finalize = crash
     state["w"] = state["w"] + 1.0
-    ckpt.save(20, state, extra={"s": 20})
+    ckpt.save(20, {"state": state}, extra={"s": 20})
     os._exit(0)  # not reached
     """
 )
@@ -225,7 +245,8 @@ def test_crash_during_save_subprocess(tmp_path):
     with Checkpointer(tmp_path) as ckpt:
         assert ckpt.latest_step() == 10
         target = {"w": jax.ShapeDtypeStruct((64, 32), jnp.float32), "n": np.int32(0)}
-        restored, extra = ckpt.restore(target=target)
+        items, extra = ckpt.restore(target={"state": target})
+    restored = items["state"]
     assert extra == {"s": 10}
     expected = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
     np.testing.assert_array_equal(np.asarray(restored["w"]), expected)

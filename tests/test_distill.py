@@ -229,9 +229,11 @@ def test_student_resumes_exactly_and_starts_from_the_teacher(teacher_workdir, tm
     """Staged KD (teacher until step 3 of 6), initialised from teacher layers: a run stopped at
     step 2 and rerun logs the same losses as a straight run, and KD switches off on schedule."""
     init = ("--config.kd.stop_step=3", "--config.kd.init_from_teacher_layers=2,3,0")
-    for workdir, stop_after in (("straight", 0), ("split", 2), ("split", 0)):
-        result = _distill(teacher_workdir, tmp_path / workdir, *init, f"--config.stop_after_steps={stop_after}",
-                          cache_dir=tmp_path / "xla_cache")
+    # The straight run also checkpoints step 1: its first step has learning rate 0 (warmup from 0),
+    # so that checkpoint holds the initial parameters.
+    for workdir, extra in (("straight", "--config.checkpoint_every_steps=1"), ("split", "--config.stop_after_steps=2"),
+                           ("split", "--config.stop_after_steps=0")):
+        result = _distill(teacher_workdir, tmp_path / workdir, *init, extra, cache_dir=tmp_path / "xla_cache")
         assert result.returncode == 0, result.stderr[-3000:]
     a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "split")
     assert [r["step"] for r in b] == list(range(1, 7))
@@ -244,10 +246,12 @@ def test_student_resumes_exactly_and_starts_from_the_teacher(teacher_workdir, tm
     assert teacher_cfg.layer_experts() == (0, 2, 0, 4)
     assert distill.teacher_checkpoint_step(str(teacher_workdir)) == 2
     teacher_params = distill.restore_teacher_params(str(teacher_workdir), teacher_cfg, 2)
-    with checkpoint_lib.Checkpointer(tmp_path / "straight" / "checkpoints") as ckpt:
-        initial, _ = ckpt.restore(0)
+    assert a[0]["lr"] == 0
+    with checkpoint_lib.Checkpointer(tmp_path / "straight" / "checkpoints", read_only=True) as ckpt:
+        initial = ckpt.restore_params(1)
+    assert not any(name.isdigit() and int(name) == 0 for name in os.listdir(tmp_path / "straight" / "checkpoints"))
     for student_block, teacher_block in (("block_0", "block_2"), ("block_1", "block_3"), ("block_2", "block_0")):
-        jax.tree.map(np.testing.assert_array_equal, initial["params"][student_block], teacher_params[teacher_block])
+        jax.tree.map(np.testing.assert_array_equal, initial[student_block], teacher_params[teacher_block])
     record = json.loads((tmp_path / "straight" / distill.TEACHER_RECORD).read_text())
     assert record["teacher_step"] == 2
 

@@ -10,10 +10,12 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
 from experiments.configs import load_config_file
+from moe_jax import checkpoint as checkpoint_lib
 from moe_jax import config as config_lib
 from moe_jax import run_config, trainer
 
@@ -193,4 +195,52 @@ def test_nan_loss_stops_with_step_and_checkpoint(tmp_path):
     config.optim.warmup_steps = 0
     config.optim.clip_norm = 1e30
     with pytest.raises(trainer.TrainingError, match=r"at step \d+"):
+        trainer.train_and_evaluate(config, str(tmp_path))
+
+
+def test_start_order_workdir_then_init_from(tmp_path):
+    """A run with init_from starts from the other run's parameters (the first step has learning
+    rate 0, so its step-1 checkpoint holds them unchanged) with a fresh optimizer; its own
+    checkpoint then comes first; another architecture is a clear error."""
+    source = small(load_config("moe"), steps=2)
+    trainer.train_and_evaluate(source, str(tmp_path / "source"))
+    source_params, _ = checkpoint_lib.load_params(str(tmp_path / "source"))
+
+    config = small(load_config("moe"), steps=2)
+    config.checkpoint_every_steps = 1
+    config.stop_after_steps = 1
+    config.init_from = str(tmp_path / "source")
+    trainer.train_and_evaluate(config, str(tmp_path / "run"))
+    assert read_metrics(tmp_path / "run")[0]["lr"] == 0
+    params, step = checkpoint_lib.load_params(str(tmp_path / "run"))
+    assert step == 1
+    jax.tree.map(np.testing.assert_array_equal, params, source_params)
+
+    config.stop_after_steps = 0
+    config.init_from = str(tmp_path / "nothing")  # not read: the workdir's own checkpoint comes first
+    assert trainer.train_and_evaluate(config, str(tmp_path / "run"))["steps"] == 2
+
+    wider = small(load_config("moe"), steps=1)
+    wider.model.ffn_size = 128
+    wider.init_from = str(tmp_path / "source" / "checkpoints")
+    with pytest.raises(ValueError, match=r"config.init_from=.*source/checkpoints.*block_0/mlp/b1 has shape "
+                                         r"\(64,\) there but \(128,\) in this model"):
+        trainer.train_and_evaluate(wider, str(tmp_path / "wider"))
+    empty = small(load_config("moe"), steps=1)
+    empty.init_from = str(tmp_path / "wider")
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
+        trainer.train_and_evaluate(empty, str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("field,value", [("seed", 1), ("data.batch_size", 16), ("data.seq_len", 16)])
+def test_resume_checks_the_data_position(field, value, tmp_path):
+    config = small(load_config("dense"), steps=2)
+    config.checkpoint_every_steps = 1
+    config.stop_after_steps = 1
+    trainer.train_and_evaluate(config, str(tmp_path))
+    *group, name = field.split(".")
+    (config.data if group else config)[name] = value
+    config.stop_after_steps = 0
+    with pytest.raises(ValueError, match=rf"trained with {field}=\d+, this run has {field}={value}.*"
+                                         rf"--config.{field}="):
         trainer.train_and_evaluate(config, str(tmp_path))
