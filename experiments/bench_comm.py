@@ -32,6 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from moe_jax import exchange as exchange_lib  # noqa: E402
 from moe_jax import parallel  # noqa: E402
 
 flags.DEFINE_string("markdown", None, "Also write the tables to this markdown file.")
@@ -86,7 +87,7 @@ def measure(par: parallel.ParallelConfig, experts: int, capacity: int, model_dim
             share = capacity // tp
             buffer = jax.lax.dynamic_slice_in_dim(buffer, jax.lax.axis_index("tensor") * share, share, axis=1)
         sent = buffer.reshape(par.expert_size, experts // par.expert_size, *buffer.shape[1:])
-        back = parallel._all_to_all(parallel._all_to_all(sent, par) * 2.0, par)
+        back = exchange_lib._all_to_all(exchange_lib._all_to_all(sent, par) * 2.0, par)
         back = back.reshape(experts, *buffer.shape[1:])
         if coordinated:
             back = jax.lax.all_gather(back, "tensor", axis=1, tiled=True)
