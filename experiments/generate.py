@@ -23,6 +23,7 @@ import ml_collections  # noqa: E402
 
 from moe_jax import checkpoint as checkpoint_lib  # noqa: E402
 from moe_jax import cli  # noqa: E402
+from moe_jax import dispatch  # noqa: E402
 from moe_jax import inference  # noqa: E402
 from moe_jax import model as model_lib  # noqa: E402
 from moe_jax import run_config  # noqa: E402
@@ -36,7 +37,7 @@ flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1]; 1 keeps every token.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_enum("dtype", "float32", list(inference.DTYPES), "Parameter and compute dtype.")
-flags.DEFINE_enum("moe_path", "serve", list(inference.MOE_PATHS), "MoE dispatch at inference.")
+flags.DEFINE_enum("moe_path", "serve", list(dispatch.PATHS), "MoE dispatch path at inference.")
 flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
 flags.mark_flags_as_required(["workdir", "prompt"])
 

@@ -10,10 +10,12 @@ staged knowledge distillation (KD on for the first 70% of the steps, then LM los
   # (--config.kd.schedule=linear_fade), no KD (experiments/train.py with this config: kd is not read),
   # student layers copied from the teacher (--config.kd.init_from_teacher_layers=0,1,2,3,4,7,6)
 
-Students (the teacher's architecture with 3 of 24 layers dropped, from the lower-expert group):
-tiny: 7 layers, 4 x 2, 8 x 1 (teacher pr_moe.py:tiny); 350m: 21 layers, 32 x 8, 64 x 2 (teacher
-pr_moe.py:350m); 1.3b: 21 layers, 64 x 8, 128 x 2 (teacher pr_moe.py:1.3b). kd.stop_step follows
-total_steps (70% of it) unless set. KD: beta = 1, T = 1 as in the paper's scripts.
+Students: pr_moe.py's run at the same scale with its model made 12.5% shallower by
+moe_jax.distill.student_config (layers dropped from the lower-expert group, as 24 -> 21 in the
+paper): tiny: 7 layers, 4 x 2, 8 x 1; 350m: 21 layers, 32 x 8, 64 x 2; 1.3b: 21 layers, 64 x 8,
+128 x 2 (the presets tiny-mos, 350m-mos, 1.3b-mos); micro: 3 layers, 8 x 1; small: 10 layers,
+4 x 3, 8 x 2. kd.stop_step follows total_steps (70% of it) unless set. KD: beta = 1, T = 1 as in
+the paper's scripts.
 
 tiny: 300 steps of 16 x 128 byte tokens on the Python stdlib corpus, each run 3-6 minutes on 2
 shared CPU cores (while KD is on a step also runs the teacher's forward pass: ~40% more compute).
