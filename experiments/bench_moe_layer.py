@@ -1,15 +1,26 @@
-r"""Times one MoE layer per dispatch path on this machine and prints a table.
+r"""Times one MoE layer per dispatch path on this machine, and the tiny PR-MoE training step.
 
   python experiments/bench_moe_layer.py [--json FILE] [--tokens=1024,4096,16384] [--experts=8,32,64]
+      [--paths=einsum,gather,dropless] [--autodiff] [--model_steps=5]
 
-For each tokens S and experts E (M=512, FFN=2048, top-1, cf=1.0, float32): forward and
+For each tokens S and experts E (M=512, FFN=2048, top-1, cf=1.0, float32): forward, backward and
 forward+backward milliseconds of the whole layer (gate, routing, dispatch, experts, combine) for
-the einsum, gather and dropless paths, and of a dense FFN with the same FLOPs per token (the
-floor: a top-1 MoE layer does one expert FFN per token). Ratios are to the einsum path and to the
-dense floor, all measured in the same run. The one-hot einsum path costs O(S^2 * M) (E * C is
-about S); the mapping table O(S * k * M).
+each path, and of a dense FFN with the same FLOPs per token (the floor: a top-1 MoE layer does one
+expert FFN per token). The backward is timed on its own: a jitted forward returns the VJP closure
+(its residuals), a second jit runs it, so bwd is not fwd+bwd - fwd (the fused step can beat the
+sum). Ratios are to the einsum path and to the dense floor, all measured in the same run. The
+one-hot einsum path costs O(S^2 * M) (E * C is about S); the mapping table O(S * k * M).
+
+With --autodiff, "gather/ad" and "dropless/ad" rows time the same paths with the inverse-map VJPs
+off (moe_jax.dispatch.USE_CUSTOM_VJP = False: autodiff's scatter-adds), the code before them.
+
+The last lines time the training step (moe_jax.train_lib.train_step under jax.jit, AdamW, batch
+16 x 128) of the tiny PR-MoE preset with its default dispatch path, with the inverse-map VJPs and
+without, next to the dense tiny model, in tokens per second.
 """
 
+import contextlib
+import functools
 import json
 import os
 import sys
@@ -23,26 +34,53 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from moe_jax import config as config_lib  # noqa: E402
+from moe_jax import dispatch as dispatch_lib  # noqa: E402
 from moe_jax import moe as moe_lib  # noqa: E402
+from moe_jax import train_lib  # noqa: E402
 from moe_jax.config import MoEConfig  # noqa: E402
 
 flags.DEFINE_string("json", None, "Write the records to this file.")
 flags.DEFINE_list("tokens", ["1024", "4096", "16384"], "Token counts S.")
 flags.DEFINE_list("experts", ["8", "32", "64"], "Expert counts E.")
 flags.DEFINE_list("paths", ["einsum", "gather", "dropless"], "Dispatch paths.")
+flags.DEFINE_bool("autodiff", False, "Also time gather and dropless with autodiff's backward (no custom VJPs).")
 flags.DEFINE_integer("model_dim", 512, "M.")
 flags.DEFINE_integer("ffn_dim", 2048, "F.")
-flags.DEFINE_integer("repeats", 3, "Timed repetitions (the minimum is reported).")
+flags.DEFINE_integer("repeats", 3, "Timed rounds, each path once per round (the minimum is reported).")
+flags.DEFINE_string("model", "tiny+pr-moe", "Preset whose training step is timed; empty to skip.")
+flags.DEFINE_integer("model_steps", 5, "Timed training steps (the minimum is reported).")
+flags.DEFINE_integer("batch", 16, "Training batch size.")
+flags.DEFINE_integer("seq_len", 128, "Training sequence length.")
+
+AUTODIFF = "/ad"  # suffix of a path name timed without the inverse-map VJPs
+PARTS = ("fwd", "bwd", "fwd+bwd")
 
 
-def timed(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    best = float("inf")
+@contextlib.contextmanager
+def custom_vjp(enabled: bool):
+    """Traces inside see moe_jax.dispatch.USE_CUSTOM_VJP = enabled (jit a fresh function inside)."""
+    saved = dispatch_lib.USE_CUSTOM_VJP
+    dispatch_lib.USE_CUSTOM_VJP = enabled
+    try:
+        yield
+    finally:
+        dispatch_lib.USE_CUSTOM_VJP = saved
+
+
+def race(calls, repeats):
+    """{name: (fn, args)} -> {name: best milliseconds}. Every function is compiled first, then the
+    repetitions take turns (one call of each per round), so a change in the machine's load while
+    they run (these cores are shared) hits all of them alike."""
+    for fn, args in calls.values():
+        jax.block_until_ready(fn(*args))  # compile and warm up
+    best = dict.fromkeys(calls, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+        for name, (fn, args) in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: seconds * 1e3 for name, seconds in best.items()}
 
 
 def layer_params(rng, num_experts, model_dim, ffn_dim):
@@ -58,9 +96,24 @@ def layer_params(rng, num_experts, model_dim, ffn_dim):
     }
 
 
-def bench_moe(path, x, params, repeats):
+def compiled(fn, *args):
+    """(fn compiled for args now, args): traced at this point, so under the current VJP switch."""
+    return jax.jit(fn).lower(*args).compile(), args
+
+
+def fwd_bwd_calls(forward, loss, params, x):
+    """{fwd, bwd, fwd+bwd: (compiled fn, args)} for forward(params, x) and grad(loss) w.r.t. both."""
+    _, pullback = jax.jit(lambda p, x: jax.vjp(loss, p, x))(params, x)
+    return {"fwd": compiled(forward, params, x),
+            "bwd": compiled(lambda pullback: pullback(jnp.ones((), jnp.float32)), pullback),
+            "fwd+bwd": compiled(jax.grad(loss, argnums=(0, 1)), params, x)}
+
+
+def moe_calls(path, x, params):
+    """fwd_bwd_calls of the MoE layer by `path` (a name ending in /ad: without the inverse-map VJPs)."""
+    use_custom_vjp = not path.endswith(AUTODIFF)
     moe = MoEConfig(experts=params["experts"]["w1"].shape[0], k=1, capacity_factor=1.0, min_capacity=4,
-                    use_rts=False, dispatch=path)
+                    use_rts=False, dispatch=path.removesuffix(AUTODIFF))
 
     def forward(params, x):
         y, stats = moe_lib.moe_forward(params, x, moe=moe, train=True)
@@ -70,45 +123,70 @@ def bench_moe(path, x, params, repeats):
         y, aux = forward(params, x)
         return jnp.sum(y * y) + 0.01 * aux
 
-    fwd = jax.jit(forward)
-    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    return timed(fwd, params, x, repeats=repeats), timed(fwd_bwd, params, x, repeats=repeats)
+    with custom_vjp(use_custom_vjp):
+        return fwd_bwd_calls(forward, loss, params, x)
 
 
-def bench_dense(x, model_dim, ffn_dim, repeats):
+def dense_calls(x, model_dim, ffn_dim):
     keys = jax.random.split(jax.random.key(1), 2)
     mlp = {"w1": jax.random.normal(keys[0], (model_dim, ffn_dim)) * 0.02, "b1": jnp.zeros(ffn_dim),
            "w2": jax.random.normal(keys[1], (ffn_dim, model_dim)) * 0.02, "b2": jnp.zeros(model_dim)}
-    fwd = jax.jit(moe_lib.dense_mlp)
-    fwd_bwd = jax.jit(jax.grad(lambda p, x: jnp.sum(moe_lib.dense_mlp(p, x) ** 2), argnums=(0, 1)))
-    return timed(fwd, mlp, x, repeats=repeats), timed(fwd_bwd, mlp, x, repeats=repeats)
+    return fwd_bwd_calls(moe_lib.dense_mlp, lambda p, x: jnp.sum(moe_lib.dense_mlp(p, x) ** 2), mlp, x)
+
+
+def train_step_call(preset, batch_size, seq_len, use_custom_vjp=True):
+    """(compiled training step of a preset, its args), traced with the VJP switch as given."""
+    model_cfg = config_lib.preset(preset)
+    optimizer = train_lib.make_optimizer(train_lib.OptimConfig())
+    state = train_lib.init_state(jax.random.key(0), model_cfg, optimizer)
+    tokens = jax.random.randint(jax.random.key(1), (batch_size, seq_len + 1), 0, model_cfg.vocab_size)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    args = (state, batch, jax.random.key(2))
+    with custom_vjp(use_custom_vjp):
+        return compiled(functools.partial(train_lib.train_step, model_cfg=model_cfg, optimizer=optimizer), *args)
 
 
 def main(argv):
     del argv
     f = flags.FLAGS
     records = []
+    paths = list(f.paths)
+    if f.autodiff:
+        paths += [p + AUTODIFF for p in ("gather", "dropless") if p in f.paths]
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, "
           f"M={f.model_dim} F={f.ffn_dim} top-1 cf=1.0 float32")
-    header = f"{'S':>6} {'E':>4} {'path':>9} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd vs einsum':>14} {'fwd+bwd vs einsum':>18} {'fwd+bwd vs dense':>17}"
+    header = (f"{'S':>6} {'E':>4} {'path':>11} {'fwd ms':>8} {'bwd ms':>8} {'fwd+bwd ms':>11} "
+              f"{'fwd+bwd vs einsum':>18} {'fwd vs dense':>13} {'bwd vs dense':>13} {'fwd+bwd vs dense':>17}")
     print(header)
     print("-" * len(header))
     for num_tokens in map(int, f.tokens):
         x = jax.random.normal(jax.random.key(0), (num_tokens, f.model_dim))
-        dense = bench_dense(x, f.model_dim, f.ffn_dim, f.repeats)
-        records.append({"S": num_tokens, "E": 0, "path": "dense", "fwd_ms": dense[0], "fwd_bwd_ms": dense[1]})
         for num_experts in map(int, f.experts):
             params = layer_params(jax.random.key(num_experts), num_experts, f.model_dim, f.ffn_dim)
-            results = {path: bench_moe(path, x, params, f.repeats) for path in f.paths}
-            base = results.get("einsum")
-            for path, (fwd, fwd_bwd) in [*results.items(), ("dense", dense)]:
-                vs_einsum = (f"{base[0] / fwd:>13.2f}x {base[1] / fwd_bwd:>17.2f}x" if base
-                             else f"{'-':>14} {'-':>18}")
-                print(f"{num_tokens:>6} {num_experts:>4} {path:>9} {fwd:>9.1f} {fwd_bwd:>11.1f} {vs_einsum} "
-                      f"{fwd_bwd / dense[1]:>16.2f}x", flush=True)
-                if path != "dense":
-                    records.append({"S": num_tokens, "E": num_experts, "path": path, "fwd_ms": fwd,
-                                    "fwd_bwd_ms": fwd_bwd})
+            calls = {("dense", part): call for part, call in dense_calls(x, f.model_dim, f.ffn_dim).items()}
+            for path in paths:
+                calls.update({(path, part): call for part, call in moe_calls(path, x, params).items()})
+            ms = race(calls, f.repeats)
+            dense = [ms["dense", part] for part in PARTS]
+            for path in [*paths, "dense"]:
+                fwd, bwd, fwd_bwd = (ms[path, part] for part in PARTS)
+                vs_einsum = f"{fwd_bwd / ms['einsum', 'fwd+bwd']:>17.2f}x" if "einsum" in paths else f"{'-':>18}"
+                print(f"{num_tokens:>6} {num_experts:>4} {path:>11} {fwd:>8.1f} {bwd:>8.1f} {fwd_bwd:>11.1f} "
+                      f"{vs_einsum} {fwd / dense[0]:>12.2f}x {bwd / dense[1]:>12.2f}x {fwd_bwd / dense[2]:>16.2f}x",
+                      flush=True)
+                records.append({"S": num_tokens, "E": num_experts, "path": path, "fwd_ms": fwd, "bwd_ms": bwd,
+                                "fwd_bwd_ms": fwd_bwd})
+    if f.model:
+        print(f"\ntraining step, batch {f.batch} x {f.seq_len} (float32, AdamW), best of {f.model_steps}:")
+        runs = {("tiny", True): "dense model", (f.model, False): "autodiff backward",
+                (f.model, True): "inverse-map VJPs"}
+        ms = race({run: train_step_call(*run[:1], f.batch, f.seq_len, run[1]) for run in runs}, f.model_steps)
+        for (preset, use_custom_vjp), label in runs.items():
+            tokens_per_s = f.batch * f.seq_len / (ms[preset, use_custom_vjp] / 1e3)
+            print(f"  {preset:>12} {label:>18}: {ms[preset, use_custom_vjp]:8.1f} ms/step {tokens_per_s:10.0f} tokens/s",
+                  flush=True)
+            records.append({"model": preset, "custom_vjp": use_custom_vjp, "step_ms": ms[preset, use_custom_vjp],
+                            "tokens_per_s": tokens_per_s})
     if f.json:
         with open(f.json, "w") as out:
             json.dump(records, out, indent=1)

@@ -86,6 +86,9 @@ benchmark and the tests compare with. Read at trace time."""
 
 def _take_rows(rows: jax.Array, index: jax.Array) -> jax.Array:
     """rows [N, M], index [...] -> [..., M]; zero rows where index >= N."""
+    # The barrier makes XLA compute the index once: fused into the gather, the routing's index
+    # arithmetic would be redone for every one of the M elements of each row.
+    index = jax.lax.optimization_barrier(index)
     return jnp.take(rows, index, axis=0, mode="fill", fill_value=0)
 
 
