@@ -8,7 +8,29 @@ import sys
 
 import pytest
 
+from experiments import ablations
+from moe_jax import run_config
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("scale", ablations.SCALES)
+def test_variant_table_builds_every_run(scale):
+    """Every row of ablations.VARIANTS builds a valid config at every scale, with the same shape
+    for every variant (only the MoE part differs) and its row's overrides and KD schedule."""
+    configs = {variant: ablations.variant_config(variant, scale, 0, "", 0) for variant in ablations.VARIANTS}
+    models = {variant: run_config.model_config(config) for variant, config in configs.items()}
+    for variant, config in configs.items():
+        run_config.validate(config)
+        assert models[variant].hidden_size == models["dense"].hidden_size
+        assert config.total_steps == configs["dense"].total_steps
+        if ablations.VARIANTS[variant].kd not in (None, "none"):
+            assert config.kd.schedule == ablations.VARIANTS[variant].kd
+    assert models["moe_2x"].moe.experts == 2 * models["moe"].moe.experts
+    assert models["teacher"] == models["pr_moe"]
+    teacher_layers = models["teacher"].num_layers
+    assert models["student_staged_kd"].num_layers == teacher_layers - max(1, round(teacher_layers / 8))
+    assert set(ablations.SUITES["all"]) == set(ablations.VARIANTS)
 
 
 def test_every_ablation_suite_runs_at_micro_scale(tmp_path):
@@ -16,6 +38,7 @@ def test_every_ablation_suite_runs_at_micro_scale(tmp_path):
     cmd = [sys.executable, str(ROOT / "experiments" / "ablations.py"), "--scale=micro", f"--workdir={tmp_path}"]
     subprocess.run([*cmd, "--suite=all"], check=True, env=env, capture_output=True)
     results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["variants"]) == set(ablations.VARIANTS)
     assert set(results["variants"]) == {"dense", "moe", "first_half", "second_half", "top2", "residual", "moe_2x",
                                         "pyramid", "pr_moe", "teacher", "student_no_kd", "student_full_kd",
                                         "student_staged_kd"}
