@@ -68,7 +68,7 @@ _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 # ----------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class _Op:
+class _Op:  # one HLO instruction
     name: str
     shape: str  # the output shape's text, e.g. "f32[4,8]{1,0}" or "(f32[2], s32[])"
     opcode: str
@@ -123,7 +123,7 @@ def parse_hlo(text: str) -> tuple[dict[str, list[_Op]], str]:
     return computations, entry
 
 
-def _arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+def _arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:  # [(dtype, dims)] of a shape's arrays
     return [(dtype, tuple(int(d) for d in dims.split(",") if d)) for dtype, dims in _ARRAY.findall(shape)
             if dtype in _DTYPE_BYTES]
 
@@ -209,19 +209,13 @@ class _Walk:
     dynamic_loops: int = 0
     custom_calls: list = dataclasses.field(default_factory=list)
 
-
 def _loop_bound(body: str, computations: dict[str, list[_Op]]) -> int:
     """Largest leading dimension the loop body (or a fusion it calls) writes with dynamic-update-slice."""
-    bound, seen, todo = 0, set(), [body]
-    while todo:
-        name = todo.pop()
-        if name in seen or name not in computations:
-            continue
-        seen.add(name)
-        for op in computations[name]:
-            if op.opcode == "dynamic-update-slice":
-                dims = _arrays(op.shape)
-                bound = max(bound, dims[0][1][0] if dims and dims[0][1] else 0)
+    bound, todo = 0, [body]
+    while todo:  # fusions call fusions, never back: no cycles
+        for op in computations.get(todo.pop(), ()):
+            dims = _arrays(op.shape) if op.opcode == "dynamic-update-slice" else []
+            bound = max(bound, dims[0][1][0] if dims and dims[0][1] else 0)
             todo.extend(callee for key, callee in _CALLS.findall(op.attrs) if key == "calls")
     return bound
 
@@ -285,6 +279,7 @@ class CostRecord:
     """What one device does in one call of a compiled function (the module docstring says how)."""
 
     num_devices: int
+    mesh_axes: tuple[tuple[str, int], ...]  # (axis name, size) of the inputs' mesh, row-major; () on one device
     flops: float  # cost_analysis flops with loop bodies' dots multiplied by their trip counts
     xla_flops: float  # compiled.cost_analysis()["flops"] as XLA reports it (loop bodies once)
     dot_flops: float  # dots and convolutions only, trip counts included
@@ -303,31 +298,33 @@ class CostRecord:
 
     def collective_bytes(self, kind: Optional[str] = None):
         """Output bytes per device of one collective kind, or {kind: bytes} of all kinds."""
-        if kind is None:
-            return {k: self.collective_bytes(k) for k in COLLECTIVE_KINDS}
-        if kind not in COLLECTIVE_KINDS:
+        if kind not in COLLECTIVE_KINDS + (None,):
             raise ValueError(f"collective kind {kind!r} is unknown; use one of {COLLECTIVE_KINDS}")
-        return sum(c.bytes for c in self.collectives if c.kind == kind)
+        by_kind = {k: sum(c.bytes for c in self.collectives if c.kind == k) for k in COLLECTIVE_KINDS}
+        return by_kind if kind is None else by_kind[kind]
 
     def against(self, ideal: "CostRecord") -> dict[str, float]:
-        """Ratios of this record to the ideal of its device count: ideal's cost / num_devices
-        (ideal is usually the same step on one device). inf where the ideal is 0."""
-        def ratio(mine, theirs):
-            share = theirs * ideal.num_devices / self.num_devices
-            return mine / share if share else (1.0 if not mine else math.inf)
-        return {"flops": ratio(self.flops, ideal.flops), "peak_memory": ratio(self.peak_memory, ideal.peak_memory),
-                "bytes_accessed": ratio(self.bytes_accessed, ideal.bytes_accessed)}
+        """{flops, peak_memory, bytes_accessed}: this record over the ideal's cost * ideal.num_devices /
+        num_devices (the ideal is usually the same step on one device)."""
+        share = ideal.num_devices / self.num_devices
+        return {key: getattr(self, key) / max(getattr(ideal, key) * share, 1e-30)
+                for key in ("flops", "peak_memory", "bytes_accessed")}
 
 
-def record_of(compiled, num_devices: int, dynamic_trip_count: Optional[int] = None) -> CostRecord:
-    """The CostRecord of an already compiled function (jax.stages.Compiled) on num_devices devices."""
+def record_of(compiled, dynamic_trip_count: Optional[int] = None) -> CostRecord:
+    """The CostRecord of an already compiled function (jax.stages.Compiled)."""
     walk = walk_hlo(compiled.as_text(), dynamic_trip_count)
     analysis = compiled.cost_analysis() or {}
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis  # a list in older jax
     memory = compiled.memory_analysis()
+    shardings = jax.tree.leaves(compiled.input_shardings)
+    num_devices = max((len(s.device_set) for s in shardings), default=1)
+    mesh = next((s.mesh for s in shardings if getattr(s, "mesh", None) is not None and s.mesh.size == num_devices
+                 and num_devices > 1), None)
     xla_flops = float(analysis.get("flops", 0.0))
     return CostRecord(
-        num_devices=num_devices, flops=xla_flops + walk.dot_flops - walk.dot_flops_once, xla_flops=xla_flops,
+        num_devices=num_devices, mesh_axes=tuple(mesh.shape.items()) if mesh is not None else (),
+        flops=xla_flops + walk.dot_flops - walk.dot_flops_once, xla_flops=xla_flops,
         dot_flops=walk.dot_flops, bytes_accessed=float(analysis.get("bytes accessed", 0.0)),
         collectives=tuple(walk.collectives), argument_bytes=int(memory.argument_size_in_bytes),
         output_bytes=int(memory.output_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
@@ -339,9 +336,7 @@ def compiled_cost(fn, *args, dynamic_trip_count: Optional[int] = None, **kwargs)
     """Compiles fn (jitted, or jitted here) for args (arrays or jax.ShapeDtypeStruct, with
     shardings where the step is sharded) and returns its per-device CostRecord."""
     jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
-    compiled = jitted.lower(*args, **kwargs).compile(COMPILER_OPTIONS)
-    num_devices = max((len(s.device_set) for s in jax.tree.leaves(compiled.input_shardings)), default=1)
-    return record_of(compiled, num_devices, dynamic_trip_count)
+    return record_of(jitted.lower(*args, **kwargs).compile(COMPILER_OPTIONS), dynamic_trip_count)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,22 +345,21 @@ def compiled_cost(fn, *args, dynamic_trip_count: Optional[int] = None, **kwargs)
 
 def parse_mesh(spec: str | Sequence[int]) -> tuple[int, int, int, int]:
     """'d,e,t[,nodes]' (or a sequence) -> (data, expert, tensor, expert_nodes)."""
-    try:
-        sizes = [int(s) for s in (spec.split(",") if isinstance(spec, str) else spec)]
-    except ValueError:
-        raise ValueError(f"mesh {spec!r} must be integers 'data,expert,tensor[,expert_nodes]', e.g. '1,8,1'") from None
-    if len(sizes) not in (3, 4) or min(sizes) < 1:
-        raise ValueError(f"mesh {spec!r} must be 3 or 4 positive sizes 'data,expert,tensor[,expert_nodes]'")
-    return tuple(sizes + [1] * (4 - len(sizes)))
+    sizes = [str(s).strip() for s in (spec.split(",") if isinstance(spec, str) else spec)]
+    if len(sizes) not in (3, 4) or not all(s.isdigit() and int(s) >= 1 for s in sizes):
+        raise ValueError(f"mesh {spec!r} must be 3 or 4 positive integers 'data,expert,tensor[,expert_nodes]', "
+                         "e.g. '1,8,1'")
+    return tuple(int(s) for s in sizes) + (1,) * (4 - len(sizes))
 
 
 def train_step_cost(config, mesh_shape: Optional[str | Sequence[int]] = None, *,
                     dynamic_trip_count: Optional[int] = None) -> CostRecord:
     """Per-device cost of one train step of the run config's model, from abstract inputs (nothing
-    is allocated). mesh_shape: (data, expert, tensor[, expert_nodes]) or 'd,e,t[,nodes]'; config.mesh
-    gives only the exchange and expert slicing. None or a one-device shape: the single-device step
-    (no mesh, no shard_map). Jitted as moe_jax.trainer jits it: state donated and sharded by
-    moe_jax.parallel.param_specs, the batch sharded over the batch axes."""
+    is allocated). mesh_shape: (data, expert, tensor[, expert_nodes]) or 'd,e,t[,nodes]', replacing
+    config.mesh's sizes; None or one device: the single-device step (no mesh, no shard_map). A mesh
+    of all jax's devices is built by run_config.parallel_config, as the trainer builds it (a smaller
+    one by parallel.make_mesh on the first devices). Jitted as the trainer jits it: state donated
+    and sharded by parallel.param_specs, the batch sharded over the batch axes."""
     from moe_jax import parallel as parallel_lib  # here: the HLO walk needs no model code
     from moe_jax import run_config, train_lib
 
@@ -380,21 +374,26 @@ def train_step_cost(config, mesh_shape: Optional[str | Sequence[int]] = None, *,
     data, expert, tensor, nodes = parse_mesh(mesh_shape if mesh_shape is not None else (1, 1, 1))
     num_devices, out_shardings = data * expert * tensor, None
     if num_devices > jax.device_count():
-        raise ValueError(f"mesh {(data, expert, tensor, nodes)} needs {num_devices} devices and jax has "
+        raise ValueError(f"mesh {(data, expert, tensor, nodes)} needs {num_devices} devices, jax has "
                          f"{jax.device_count()}; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count="
-                         f"{num_devices} before jax is imported")
+                         f"{num_devices} before importing jax")
     if num_devices > 1:
-        mesh = parallel_lib.make_mesh(data, expert, tensor, nodes, devices=jax.devices()[:num_devices])
-        par = parallel_lib.ParallelConfig(
-            mesh, exchange=config.mesh.get("exchange", parallel_lib.ParallelConfig.exchange),
-            expert_slicing=config.mesh.get("expert_slicing", False))
+        run = config.copy_and_resolve_references()
+        run.mesh.update(data=data, expert=expert, tensor=tensor, expert_nodes=nodes)
+        if num_devices == jax.device_count():  # the trainer's own mesh
+            par = run_config.parallel_config(run)
+        else:
+            logging.warning("mesh %s on %d of %d devices: built by parallel.make_mesh, not the run config",
+                            (data, expert, tensor, nodes), num_devices, jax.device_count())
+            mesh = parallel_lib.make_mesh(data, expert, tensor, nodes, devices=jax.devices()[:num_devices])
+            par = parallel_lib.ParallelConfig(mesh, run.mesh.exchange, run.mesh.expert_slicing)
         parallel_lib.validate(model_cfg, par, config.data.batch_size)
         step_fn = functools.partial(step_fn, parallel=par)
-        out_shardings = parallel_lib.shardings(parallel_lib.param_specs(state, par), mesh)
+        out_shardings = parallel_lib.shardings(parallel_lib.param_specs(state, par), par.mesh)
         shardings = (out_shardings, {name: parallel_lib.batch_sharding(par) for name in batch},
-                     jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+                     jax.sharding.NamedSharding(par.mesh, jax.sharding.PartitionSpec()))
         state, batch, key = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                          (state, batch, key), shardings)
         out_shardings = (out_shardings, None)
     step = jax.jit(step_fn, donate_argnums=(0,), out_shardings=out_shardings)
-    return record_of(step.lower(state, batch, key).compile(COMPILER_OPTIONS), num_devices, dynamic_trip_count)
+    return record_of(step.lower(state, batch, key).compile(COMPILER_OPTIONS), dynamic_trip_count)
