@@ -92,6 +92,37 @@ def test_matches_reference_router(interpret, num_tokens, num_experts, k, drop_to
     np.testing.assert_allclose(grad_got, grad_want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("num_tokens,num_experts,capacity_factor,min_capacity,scores,dtype", [
+    (96, 5, 0.5, 1, "rng", jnp.float32),  # heavy overflow: most experts keep a fraction of their tokens
+    (6, 12, 1.0, 1, "rng", jnp.float32),  # fewer tokens than experts
+    (20, 4, 1.0, 32, "rng", jnp.float32),  # capacity above S: nothing is dropped
+    (70, 6, 0.8, 1, "ties", jnp.bfloat16),  # four distinct scores: ties keep the earlier token
+])
+def test_random_token_selection_matches_reference_router(interpret, num_tokens, num_experts, capacity_factor,
+                                                         min_capacity, scores, dtype):
+    """use_rts=True (k=1): an over-full expert keeps its C highest-scoring tokens, in the kernel."""
+    logits, noise_kwargs = make_inputs(num_tokens, num_experts, "rsample", dtype, seed=num_tokens)
+    key = jax.random.key(num_experts)
+    if scores == "rng":  # drawn inside both routers, the same way
+        noise_kwargs["rng"] = key
+    else:
+        noise_kwargs["rts_scores"] = jnp.floor(jax.random.uniform(key, logits.shape) * 4) / 4
+    options = dict(k=1, capacity_factor=capacity_factor, min_capacity=min_capacity, use_rts=True, **noise_kwargs)
+    want, grad_want = routing_and_grad(gating_lib.top_k_gating, logits, options)
+    got, grad_got = routing_and_grad(
+        functools.partial(ops.top_k_gating, interpret=interpret, block_sizes=SMALL_BLOCKS), logits, options)
+    assert_routing_equal(got, want)
+    first_come = gating_lib.top_k_gating(logits, **{**options, "use_rts": False})
+    if want.capacity >= num_tokens:
+        assert bool(jnp.all(want.kept))
+    else:
+        assert float(want.dropped_fraction) > 0.1
+    if num_tokens > 64:  # with many drops the scores, not arrival order, choose the survivors
+        assert not np.array_equal(want.kept, first_come.kept)
+    np.testing.assert_allclose(grad_got, grad_want, rtol=1e-5, atol=1e-6)
+
+
 def test_kernel_matches_its_spec():
     """kernel.fused_gating against reference.fused_gating directly (the spec ops.py relies on)."""
     logits, _ = make_inputs(70, 9, None, seed=1)
@@ -106,15 +137,34 @@ def test_kernel_matches_its_spec():
             np.testing.assert_array_equal(a, b, err_msg=field)
 
 
+def test_random_token_selection_kernel_matches_its_spec():
+    """kernel.fused_gating with RTS scores against reference.fused_gating, with RSample noise and
+    tied scores; an uneven last block (S = 75 with blocks of 16)."""
+    logits, _ = make_inputs(75, 7, None, seed=2)
+    keys = jax.random.split(jax.random.key(6))
+    noise = jax.random.gumbel(keys[0], logits.shape)
+    scores = jnp.floor(jax.random.uniform(keys[1], logits.shape) * 8) / 8
+    got = kernel.fused_gating(logits, noise, scores, k=1, capacity=6, block_sizes=SMALL_BLOCKS, interpret=True)
+    want = jax.jit(functools.partial(reference.fused_gating, k=1, capacity=6))(logits, noise, scores)
+    assert float(want.dropped_fraction) > 0.2
+    for field in got._fields:
+        a, b = getattr(got, field), getattr(want, field)
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=field)
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=field)
+
+
 @pytest.mark.parametrize("options,uses_kernel", [
     (dict(k=2, capacity_factor=1.0), True),
     (dict(k=3, capacity_factor=1.0), False),
-    (dict(k=1, capacity_factor=1.0, use_rts=True, rng=jax.random.key(3)), False),
+    (dict(k=1, capacity_factor=1.0, use_rts=True, rng=jax.random.key(3)), True),
+    (dict(k=1, capacity_factor=1.0, use_rts=True, rts_scores=jnp.ones((40, 6))), True),
     (dict(k=1, capacity_factor=1.0, use_rts=True), True),  # RTS without randomness: first come
     (dict(k=1, capacity_factor=1.0, use_rts=True, drop_tokens=False, rng=jax.random.key(3)), True),
 ])
 def test_kernel_or_reference(options, uses_kernel):
-    """k > 2 and active random token selection go to moe_jax.gating.top_k_gating; the rest to the
+    """k > 2 goes to moe_jax.gating.top_k_gating; the rest, random token selection included, to the
     kernel (the equality tests above cover both routes' results)."""
     jaxpr = jax.make_jaxpr(lambda l: ops.top_k_gating(l, interpret=True, **options))(jnp.ones((40, 6)))
     assert ("pallas_call" in str(jaxpr)) == uses_kernel
@@ -127,20 +177,29 @@ def test_bad_arguments():
         ops.top_k_gating(jnp.ones((8, 3)), k=1, capacity_factor=1.0, impl="fast")
     with pytest.raises(ValueError, match="no interpret mode"):
         ops.top_k_gating(jnp.ones((8, 3)), k=1, capacity_factor=1.0, impl="triton", interpret=True)
+    with pytest.raises(ValueError, match="no random token selection"):
+        ops.top_k_gating(jnp.ones((8, 3)), k=1, capacity_factor=1.0, use_rts=True, rng=jax.random.key(0),
+                         impl="triton")
+    with pytest.raises(ValueError, match="scores are for k=1"):
+        kernel.fused_gating(jnp.ones((8, 3)), None, jnp.ones((8, 3)), k=2, capacity=4, interpret=True)
 
 
-@pytest.mark.parametrize("num_tokens,num_experts,k,with_noise", [(16384, 128, 1, False), (16384, 128, 2, True),
-                                                                 (1000, 100, 2, False), (77, 3, 1, True)])
-def test_lowers_for_cuda(num_tokens, num_experts, k, with_noise):
+@pytest.mark.parametrize("num_tokens,num_experts,k,with_noise,rts", [
+    (16384, 128, 1, False, False), (16384, 128, 2, True, False), (1000, 100, 2, False, False),
+    (77, 3, 1, True, False), (16384, 128, 1, True, True), (1000, 100, 1, False, True)])
+def test_lowers_for_cuda(num_tokens, num_experts, k, with_noise, rts):
     """Both passes lower to Triton kernels for an H200, forward and through jax.grad."""
     logits = jax.ShapeDtypeStruct((num_tokens, num_experts), jnp.float32)
     noise = logits if with_noise else None
+    scores = logits if rts else None
     hlo = platform.lower_for_gpu(
-        lambda l, n: kernel.fused_gating(l, n, k=k, capacity=num_tokens // num_experts + 1), logits, noise)
+        lambda l, n, r: kernel.fused_gating(l, n, r, k=k, capacity=num_tokens // num_experts + 1),
+        logits, noise, scores)
     assert hlo.count(pltriton.CUSTOM_CALL_TARGET_NAME) == 2
 
     def loss(l):
-        return routing_loss(ops.top_k_gating(l, k=k, capacity_factor=1.0, impl="pallas", interpret=False))
+        return routing_loss(ops.top_k_gating(l, k=k, capacity_factor=1.0, impl="pallas", interpret=False,
+                                             use_rts=rts, rng=jax.random.key(0)))
 
     assert pltriton.CUSTOM_CALL_TARGET_NAME in platform.lower_for_gpu(jax.grad(loss), logits)
 

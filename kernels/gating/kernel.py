@@ -12,6 +12,16 @@ token (a prefix count across blocks) and GPU programs run in no fixed order:
   pass 2 (one program per block): slot = rank + the block's offset for that expert; capacity
          drop (slot >= C); weights (top-2: renormalised over the surviving choices).
 
+With random token selection (RTS, k=1: `scores` [S, E]) an over-full expert keeps its C
+highest-scoring tokens, which depends on every token, not only earlier ones:
+
+  pass 1 also writes each token's priority (its score at its chosen expert).
+  XLA    ranks the tokens within their expert by decreasing priority (one stable sort of
+         (expert, -priority, token), ties to the earlier token): kept = rank < C; then the
+         exclusive prefix over blocks of the per-block kept counts.
+  pass 2 (`_rts_slot_kernel`) packs the kept tokens into slots in token order: slot = the number of
+         kept tokens of the same expert earlier in the block (a cumsum) + the block's offset.
+
 E is padded in-kernel to a power of two (Triton's tensors need one) with -inf logits; the last
 token block is masked. Per-token data moves once in each pass: O(S * E) reads, O(S * k) writes.
 """
@@ -27,7 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from moe_jax.kernels import platform
-from moe_jax.kernels.gating.reference import GatingOutputs
+from moe_jax.kernels.gating.reference import GatingOutputs, rank_within_expert
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,14 +58,13 @@ def _iota(shape, axis):
     return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
-def _route_block_kernel(*refs, k, num_tokens, num_experts, block_tokens, has_noise):
-    """Pass 1 on one block. Refs: logits [B, Ep], noise [B, Ep] (if has_noise); outputs
-    expert [B, k] i32, gate [B, k] f32, rank [B, k] i32, counts [1, k, Ep] i32,
-    gate_sum [1, Ep] f32, z_sum [1, 1] f32."""
-    if has_noise:
-        logits_ref, noise_ref, expert_ref, gate_ref, rank_ref, counts_ref, gate_sum_ref, z_ref = refs
-    else:
-        logits_ref, expert_ref, gate_ref, rank_ref, counts_ref, gate_sum_ref, z_ref = refs
+def _route_block_kernel(*refs, k, num_tokens, num_experts, block_tokens, has_noise, has_scores):
+    """Pass 1 on one block. Refs: logits [B, Ep], noise [B, Ep] (if has_noise), scores [B, Ep]
+    (if has_scores); outputs expert [B, k] i32, gate [B, k] f32, rank [B, k] i32,
+    counts [1, k, Ep] i32, gate_sum [1, Ep] f32, z_sum [1, 1] f32, priority [B, 1] f32 (if has_scores)."""
+    num_inputs = 1 + has_noise + has_scores
+    logits_ref, noise_ref, scores_ref = refs[0], refs[1] if has_noise else None, refs[num_inputs - 1]
+    expert_ref, gate_ref, rank_ref, counts_ref, gate_sum_ref, z_ref = refs[num_inputs:num_inputs + 6]
     logits = logits_ref[...].astype(jnp.float32)
     shape = logits.shape
     column = _iota(shape, 1)
@@ -92,6 +101,10 @@ def _route_block_kernel(*refs, k, num_tokens, num_experts, block_tokens, has_noi
         gate_ref[:, choice] = jnp.sum(jnp.where(chosen, gates, 0.0), axis=1)
         rank_ref[:, choice] = jnp.sum(earlier * one_hot, axis=1)
         counts_ref[0, choice, :] = jnp.sum(one_hot, axis=0)
+    if has_scores:  # scores of padded rows and columns are never selected
+        chosen = column == experts[0][:, None]
+        priority_ref = refs[num_inputs + 6]
+        priority_ref[:, 0] = jnp.sum(jnp.where(chosen, scores_ref[...].astype(jnp.float32), 0.0), axis=1)
     gate_sum_ref[0, :] = jnp.sum(jnp.where(real_token_2d, gates, 0.0), axis=0)
     z_ref[...] = jnp.sum(jnp.where(real_token, logsumexp * logsumexp, 0.0), axis=0).reshape(1, 1)
 
@@ -121,6 +134,35 @@ def _slot_kernel(expert_ref, rank_ref, gate_ref, offset_ref, slot_ref, weight_re
         weight_ref[:, 1] = probs[1] / denom
 
 
+def _rts_slot_kernel(expert_ref, kept_ref, gate_ref, offset_ref, slot_ref, weight_ref):
+    """Pass 2 under RTS (k=1) on one block. Refs: expert [B, 1] i32, kept [B, 1] i32, gate [B, 1] f32,
+    offset [1, 1, Ep] i32 (kept tokens of each expert in earlier blocks); outputs slot [B, 1] i32
+    (0 where dropped), weight [B, 1] f32."""
+    block = expert_ref.shape[0]
+    column = _iota((block, offset_ref.shape[2]), 1)
+    expert = expert_ref[:, 0]
+    kept = kept_ref[:, 0] > 0
+    chosen = column == expert[:, None]
+    # Rows past S (last block) come after every real row, so the cumsum never counts them for a real one.
+    one_hot = (chosen & kept[:, None]).astype(jnp.int32)
+    earlier = jnp.sum((jnp.cumsum(one_hot, axis=0) - one_hot) * one_hot, axis=1)
+    offset = jnp.sum(jnp.where(chosen, offset_ref[0, 0, :][None, :], 0), axis=1)
+    slot_ref[:, 0] = jnp.where(kept, earlier + offset, 0)
+    weight_ref[:, 0] = jnp.where(kept, gate_ref[:, 0], 0.0)
+
+
+def rts_keep(expert: jax.Array, priority: jax.Array, *, num_experts: int, padded_experts: int,
+             capacity: int, block_tokens: int) -> tuple[jax.Array, jax.Array]:
+    """The XLA step between the passes under RTS: expert, priority [S] -> (kept [S] bool, offsets
+    [blocks, 1, Ep] i32: where each block's kept tokens of each expert start in its buffer)."""
+    num_tokens = expert.shape[0]
+    kept = rank_within_expert(expert, priority, num_experts) < capacity
+    num_blocks = pl.cdiv(num_tokens, block_tokens)
+    block = jnp.arange(num_tokens, dtype=jnp.int32) // block_tokens
+    kept_counts = jnp.zeros((num_blocks, padded_experts), jnp.int32).at[block, expert].add(kept.astype(jnp.int32))
+    return kept, (jnp.cumsum(kept_counts, axis=0) - kept_counts)[:, None, :]
+
+
 def block_offsets(counts: jax.Array) -> jax.Array:
     """counts [blocks, k, Ep] -> offsets [blocks, k, Ep]: where each block's copies of each expert
     and choice start in that expert's buffer (second choices after all first choices)."""
@@ -148,11 +190,15 @@ def statistics(counts: jax.Array, gate_sum: jax.Array, z_sum: jax.Array, *, num_
 
 
 @functools.partial(jax.jit, static_argnames=("k", "capacity", "block_sizes", "interpret"))
-def fused_gating(logits: jax.Array, noise: Optional[jax.Array] = None, *, k: int, capacity: int,
-                 block_sizes: BlockSizes = BlockSizes(), interpret: bool = False) -> GatingOutputs:
-    """The fused gating kernel: logits [S, E], noise [S, E] or None (reference.py) -> GatingOutputs."""
+def fused_gating(logits: jax.Array, noise: Optional[jax.Array] = None, scores: Optional[jax.Array] = None,
+                 *, k: int, capacity: int, block_sizes: BlockSizes = BlockSizes(),
+                 interpret: bool = False) -> GatingOutputs:
+    """The fused gating kernel: logits [S, E], noise [S, E] or None, RTS scores [S, E] or None
+    (k=1 only; reference.py) -> GatingOutputs."""
     if k not in (1, 2):
         raise ValueError(f"the fused gating kernel handles k=1 and k=2; got k={k}")
+    if scores is not None and k != 1:
+        raise ValueError(f"random token selection scores are for k=1; got k={k}")
     num_tokens, num_experts = logits.shape
     padded_experts = platform.next_power_of_2(num_experts)
     block = block_sizes.resolve(num_tokens, padded_experts)
@@ -160,19 +206,19 @@ def fused_gating(logits: jax.Array, noise: Optional[jax.Array] = None, *, k: int
     params = platform.compiler_params(num_warps=block_sizes.num_warps)
     token_spec = pl.BlockSpec((block, padded_experts), lambda i: (i, 0))
     per_copy_spec = pl.BlockSpec((block, k), lambda i: (i, 0))
-    inputs = [logits] if noise is None else [logits, noise]
+    inputs = [array for array in (logits, noise, scores) if array is not None]
+    per_copy_i32 = jax.ShapeDtypeStruct((num_tokens, k), jnp.int32)
+    per_copy_f32 = jax.ShapeDtypeStruct((num_tokens, k), jnp.float32)
 
-    expert, gate, rank, counts, gate_sum, z_sum = pl.pallas_call(
+    expert, gate, rank, counts, gate_sum, z_sum, *priority = pl.pallas_call(
         functools.partial(_route_block_kernel, k=k, num_tokens=num_tokens, num_experts=num_experts,
-                          block_tokens=block, has_noise=noise is not None),
+                          block_tokens=block, has_noise=noise is not None, has_scores=scores is not None),
         out_shape=(
-            jax.ShapeDtypeStruct((num_tokens, k), jnp.int32),
-            jax.ShapeDtypeStruct((num_tokens, k), jnp.float32),
-            jax.ShapeDtypeStruct((num_tokens, k), jnp.int32),
+            per_copy_i32, per_copy_f32, per_copy_i32,
             jax.ShapeDtypeStruct((num_blocks, k, padded_experts), jnp.int32),
             jax.ShapeDtypeStruct((num_blocks, padded_experts), jnp.float32),
             jax.ShapeDtypeStruct((num_blocks, 1), jnp.float32),
-        ),
+        ) + ((per_copy_f32,) if scores is not None else ()),
         grid=(num_blocks,),
         in_specs=[token_spec] * len(inputs),
         out_specs=(
@@ -180,23 +226,33 @@ def fused_gating(logits: jax.Array, noise: Optional[jax.Array] = None, *, k: int
             pl.BlockSpec((1, k, padded_experts), lambda i: (i, 0, 0)),
             pl.BlockSpec((1, padded_experts), lambda i: (i, 0)),
             pl.BlockSpec((1, 1), lambda i: (i, 0)),
-        ),
+        ) + ((per_copy_spec,) if scores is not None else ()),
         compiler_params=params, interpret=interpret, name="gating_route",
     )(*inputs)
+    stats = statistics(counts, gate_sum, z_sum, num_tokens=num_tokens, num_experts=num_experts,
+                       capacity=capacity)
+
+    if scores is not None:
+        kept, offsets = rts_keep(expert[:, 0], priority[0][:, 0], num_experts=num_experts,
+                                 padded_experts=padded_experts, capacity=capacity, block_tokens=block)
+        slot, weight = pl.pallas_call(
+            _rts_slot_kernel,
+            out_shape=(per_copy_i32, per_copy_f32),
+            grid=(num_blocks,),
+            in_specs=[per_copy_spec, per_copy_spec, per_copy_spec,
+                      pl.BlockSpec((1, 1, padded_experts), lambda i: (i, 0, 0))],
+            out_specs=(per_copy_spec, per_copy_spec),
+            compiler_params=params, interpret=interpret, name="gating_rts_slots",
+        )(expert, kept[:, None].astype(jnp.int32), gate, offsets)
+        return GatingOutputs(expert, slot, weight, kept[:, None], *stats)
 
     slot, weight, kept = pl.pallas_call(
         functools.partial(_slot_kernel, k=k, capacity=capacity),
-        out_shape=(
-            jax.ShapeDtypeStruct((num_tokens, k), jnp.int32),
-            jax.ShapeDtypeStruct((num_tokens, k), jnp.float32),
-            jax.ShapeDtypeStruct((num_tokens, k), jnp.int32),
-        ),
+        out_shape=(per_copy_i32, per_copy_f32, per_copy_i32),
         grid=(num_blocks,),
         in_specs=[per_copy_spec, per_copy_spec, per_copy_spec,
                   pl.BlockSpec((1, k, padded_experts), lambda i: (i, 0, 0))],
         out_specs=(per_copy_spec, per_copy_spec, per_copy_spec),
         compiler_params=params, interpret=interpret, name="gating_slots",
     )(expert, rank, gate, block_offsets(counts))
-
-    return GatingOutputs(expert, slot, weight, kept > 0, *statistics(
-        counts, gate_sum, z_sum, num_tokens=num_tokens, num_experts=num_experts, capacity=capacity))
+    return GatingOutputs(expert, slot, weight, kept > 0, *stats)

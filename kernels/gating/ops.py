@@ -4,11 +4,15 @@
 
 Same arguments and the same Routing as the reference router. Which implementation runs:
 
-  * k in (1, 2) without random token selection: the fused kernel. On a GPU the jax-triton kernel
-    when jax_triton imports, else the Pallas one; `impl` forces "pallas", "triton" or "reference";
-    `interpret` as platform.mode (CPU default: the pure-jnp reference.fused_gating).
-  * k > 2 (top-k over raw logits with the "probs" drop policy needs a per-expert sort) and RTS
-    (a per-expert top-C over random scores): moe_jax.gating.top_k_gating itself.
+  * k in (1, 2): the fused kernel. On a GPU the jax-triton kernel when jax_triton imports, else
+    the Pallas one; `impl` forces "pallas", "triton" or "reference"; `interpret` as platform.mode
+    (CPU default: the pure-jnp reference.fused_gating).
+  * random token selection (RTS: k=1, use_rts, drop_tokens, with rts_scores or an rng): the scores
+    are a kernel input, drawn from the rng exactly as the reference draws them. Only the Pallas
+    kernel implements RTS, so on a GPU it runs there even when jax-triton is available; asking for
+    impl="triton" with RTS is an error.
+  * k > 2 (top-k over raw logits with the "probs" drop policy needs a per-expert sort):
+    moe_jax.gating.top_k_gating itself.
 
 Gradients: the routing decisions (experts, slots, drops) are piecewise constant; the weights,
 aux loss, z-loss and gate fractions are differentiable in the logits. The backward pass is jax.vjp of
@@ -31,10 +35,13 @@ from moe_jax.kernels.gating import kernel, reference, triton_kernel
 IMPLS = ("pallas", "triton", "reference")
 
 
-def _resolve_impl(impl: Optional[str], interpret: Optional[bool]) -> tuple[str, bool]:
-    """(implementation, interpret) from the caller's choice and the backend."""
+def _resolve_impl(impl: Optional[str], interpret: Optional[bool], rts: bool = False) -> tuple[str, bool]:
+    """(implementation, interpret) from the caller's choice, the backend and whether RTS is on."""
     if impl is not None and impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is unknown; use one of {IMPLS} or None")
+    if impl == "triton" and rts:
+        raise ValueError("the jax-triton gating kernel has no random token selection; use impl='pallas' "
+                         "(or None) with use_rts=True, or use_rts=False with impl='triton'")
     if impl == "reference":
         return "reference", False
     run = platform.mode(interpret)
@@ -46,26 +53,27 @@ def _resolve_impl(impl: Optional[str], interpret: Optional[bool]) -> tuple[str, 
     if run == platform.REFERENCE:
         return "reference", False
     if impl is None:
-        impl = "triton" if triton_kernel.available() else "pallas"
+        impl = "triton" if triton_kernel.available() and not rts else "pallas"
     return impl, False
 
 
-def _run(impl: str, interpret: bool, block_sizes, logits, noise, k, capacity) -> reference.GatingOutputs:
+def _run(impl: str, interpret: bool, block_sizes, logits, noise, scores, k,
+         capacity) -> reference.GatingOutputs:
     if impl == "reference":
-        return reference.fused_gating(logits, noise, k=k, capacity=capacity)
+        return reference.fused_gating(logits, noise, scores, k=k, capacity=capacity)
     if impl == "triton":
         return triton_kernel.fused_gating(logits, noise, k=k, capacity=capacity, block_sizes=block_sizes)
-    return kernel.fused_gating(logits, noise, k=k, capacity=capacity, block_sizes=block_sizes,
+    return kernel.fused_gating(logits, noise, scores, k=k, capacity=capacity, block_sizes=block_sizes,
                                interpret=interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 5, 6))
-def _fused(impl, interpret, block_sizes, logits, noise, k, capacity):
-    return _run(impl, interpret, block_sizes, logits, noise, k, capacity)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 6, 7))
+def _fused(impl, interpret, block_sizes, logits, noise, scores, k, capacity):
+    return _run(impl, interpret, block_sizes, logits, noise, scores, k, capacity)
 
 
-def _fused_fwd(impl, interpret, block_sizes, logits, noise, k, capacity):
-    outputs = _run(impl, interpret, block_sizes, logits, noise, k, capacity)
+def _fused_fwd(impl, interpret, block_sizes, logits, noise, scores, k, capacity):
+    outputs = _run(impl, interpret, block_sizes, logits, noise, scores, k, capacity)
     return outputs, (logits, outputs.expert_index, outputs.kept)
 
 
@@ -73,7 +81,8 @@ def _fused_bwd(impl, interpret, block_sizes, k, capacity, residuals, cotangents)
     logits, expert_index, kept = residuals
     _, vjp = jax.vjp(lambda l: reference.differentiable_outputs(l, expert_index, kept), logits)
     (d_logits,) = vjp((cotangents.weight, cotangents.aux_loss, cotangents.z_loss, cotangents.gate_fraction))
-    return d_logits.astype(logits.dtype), None  # the noise only moves argmaxes: no gradient
+    # The noise only moves argmaxes and the RTS scores only choose which copies are kept: no gradient.
+    return d_logits.astype(logits.dtype), None, None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -105,8 +114,7 @@ def top_k_gating(
     if logits.ndim != 2:
         raise ValueError(f"logits must be [S, E]; got shape {logits.shape}")
     num_tokens, num_experts = logits.shape
-    rts_active = k == 1 and use_rts and drop_tokens and (rts_scores is not None or rng is not None)
-    if k > 2 or rts_active:
+    if k > 2:
         return gating_lib.top_k_gating(
             logits, k=k, capacity_factor=capacity_factor, min_capacity=min_capacity,
             drop_tokens=drop_tokens, use_rts=use_rts, second_expert_sampling=second_expert_sampling,
@@ -114,19 +122,23 @@ def top_k_gating(
             rsample_noise=rsample_noise)
     if not 1 <= k <= num_experts:
         raise ValueError(f"k={k} must be between 1 and the number of experts ({num_experts})")
+    # The reference's draws, split for split, so a given rng routes identically.
+    rng_rts, rng_gumbel = jax.random.split(rng) if rng is not None else (None, None)
+    rts = k == 1 and use_rts and drop_tokens and (rts_scores is not None or rng is not None)
+    if rts and rts_scores is None:
+        rts_scores = jax.random.uniform(rng_rts, logits.shape)
     if k == 2 and second_expert_sampling and gumbel is None and rng is not None:
-        # The reference's draw, split for split, so a given rng routes identically.
-        _, rng_gumbel = jax.random.split(rng)
         gumbel = jax.random.gumbel(rng_gumbel, logits.shape)
     noise = rsample_noise if k == 1 else gumbel
     if drop_tokens:
         capacity = gating_lib.compute_capacity(num_tokens, num_experts, capacity_factor, min_capacity, k)
     else:
         capacity = num_tokens
-    impl, interpret = _resolve_impl(impl, interpret)
+    impl, interpret = _resolve_impl(impl, interpret, rts)
     logits = logits.astype(jnp.float32)
     noise = None if noise is None else jax.lax.stop_gradient(noise.astype(jnp.float32))
-    outputs = _fused(impl, interpret, block_sizes, logits, noise, k, capacity)
+    scores = jax.lax.stop_gradient(rts_scores.astype(jnp.float32)) if rts else None
+    outputs = _fused(impl, interpret, block_sizes, logits, noise, scores, k, capacity)
     return gating_lib.Routing(
         expert_index=outputs.expert_index, slot=outputs.slot, weight=outputs.weight, kept=outputs.kept,
         aux_loss=outputs.aux_loss, z_loss=outputs.z_loss, expert_counts=outputs.expert_counts,

@@ -1,12 +1,15 @@
-"""Pure-jnp specification of the fused gating op (top-1 / top-2, first-come capacity dropping).
+"""Pure-jnp specification of the fused gating op (top-1 / top-2 with capacity dropping).
 
-    fused_gating(logits [S, E], noise [S, E] | None, *, k, capacity) -> GatingOutputs
+    fused_gating(logits [S, E], noise [S, E] | None, scores [S, E] | None, *, k, capacity)
+        -> GatingOutputs
 
 The kernels in kernel.py and triton_kernel.py compute exactly this; moe_jax.gating.top_k_gating
-with use_rts=False computes the same (tests hold all three equal). `noise` is the routing noise
-that DeepSpeed adds to the logits: for k=1 the RSample noise (the expert is argmax(logits + noise));
-for k=2 the Gumbel noise of the second choice (argmax(logits + noise) with the first masked).
-With drop_tokens=False the caller passes capacity = S: nothing can be dropped.
+computes the same (tests hold them equal). `noise` is the routing noise that DeepSpeed adds to the
+logits: for k=1 the RSample noise (the expert is argmax(logits + noise)); for k=2 the Gumbel noise
+of the second choice (argmax(logits + noise) with the first masked). `scores` are the random token
+selection (RTS) scores, k=1 only: an over-full expert keeps the C tokens whose score at that expert
+is highest (ties: earlier token first) instead of the first C; kept tokens take slots in token
+order either way. With drop_tokens=False the caller passes capacity = S: nothing can be dropped.
 """
 
 from __future__ import annotations
@@ -32,11 +35,26 @@ class GatingOutputs(NamedTuple):
     token_fraction: jax.Array  # [E] float32, fraction of first choices (the aux loss's `ce`)
 
 
-def fused_gating(logits: jax.Array, noise: Optional[jax.Array] = None, *, k: int,
-                 capacity: int) -> GatingOutputs:
-    """logits [S, E] (cast to float32), noise [S, E] or None; k in (1, 2); capacity C >= 1."""
+def rank_within_expert(expert: jax.Array, priority: jax.Array, num_experts: int) -> jax.Array:
+    """expert [S] int32, priority [S] -> [S] int32: each token's rank among the tokens of its expert
+    by decreasing priority, ties to the earlier token (one stable sort, no [E, S] top-k)."""
+    num_tokens = expert.shape[0]
+    token = jnp.arange(num_tokens, dtype=jnp.int32)
+    sorted_expert, _, sorted_token = jax.lax.sort((expert, -priority, token), num_keys=2, is_stable=True)
+    counts = jnp.zeros(num_experts, jnp.int32).at[expert].add(1)
+    group_start = jnp.cumsum(counts) - counts
+    rank_in_sorted_order = token - group_start[sorted_expert]  # token doubles as the sorted position
+    return jnp.zeros(num_tokens, jnp.int32).at[sorted_token].set(rank_in_sorted_order)
+
+
+def fused_gating(logits: jax.Array, noise: Optional[jax.Array] = None, scores: Optional[jax.Array] = None,
+                 *, k: int, capacity: int) -> GatingOutputs:
+    """logits [S, E] (cast to float32), noise [S, E] or None, scores [S, E] or None (k=1 only);
+    k in (1, 2); capacity C >= 1."""
     if k not in (1, 2):
         raise ValueError(f"fused gating handles k=1 and k=2; got k={k}")
+    if scores is not None and k != 1:
+        raise ValueError(f"random token selection scores are for k=1; got k={k}")
     logits = logits.astype(jnp.float32)
     num_tokens, num_experts = logits.shape
     gates = jax.nn.softmax(logits, axis=-1)
@@ -65,6 +83,11 @@ def fused_gating(logits: jax.Array, noise: Optional[jax.Array] = None, *, k: int
     expert_index = jnp.stack(experts, axis=1)
     slot = jnp.stack(slots, axis=1)
     kept = slot < capacity
+    if scores is not None:
+        priority = jnp.take_along_axis(scores.astype(jnp.float32), expert_index, axis=1)[:, 0]
+        kept = (rank_within_expert(expert_index[:, 0], priority, num_experts) < capacity)[:, None]
+        kept_hot = masks[0] * kept.astype(jnp.int32)
+        slot = jnp.take_along_axis(jnp.cumsum(kept_hot, axis=0) - 1, expert_index, axis=1)
     probs = jnp.take_along_axis(gates, expert_index, axis=1) * kept
     if k == 1:
         weight = probs
