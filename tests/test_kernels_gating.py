@@ -1,10 +1,12 @@
 """The fused gating kernel against moe_jax.gating.top_k_gating and its own jnp spec.
 
-On CPU the Pallas kernel runs in interpret mode and is lowered for CUDA; the compiled kernels
-(Pallas and jax-triton) run in the `gpu`-marked cases, which skip without a GPU.
+On CPU the Pallas kernel runs in interpret mode and is lowered for CUDA; the jax-triton kernel is
+compiled for sm_90 where triton imports (the [gpu] extra); the compiled kernels (Pallas and
+jax-triton) run in the `gpu`-marked cases, which skip without a GPU.
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -219,3 +221,40 @@ def test_jax_triton_kernel_matches_spec(num_tokens, num_experts, k):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=field)
         else:
             np.testing.assert_array_equal(a, b, err_msg=field)
+
+
+@pytest.mark.skipif(triton_kernel.triton is None, reason="needs triton (the [gpu] extra)")
+@pytest.mark.parametrize("num_tokens,num_experts,k,has_noise", [(4096, 64, 1, False), (1000, 100, 2, True)])
+def test_jax_triton_kernel_compiles_for_sm90(num_tokens, num_experts, k, has_noise):
+    """Triton compiles both passes to PTX and a cubin for an H200 on any machine."""
+    capacity = gating_lib.compute_capacity(num_tokens, num_experts, 1.0, 4, k)
+    compiled = triton_kernel.compile_for_gpu(num_tokens, num_experts, k=k, capacity=capacity, has_noise=has_noise)
+    for name, function in [("route", "_route_block_kernel"), ("slots", "_slot_kernel")]:
+        ptx = compiled[name].asm["ptx"]
+        assert re.search(r"^\.target sm_90", ptx, re.MULTILINE), name
+        assert re.search(rf"\.entry {function}", ptx), name
+        assert len(compiled[name].asm["cubin"]) > 0, name
+
+
+@pytest.mark.skipif(not platform.jax_triton_available(), reason="needs jax_triton and triton")
+def test_default_gpu_kernel_can_be_jitted():
+    """ops picks the jax-triton kernel on a GPU only where this jax can jit a triton_call; where it
+    cannot (jax 0.12 with jax-triton 0.4.1), jitting one fails and ops picks the Pallas kernel."""
+    impl, _ = ops._resolve_impl(None, interpret=False)
+    if triton_kernel.jax_triton_fits_jax():
+        assert impl == "triton"
+        return
+    assert impl == "pallas"
+    logits = jax.ShapeDtypeStruct((64, 8), jnp.float32)
+    per_copy = jax.ShapeDtypeStruct((64, 1), jnp.int32)
+
+    def route(logits):
+        return triton_kernel._triton_call(
+            logits, logits, kernel=triton_kernel._route_block_kernel, grid=(1,), num_warps=4,
+            out_shapes=(per_copy, jax.ShapeDtypeStruct((64, 1), jnp.float32), per_copy,
+                        jax.ShapeDtypeStruct((1, 1, 8), jnp.int32), jax.ShapeDtypeStruct((1, 8), jnp.float32),
+                        jax.ShapeDtypeStruct((1,), jnp.float32)),
+            NUM_TOKENS=64, NUM_EXPERTS=8, K=1, BLOCK=64, PADDED_EXPERTS=8, HAS_NOISE=False)
+
+    with pytest.raises(TypeError, match="positional arguments"):
+        platform.lower_for_gpu(route, logits)

@@ -2,8 +2,10 @@
 
 The same two passes and the same XLA scan between them as kernel.py (whose docstring explains the
 algorithm); the per-block arrays have the same layout, so `block_offsets` and `statistics` are
-shared. Used by ops.py on a GPU when jax_triton imports (it lives in the [gpu] extra; CPU installs
-never have triton, and this module imports cleanly without it: `available()` says False).
+shared. Used by ops.py on a GPU when jax_triton imports and fits the installed jax (it lives in the [gpu]
+extra; CPU installs never have triton, and this module imports cleanly without it: `available()`
+says False). It has no random token selection: ops.py runs RTS in the Pallas kernel.
+`compile_for_gpu` compiles both passes for an sm_90 target on any machine (tests do it on CPU).
 
 jax-triton 0.3 names the output argument of `triton_call` `out_shape`, 0.4 renames it `out_type`;
 `_triton_call` passes whichever the installed version takes. Sizes are passed as constexpr
@@ -33,7 +35,24 @@ _FLOAT32_EPS = 1.1920928955078125e-07  # jnp.finfo(jnp.float32).eps, the top-2 d
 
 
 def available() -> bool:
-    return triton is not None and platform.jax_triton_available()
+    """triton and jax_triton import and the installed jax-triton can be jitted with this jax."""
+    return triton is not None and platform.jax_triton_available() and jax_triton_fits_jax()
+
+
+@functools.lru_cache(maxsize=None)
+def jax_triton_fits_jax() -> bool:
+    """False where jax-triton's dead-code-elimination rule has the wrong arity for jax: jax 0.12 calls
+    such rules as rule(used_outputs, live_inputs, eqn), jax-triton 0.4.1 (the newest release) defines
+    rule(used_outputs, eqn), so every jax.jit holding a triton_call fails ("takes 2 positional
+    arguments but 3 were given"). ops.py then runs the Pallas kernel instead."""
+    from jax._src.interpreters import partial_eval
+    from jax_triton import triton_lib
+
+    rule = partial_eval.dce_rules.get(triton_lib.triton_kernel_call_p)
+    if rule is None:
+        return True
+    arity = len(inspect.signature(rule).parameters)
+    return arity == (3 if jax.__version_info__ >= (0, 12) else 2)
 
 
 if triton is not None:
@@ -134,6 +153,42 @@ if triton is not None:
             denom = tl.maximum(prob0 + prob1, EPS)
             tl.store(weight_ptr + token * K, prob0 / denom, mask=real_token)
             tl.store(weight_ptr + token * K + 1, prob1 / denom, mask=real_token)
+
+
+def compile_for_gpu(num_tokens: int, num_experts: int, *, k: int, capacity: int, has_noise: bool,
+                    compute_capability: int = 90, block_sizes: BlockSizes = BlockSizes()) -> dict:
+    """Compiles both passes with Triton for an NVIDIA GPU of the given compute capability (90: H100 /
+    H200) on any machine, GPU or not: Triton emits the PTX and its bundled ptxas the cubin.
+
+    Returns {"route": ..., "slots": ...}, triton's compiled kernels (each `.asm` holds "ttir",
+    "ttgir", "llir", "ptx" and "cubin"). This checks the kernels themselves; running them through
+    jax-triton also needs jaxlib's CUDA plugin (jaxlib.gpu_triton's TritonKernel), which CPU installs
+    lack."""
+    if triton is None:
+        raise RuntimeError("compiling the jax-triton gating kernel needs triton (the [gpu] extra)")
+    from triton.backends.compiler import GPUTarget
+
+    padded_experts = platform.next_power_of_2(num_experts)
+    block = block_sizes.resolve(num_tokens, padded_experts)
+    target = GPUTarget("cuda", compute_capability, 32)
+    options = {"num_warps": block_sizes.num_warps}
+
+    def build(fn, pointers, constants):
+        signature = {**pointers, **{name: "constexpr" for name in constants}}
+        return triton.compile(triton.compiler.ASTSource(fn, signature, constexprs=constants),
+                              target=target, options=options)
+
+    route = build(_route_block_kernel, {
+        "logits_ptr": "*fp32", "noise_ptr": "*fp32", "expert_ptr": "*i32", "gate_ptr": "*fp32",
+        "rank_ptr": "*i32", "counts_ptr": "*i32", "gate_sum_ptr": "*fp32", "z_ptr": "*fp32"}, {
+        "NUM_TOKENS": num_tokens, "NUM_EXPERTS": num_experts, "K": k, "BLOCK": block,
+        "PADDED_EXPERTS": padded_experts, "HAS_NOISE": has_noise})
+    slots = build(_slot_kernel, {
+        "expert_ptr": "*i32", "rank_ptr": "*i32", "gate_ptr": "*fp32", "offset_ptr": "*i32",
+        "slot_ptr": "*i32", "weight_ptr": "*fp32", "kept_ptr": "*i32"}, {
+        "NUM_TOKENS": num_tokens, "K": k, "CAPACITY": capacity, "BLOCK": block,
+        "PADDED_EXPERTS": padded_experts, "EPS": _FLOAT32_EPS})
+    return {"route": route, "slots": slots}
 
 
 def _triton_call(*args, kernel, out_shapes, grid, num_warps, **metaparams):
