@@ -19,8 +19,9 @@ devices, by its registry entry's `exchange`:
   None      (kernel) no expert-parallel form: a mesh that splits such a layer's experts is an
             error that names the path.
 
-Layers whose experts are not split (fewer experts than the expert group, or no expert axis) run the
-path itself on each shard's tokens.
+A layer with fewer experts than the expert group exchanges within its own smaller group of devices
+(moe_jax.parallel's Pyramid rule, `ParallelConfig.layer_axes`). Layers whose experts are not split
+(no expert axis, or no group fits) run the path itself on each shard's tokens.
 
 Tensor ranks hold the same tokens. Unless the experts are sliced over `tensor` (expert slicing: each
 rank runs 1/tp of every expert's FFN dimension and the partial outputs are summed) or the exchange
@@ -45,19 +46,21 @@ from jax.sharding import PartitionSpec as P
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import gating as gating_lib
 from moe_jax.gating import Routing
-from moe_jax.parallel import BATCH_AXES, EXPERT_AXES, ParallelConfig, param_specs
+from moe_jax.parallel import BATCH_AXES, EXPERT_AXES, INTRA_NODE_AXES, ParallelConfig, param_specs
 
 STAT_NAMES = ("aux_loss", "z_loss", "expert_counts", "kept_counts", "dropped_fraction", "overflow_fraction")
 
 
-def _all_to_all(buffer: jax.Array, par: ParallelConfig) -> jax.Array:
-    """buffer [ep, ...] (row j goes to expert rank j) -> [ep, ...] (row j came from rank j)."""
-    nodes, local = par.mesh.shape["expert_node"], par.mesh.shape["expert"]
-    if par.exchange != "hierarchical" or nodes == 1 or local == 1:
-        return jax.lax.all_to_all(buffer, EXPERT_AXES, 0, 0, tiled=True)
+def _all_to_all(buffer: jax.Array, par: ParallelConfig, axes: tuple[str, ...]) -> jax.Array:
+    """buffer [g, ...] (row j goes to rank j of the layer's group `axes`) -> [g, ...] (row j came
+    from rank j)."""
+    nodes = par.mesh.shape["expert_node"]
+    local = math.prod(par.mesh.shape[a] for a in INTRA_NODE_AXES)
+    if par.exchange != "hierarchical" or axes != EXPERT_AXES or nodes == 1 or local == 1:
+        return jax.lax.all_to_all(buffer, axes, 0, 0, tiled=True)
     rest = buffer.shape[1:]
     staged = buffer.reshape(nodes, local, *rest)
-    staged = jax.lax.all_to_all(staged, "expert", 1, 1, tiled=True)  # intra-node first
+    staged = jax.lax.all_to_all(staged, INTRA_NODE_AXES, 1, 1, tiled=True)  # intra-node first
     staged = jax.lax.all_to_all(staged, "expert_node", 0, 0, tiled=True)  # then across nodes
     return staged.reshape(buffer.shape)
 
@@ -99,10 +102,11 @@ def _ffn_on_slots(experts: dict, buffer: jax.Array, par: ParallelConfig, split: 
     return jax.lax.all_gather(out, "tensor", axis=1, tiled=True)[:, :capacity]
 
 
-def buffer_exchange(tokens: jax.Array, routing: Routing, experts: dict, par: ParallelConfig, path) -> jax.Array:
-    """Local tokens [S, M] -> y [S, M] through experts split over the group, by the path's capacity
-    buffer (path.pack / path.unpack)."""
-    ep = par.expert_size
+def buffer_exchange(tokens: jax.Array, routing: Routing, experts: dict, par: ParallelConfig, path,
+                    axes: tuple[str, ...]) -> jax.Array:
+    """Local tokens [S, M] -> y [S, M] through experts split over the group `axes`, by the path's
+    capacity buffer (path.pack / path.unpack)."""
+    ep = math.prod(par.mesh.shape[a] for a in axes)
     num_experts, capacity = routing.num_experts, routing.capacity
     model_dim = tokens.shape[-1]
     buffer = path.pack(tokens, routing)  # [E, C, M]
@@ -113,20 +117,22 @@ def buffer_exchange(tokens: jax.Array, routing: Routing, experts: dict, par: Par
         buffer = jax.lax.dynamic_slice_in_dim(buffer, start, share, axis=1)
     slots = buffer.shape[1]
     local_experts = num_experts // ep
-    received = _all_to_all(buffer.reshape(ep, local_experts, slots, model_dim), par)  # [ep (source), E_l, slots, M]
+    received = _all_to_all(buffer.reshape(ep, local_experts, slots, model_dim), par, axes)  # [ep (source), E_l, slots, M]
     rows = received.transpose(1, 0, 2, 3).reshape(local_experts, ep * slots, model_dim)
     out = _expert_ffn(experts, rows, par)
     out = out.reshape(local_experts, ep, slots, model_dim).transpose(1, 0, 2, 3)
-    out = _all_to_all(out, par).reshape(num_experts, slots, model_dim)
+    out = _all_to_all(out, par, axes).reshape(num_experts, slots, model_dim)
     if split:
         out = jax.lax.all_gather(out, "tensor", axis=1, tiled=True)[:, :capacity]
     return path.unpack(out, routing)
 
 
-def row_bound(copies: int, par: ParallelConfig, factor: float) -> int:
-    """Rows each device sends each other device in the rows exchange: ceil(copies / ep * factor),
-    between 1 and `copies` (copies: this rank's token copies)."""
-    return max(1, min(copies, math.ceil(copies / par.expert_size * factor)))
+def row_bound(copies: int, group: int, factor: float) -> int:
+    """Rows each device sends each device of its group (of `group` devices) in the rows exchange:
+    ceil(copies / group * factor), between 1 and `copies` (copies: this rank's token copies)."""
+    if factor >= group:  # every copy may go to one device: nothing can overflow
+        return copies
+    return max(1, min(copies, math.ceil(copies / group * factor)))
 
 
 def _grouped_rows(experts: dict, rows: jax.Array, row_expert: jax.Array, num_local: int) -> jax.Array:
@@ -144,15 +150,15 @@ def _grouped_rows(experts: dict, rows: jax.Array, row_expert: jax.Array, num_loc
     return jnp.zeros_like(out).at[order].set(out)
 
 
-def rows_exchange(tokens: jax.Array, routing: Routing, experts: dict, par: ParallelConfig,
-                  factor: float) -> tuple[jax.Array, jax.Array]:
+def rows_exchange(tokens: jax.Array, routing: Routing, experts: dict, par: ParallelConfig, factor: float,
+                  axes: tuple[str, ...]) -> tuple[jax.Array, jax.Array]:
     """Local tokens [S, M] -> (y [S, M], overflow [S, k] bool) sending only the copies that exist
-    (module docstring)."""
+    to the experts' devices in the group `axes` (module docstring)."""
     if _sliced(par):
         raise ValueError("the rows exchange (dispatch 'dropless' or 'serve') does not slice experts over "
                          "tensor ranks; set mesh.expert_slicing=False (tensor ranks then share the tokens) "
                          "or use moe.dispatch='gather'")
-    ep = par.expert_size
+    ep = math.prod(par.mesh.shape[a] for a in axes)
     num_tokens, k = routing.expert_index.shape
     num_local = routing.num_experts // ep
     model_dim = tokens.shape[-1]
@@ -167,7 +173,7 @@ def rows_exchange(tokens: jax.Array, routing: Routing, experts: dict, par: Paral
         copies = share * k
     else:
         copies = num_copies
-    bound = row_bound(copies, par, factor)
+    bound = row_bound(copies, ep, factor)
     dest = jnp.where(valid, expert // num_local, ep)  # invalid copies sort last
     order = jnp.argsort(dest, stable=True).astype(jnp.int32)
     per_dest = jnp.zeros(ep + 1, jnp.int32).at[dest].add(1)
@@ -183,10 +189,10 @@ def rows_exchange(tokens: jax.Array, routing: Routing, experts: dict, par: Paral
     padded_tokens = jnp.concatenate([tokens, jnp.zeros((1, model_dim), tokens.dtype)])
     send = padded_tokens[jnp.where(filled, row_copy // k, num_tokens)].reshape(ep, bound, model_dim)
     send_expert = jnp.where(filled, expert[jnp.minimum(row_copy, num_copies - 1)] % num_local, num_local)
-    received = _all_to_all(send, par).reshape(ep * bound, model_dim)
-    received_expert = _all_to_all(send_expert.reshape(ep, bound), par).reshape(ep * bound)
+    received = _all_to_all(send, par, axes).reshape(ep * bound, model_dim)
+    received_expert = _all_to_all(send_expert.reshape(ep, bound), par, axes).reshape(ep * bound)
     out = _grouped_rows(experts, received, received_expert, num_local)
-    back = _all_to_all(out.reshape(ep, bound, model_dim), par).reshape(ep * bound, model_dim)
+    back = _all_to_all(out.reshape(ep, bound, model_dim), par, axes).reshape(ep * bound, model_dim)
     per_copy = jnp.concatenate([back, jnp.zeros((1, model_dim), back.dtype)])[row]  # [N, M]; unsent: 0
     weight = routing.weight * sent.reshape(num_tokens, k)
     y = jnp.einsum("skm,sk->sm", per_copy.reshape(num_tokens, k, model_dim), weight.astype(tokens.dtype))
@@ -238,12 +244,13 @@ def sharded_moe(params: dict, tokens: jax.Array, *, moe, train: bool, rng, par: 
     """Runs route + dispatch of one MoE layer under shard_map. tokens [B, T, M] (global, batch-sharded).
     Returns (y [B, T, M], stats) with stats reduced over the whole batch."""
     num_experts = params["gate"]["kernel"].shape[1]
-    sharded = par.experts_sharded(num_experts)
+    axes = par.layer_axes(num_experts)
+    sharded = bool(axes)
     path = dispatch_lib.get_path(moe.dispatch)
     if sharded and path.exchange is None:
         usable = tuple(name for name, p in dispatch_lib.PATHS.items() if p.exchange is not None)
         raise ValueError(f"moe.dispatch={moe.dispatch!r} has no expert-parallel exchange, and this mesh splits "
-                         f"the {num_experts} experts of a layer over mesh.expert={par.expert_size}; use one of "
+                         f"the {num_experts} experts of a layer over {par.group_size(num_experts)} devices; use one of "
                          f"{usable}, or mesh.expert=1")
     expert_specs = param_specs({"experts": params["experts"]}, par)["experts"]
     x_spec = P(BATCH_AXES)
@@ -259,9 +266,9 @@ def sharded_moe(params: dict, tokens: jax.Array, *, moe, train: bool, rng, par: 
         if not sharded:
             y = local_layer(flat, routing, experts, par, path, moe.dispatch)
         elif path.exchange == "buffer":
-            y = buffer_exchange(flat, routing, experts, par, path)
+            y = buffer_exchange(flat, routing, experts, par, path, axes)
         else:
-            y, overflow = rows_exchange(flat, routing, experts, par, moe.row_exchange_factor)
+            y, overflow = rows_exchange(flat, routing, experts, par, moe.row_exchange_factor, axes)
             if _split_over_tensor(par):  # each tensor rank knows the overflow of its own tokens only
                 overflow = jax.lax.psum(overflow.astype(jnp.int32), "tensor") > 0
         routing = routing.replace(kept=routing.kept & ~overflow)

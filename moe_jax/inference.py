@@ -70,8 +70,9 @@ DTYPES = ("float32", "bfloat16")
 
 def serving_config(cfg: ModelConfig, *, dtype: str = "float32", moe_path: str = "serve") -> ModelConfig:
     """The inference twin of a training config: no dropout, parameters and compute in `dtype`, and
-    for MoE models no dropped tokens (drop_tokens=False), no gating noise and dispatch path
-    `moe_path` (a name of moe_jax.dispatch.PATHS; "serve" is the fast one)."""
+    for MoE models no dropped tokens (drop_tokens=False, and no overflow of the expert-parallel
+    rows exchange), no gating noise and dispatch path `moe_path` (a name of moe_jax.dispatch.PATHS;
+    "serve" is the fast one)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported for inference; use one of {DTYPES}")
     if moe_path not in dispatch_lib.PATHS:
@@ -80,7 +81,9 @@ def serving_config(cfg: ModelConfig, *, dtype: str = "float32", moe_path: str = 
     cfg = cfg.replace(dropout=0.0, param_dtype=dtype, compute_dtype=dtype)
     if cfg.moe is None:
         return cfg
-    return replace_moe(cfg, drop_tokens=False, noisy_gate_policy=None, dispatch=moe_path)
+    # row_exchange_factor inf: under expert parallelism the rows exchange never overflows either
+    return replace_moe(cfg, drop_tokens=False, noisy_gate_policy=None, dispatch=moe_path,
+                       row_exchange_factor=float("inf"))
 
 
 def cast_params(params: dict, dtype: str) -> dict:

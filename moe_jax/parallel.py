@@ -1,13 +1,15 @@
 """Expert, tensor and data parallelism: the mesh, partition rules and the MoE exchange under shard_map.
 
-Mesh axes (always these four; unused ones have size 1):
-  data         pure data parallelism
-  expert_node  the inter-node part of the expert-parallel group (hierarchical exchange)
-  expert       the intra-node part of the expert-parallel group
-  tensor       Megatron tensor parallelism (and expert slicing)
-The expert-parallel group is ("expert_node", "expert"), of size ep = mesh.expert (config), split into
-`expert_nodes` groups of ep / expert_nodes devices. The batch is sharded over (data, expert_node,
-expert): for the dense part of the model the expert axes are just more data parallelism.
+Mesh axes (always these five; unused ones have size 1):
+  data            pure data parallelism
+  expert_node     the inter-node part of the expert-parallel group (hierarchical exchange)
+  expert_replica  the intra-node part of the group above the smallest expert group (below)
+  expert          the innermost part of the expert-parallel group
+  tensor          Megatron tensor parallelism (and expert slicing)
+The expert-parallel group is ("expert_node", "expert_replica", "expert"), of size ep = mesh.expert
+(config), split into `expert_nodes` groups of ep / expert_nodes devices. The batch is sharded over
+(data, expert_node, expert_replica, expert): for the dense part of the model the expert axes are
+just more data parallelism.
 
 Parameters (partition rules by name, `param_specs`):
   attention qkv [M, 3M] column-parallel (None, tensor); out [M, M] row-parallel (tensor, None)
@@ -28,9 +30,14 @@ Exchanges (`exchange`), the topology of the all_to_all and what tensor ranks do:
 Expert slicing (`expert_slicing=True`) instead splits each expert's FFN dimension over `tensor`;
 partial outputs are summed over `tensor`.
 
-Rule for layers with fewer experts than the expert group (Pyramid-MoE): such a layer keeps all of
-its experts on every device (replicated) and runs them on the device's own tokens, with no
-exchange. A layer with at least ep experts must have a multiple of ep.
+Layers with fewer experts than the expert group (Pyramid-MoE) follow DeepSpeed's rule: such a
+layer's expert-parallel group is min(ep, E_layer) devices and the rest is expert-data parallelism.
+Its experts are split over the innermost expert axes whose sizes multiply to its group
+(`ParallelConfig.layer_axes`) and replicated over the others; tokens are exchanged within the group
+only. `make_mesh(..., expert_group=g)` sizes the innermost `expert` axis to g (run configs take g
+from the model's smallest MoE layer, `smallest_expert_group`); a layer whose group cannot be formed
+from the axes keeps all its experts on every device (logged). A layer with at least ep experts must
+have a multiple of ep.
 
 Load-balancing loss: the per-expert gate and token fractions are averaged over the whole batch
 (all shards) before their product is taken, so the loss equals the single-device loss exactly.
@@ -52,9 +59,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 
-AXES = ("data", "expert_node", "expert", "tensor")
-EXPERT_AXES = ("expert_node", "expert")
-BATCH_AXES = ("data", "expert_node", "expert")
+AXES = ("data", "expert_node", "expert_replica", "expert", "tensor")
+EXPERT_AXES = ("expert_node", "expert_replica", "expert")
+INTRA_NODE_AXES = ("expert_replica", "expert")  # the first stage of the hierarchical exchange
+BATCH_AXES = ("data",) + EXPERT_AXES
 EXCHANGES = ("auto", "flat", "hierarchical", "coordinated")
 
 
@@ -87,7 +95,7 @@ class ParallelConfig:
 
     @property
     def expert_size(self) -> int:
-        return self.mesh.shape["expert_node"] * self.mesh.shape["expert"]
+        return math.prod(self.mesh.shape[a] for a in EXPERT_AXES)
 
     @property
     def tensor_size(self) -> int:
@@ -97,29 +105,68 @@ class ParallelConfig:
     def batch_size_divisor(self) -> int:
         return math.prod(self.mesh.shape[a] for a in BATCH_AXES)
 
+    def layer_axes(self, num_experts: int) -> tuple[str, ...]:
+        """The mesh axes a layer of num_experts experts is split over: the whole expert group when
+        num_experts >= ep, else the largest innermost part of it (expert, then expert_replica x
+        expert) whose size divides num_experts (DeepSpeed's group of min(ep, E) devices when the mesh
+        has it); () when its experts stay whole on every device."""
+        if self.expert_size == 1 or num_experts < 1:
+            return ()
+        if num_experts >= self.expert_size:
+            return EXPERT_AXES
+        for axes in (INTRA_NODE_AXES, ("expert",)):
+            size = math.prod(self.mesh.shape[a] for a in axes)
+            if 1 < size <= num_experts and num_experts % size == 0:
+                return axes
+        return ()
+
+    def group_size(self, num_experts: int) -> int:
+        """Devices a layer's experts are split over (1: not split)."""
+        return math.prod(self.mesh.shape[a] for a in self.layer_axes(num_experts))
+
     def experts_sharded(self, num_experts: int) -> bool:
-        """Whether a layer's experts are split over the expert group (else replicated)."""
-        return num_experts >= self.expert_size > 1
+        """Whether a layer's experts are split over (part of) the expert group (else replicated)."""
+        return bool(self.layer_axes(num_experts))
 
 
 def _check_expert_axis_within_hosts(mesh: jax.sharding.Mesh) -> None:
-    """The hierarchical exchange's first stage runs over `expert` as the intra-node stage: every
-    group of devices along that axis must live in one process (host)."""
-    devices = np.moveaxis(np.asarray(mesh.devices), AXES.index("expert"), -1)
-    for group in devices.reshape(-1, devices.shape[-1]):
+    """The hierarchical exchange's first stage runs over (expert_replica, expert) as the intra-node
+    stage: every group of devices along those axes must live in one process (host)."""
+    intra = [AXES.index(a) for a in INTRA_NODE_AXES]
+    devices = np.asarray(mesh.devices)
+    devices = np.moveaxis(devices, intra, list(range(devices.ndim - len(intra), devices.ndim)))
+    for group in devices.reshape(-1, math.prod(devices.shape[-len(intra):])):
         hosts = sorted({device.process_index for device in group})
         if len(hosts) > 1:
             raise ValueError(
-                f"mesh.exchange='hierarchical' runs its intra-node stage over the 'expert' axis, but the mesh "
-                f"{dict(mesh.shape)} puts devices of processes {hosts} in one 'expert' group; set "
+                f"mesh.exchange='hierarchical' runs its intra-node stage within each node's expert devices, but "
+                f"the mesh {dict(mesh.shape)} puts devices of processes {hosts} in one node's group; set "
                 "mesh.expert_nodes so that mesh.expert / expert_nodes devices sit in each host, or use "
                 "mesh.exchange='flat'")
 
 
+def smallest_expert_group(layer_experts, expert: int, expert_nodes: int = 1) -> int:
+    """The size of the innermost `expert` mesh axis for a model (DeepSpeed's rule): the smallest
+    group min(ep, E_layer) among its MoE layers, when it divides the devices of one node
+    (ep / expert_nodes) and every smaller layer's expert count; else one node's devices."""
+    per_node = max(1, expert // max(1, expert_nodes))
+    small = sorted({e for e in layer_experts if 0 < e < expert})
+    if not small:
+        return per_node
+    group = small[0]
+    if per_node % group == 0 and all(e % group == 0 for e in small):
+        return group
+    logging.warning("expert counts %s below the expert group %d cannot share one smaller group that divides "
+                    "%d devices per node; those layers keep their experts on every device", small, expert, per_node)
+    return per_node
+
+
 def make_mesh(data: int = -1, expert: int = 1, tensor: int = 1, expert_nodes: int = 1,
-              devices: Optional[list] = None) -> jax.sharding.Mesh:
-    """A ("data", "expert_node", "expert", "tensor") mesh; one of the sizes may be -1 (fills).
-    `expert` is the whole expert-parallel size; `expert_nodes` of its groups are inter-node."""
+              devices: Optional[list] = None, expert_group: Optional[int] = None) -> jax.sharding.Mesh:
+    """A mesh over AXES; one of data, expert, tensor may be -1 (fills). `expert` is the whole
+    expert-parallel size; `expert_nodes` of its groups are inter-node; `expert_group` (default: one
+    node's expert devices) is the size of the innermost `expert` axis, the smallest group a Pyramid
+    layer can be split over (`smallest_expert_group`)."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = {"data": data, "expert": expert, "tensor": tensor}
     unknown = [name for name, size in sizes.items() if size == -1]
@@ -140,7 +187,12 @@ def make_mesh(data: int = -1, expert: int = 1, tensor: int = 1, expert_nodes: in
                          "the device count or set one size to -1")
     if expert_nodes < 1 or sizes["expert"] % expert_nodes:
         raise ValueError(f"mesh.expert_nodes={expert_nodes} must divide mesh.expert={sizes['expert']}")
-    shape = (sizes["data"], expert_nodes, sizes["expert"] // expert_nodes, sizes["tensor"])
+    per_node = sizes["expert"] // expert_nodes
+    group = per_node if expert_group is None else expert_group
+    if group < 1 or per_node % group:
+        raise ValueError(f"expert_group={expert_group} must divide the {per_node} expert devices of a node "
+                         f"(mesh.expert={sizes['expert']} / mesh.expert_nodes={expert_nodes})")
+    shape = (sizes["data"], expert_nodes, per_node // group, group, sizes["tensor"])
     auto = (jax.sharding.AxisType.Auto,) * len(AXES)
     return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
 
@@ -150,7 +202,7 @@ def make_mesh(data: int = -1, expert: int = 1, tensor: int = 1, expert_nodes: in
 # ----------------------------------------------------------------------------------------------
 
 def _rules(slicing: bool):
-    ep = EXPERT_AXES
+    ep = EXPERT_AXES  # param_specs narrows it to a layer's own axes (ParallelConfig.layer_axes)
     t_expert = "tensor" if slicing else None
     return [
         (r"(^|/)wte$", P("tensor", None)),  # vocab-parallel embedding and logits
@@ -179,8 +231,8 @@ def param_specs(params, par: ParallelConfig):
         name = _path_name(path)
         for pattern, rule in rules:
             if re.search(pattern, name):
-                if name.split("/")[-2:-1] == ["experts"] and not par.experts_sharded(leaf.shape[0]):
-                    rule = P(None, *rule[1:])  # replicated experts (fewer than the expert group)
+                if name.split("/")[-2:-1] == ["experts"]:  # the layer's own expert axes, or none
+                    rule = P(par.layer_axes(leaf.shape[0]) or None, *rule[1:])
                 return _fit(rule, leaf.shape, par.mesh, name)
         return P()
 
@@ -219,6 +271,10 @@ def validate(model_cfg, par: ParallelConfig, batch_size: int) -> None:
             raise ValueError(
                 f"layer {layer} has num_experts={num_experts}, not divisible by the expert mesh axis ({ep}); "
                 f"use a multiple of {ep} experts or set mesh.expert to a divisor of {num_experts}")
+        if 0 < num_experts < ep and not par.experts_sharded(num_experts):
+            logging.warning("layer %d keeps all its %d experts on every device: no part of the expert group %s "
+                            "has a size that divides it (see parallel.smallest_expert_group)", layer, num_experts,
+                            {a: par.mesh.shape[a] for a in EXPERT_AXES})
         if num_experts and par.expert_slicing and model_cfg.expert_ffn_size % par.tensor_size:
             raise ValueError(f"expert FFN size {model_cfg.expert_ffn_size} is not divisible by mesh.tensor="
                              f"{par.tensor_size}; expert slicing splits it over tensor ranks")

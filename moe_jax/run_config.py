@@ -24,6 +24,7 @@ dimensions, and fit a pyramid expert list to their depth.
 from __future__ import annotations
 
 import dataclasses
+import math
 import itertools
 import typing
 from typing import Any, Mapping, Optional
@@ -232,7 +233,12 @@ def parallel_config(config: ml_collections.ConfigDict) -> Optional[parallel_lib.
     m = config.mesh
     if jax.device_count() == 1 and m.expert in (1, -1) and m.tensor in (1, -1):
         return None
-    mesh = parallel_lib.make_mesh(m.data, m.expert, m.tensor, m.get("expert_nodes", 1))
+    nodes = m.get("expert_nodes", 1)
+    mesh = parallel_lib.make_mesh(m.data, m.expert, m.tensor, nodes)
+    expert = math.prod(mesh.shape[a] for a in parallel_lib.EXPERT_AXES)  # -1 resolved
+    # DeepSpeed's Pyramid rule: the innermost expert axis is the model's smallest expert group
+    group = parallel_lib.smallest_expert_group(model_config(config).layer_experts(), expert, nodes)
+    mesh = parallel_lib.make_mesh(m.data, m.expert, m.tensor, nodes, expert_group=group)
     return parallel_lib.ParallelConfig(mesh, exchange=m.get("exchange", "auto"),
                                        expert_slicing=m.get("expert_slicing", False))
 

@@ -48,9 +48,10 @@ def test_cached_decode_matches_full_forward(params, moe_path):
 
 
 def _serve_vs_gather(layer, x, moe, parallel=None):
-    """The layer by the serving path (no drops) and by the gather path with drop_tokens=False."""
+    """The layer as served (serving_config: dispatch "serve", no drops, no exchange overflow) and
+    by the gather path with drop_tokens=False."""
     gather = dataclasses.replace(moe, drop_tokens=False, dispatch="gather")
-    serve = dataclasses.replace(moe, dispatch="serve")
+    serve = inference.serving_config(config.ModelConfig(hidden_size=32, num_heads=2, moe=moe)).moe
     expected, _ = moe_lib.moe_forward(layer, x, moe=gather, train=False)
     served, stats = moe_lib.moe_forward(layer, x, moe=serve, train=False, parallel=parallel)
     return expected, served, stats["dropped_fraction"]

@@ -96,6 +96,34 @@ def test_layer_with_dropping_equals_per_shard_reference(mesh, exchange, slicing,
     np.testing.assert_array_equal(stats["expert_counts"], sum(s["expert_counts"] for _, s in per_shard))
 
 
+@pytest.mark.parametrize("path", ["gather", "einsum"])
+@pytest.mark.parametrize("mesh", [(1, 8, 1), (2, 2, 2)])
+def test_gradients_with_dropping_equal_per_shard_reference(path, mesh):
+    """Loss and gradients with dropping: the reference applies each shard's capacity to its own
+    tokens; the aux loss is the whole batch's (fractions averaged over shards before the product)."""
+    moe = config.MoEConfig(experts=8, k=2, capacity_factor=0.5, min_capacity=0, second_expert_sampling=False,
+                           dispatch=path)
+    params = _layer_params()
+    x = jax.random.normal(jax.random.key(8), (16, 4, 16))
+    par = parallel.ParallelConfig(parallel.make_mesh(*mesh))
+
+    def sharded_loss(params, x):
+        y, stats = moe_lib.moe_forward(params, x, moe=moe, train=True, parallel=par)
+        return jnp.sum(jnp.sin(y)) + stats["aux_loss"], stats["dropped_fraction"]
+
+    def reference_loss(params, x):
+        parts = jnp.split(x, par.batch_size_divisor)
+        outputs = [moe_lib.moe_forward(params, part, moe=moe, train=True)[0] for part in parts]
+        _, stats = moe_lib.moe_forward(params, x, moe=moe, train=True)  # aux loss over the whole batch
+        return sum(jnp.sum(jnp.sin(y)) for y in outputs) + stats["aux_loss"], stats["dropped_fraction"]
+
+    (loss, dropped), grads = jax.jit(jax.value_and_grad(sharded_loss, argnums=(0, 1), has_aux=True))(params, x)
+    (ref_loss, _), ref_grads = jax.jit(jax.value_and_grad(reference_loss, argnums=(0, 1), has_aux=True))(params, x)
+    assert float(dropped) > 0.1
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads, ref_grads)
+
+
 def _layer_params(num_experts=8, model_dim=16, ffn_dim=32, seed=5):
     keys = jax.random.split(jax.random.key(seed), 5)
     return {"gate": {"kernel": jax.random.normal(keys[0], (model_dim, num_experts))},
@@ -150,7 +178,7 @@ def test_rows_exchange_overflow_is_dropped_and_counted(mesh):
         routing = moe_lib.route(params["gate"], tokens, moe=moe, train=True, rng=None)
         expert = np.asarray(routing.expert_index)
         share = -(-tokens.shape[0] // tp)  # with tensor ranks, each sends the copies of its share of tokens
-        bound = exchange.row_bound(share * moe.k, par, factor)
+        bound = exchange.row_bound(share * moe.k, par.expert_size, factor)
         processed = np.zeros_like(expert, bool)
         for rank in range(tp):
             seen = np.zeros(ep, int)
@@ -207,6 +235,29 @@ def test_pyramid_layer_smaller_than_expert_group_is_replicated():
     assert specs["block_3"]["moe"]["experts"]["w1"][0] is None  # 2 experts: replicated
 
 
+PYRAMID_CFG = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, experts="4x1,8x1"))
+
+
+@pytest.mark.parametrize("path", ["gather", "dropless"])
+def test_pyramid_layer_smaller_than_expert_group_splits_over_its_own_group(path):
+    """DeepSpeed's rule on (1, 8, 1): the 4-expert layer is split over a group of 4 devices (one expert
+    each, replicated over the 2 groups), the 8-expert layer over all 8; equal to one device."""
+    cfg = dataclasses.replace(PYRAMID_CFG, moe=dataclasses.replace(PYRAMID_CFG.moe, dispatch=path,
+                                                                   row_exchange_factor=8.0))
+    group = parallel.smallest_expert_group(cfg.layer_experts(), 8)
+    assert group == 4
+    par = parallel.ParallelConfig(parallel.make_mesh(1, 8, 1, expert_group=group))
+    params, ref_loss, ref_grads = _reference(cfg)
+    specs = parallel.param_specs(params, par)
+    assert specs["block_1"]["moe"]["experts"]["w1"] == P("expert", None, None)
+    assert specs["block_3"]["moe"]["experts"]["w1"][0] == parallel.EXPERT_AXES
+    sharded = jax.device_put(params, parallel.shardings(specs, par.mesh))
+    assert sharded["block_1"]["moe"]["experts"]["w1"].addressable_shards[0].data.shape[0] == 1  # 4 / min(8, 4)
+    loss, grads = _loss_and_grads(cfg, params, _batch(), par)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, ref_grads)
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match="!= 8 devices"):
         parallel.make_mesh(2, 2, 1)
@@ -227,13 +278,13 @@ def test_hierarchical_exchange_needs_each_expert_group_within_one_host():
         def __init__(self, process_index):
             self.process_index = process_index
 
-    class FakeMesh:  # 2 hosts x 4 devices, as (data, expert_node, expert, tensor)
+    class FakeMesh:  # 2 hosts x 4 devices, as (data, expert_node, expert_replica, expert, tensor)
         def __init__(self, hosts):
-            self.devices = np.array([Device(h) for h in hosts], dtype=object).reshape(1, 2, 4, 1)
-            self.shape = {"data": 1, "expert_node": 2, "expert": 4, "tensor": 1}
+            self.devices = np.array([Device(h) for h in hosts], dtype=object).reshape(1, 2, 2, 2, 1)
+            self.shape = {"data": 1, "expert_node": 2, "expert_replica": 2, "expert": 2, "tensor": 1}
 
     parallel._check_expert_axis_within_hosts(FakeMesh([0, 0, 0, 0, 1, 1, 1, 1]))  # one host per node
-    with pytest.raises(ValueError, match="puts devices of processes \\[0, 1\\] in one 'expert' group"):
+    with pytest.raises(ValueError, match="puts devices of processes \\[0, 1\\] in one node's group"):
         parallel._check_expert_axis_within_hosts(FakeMesh([0, 1, 0, 1, 0, 1, 0, 1]))
 
 
