@@ -32,7 +32,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from moe_jax import config as config_lib  # noqa: E402
 from moe_jax import dispatch as dispatch_lib  # noqa: E402
