@@ -6,7 +6,8 @@ r"""Mixture-of-Students: trains a student against a frozen teacher (staged KD); 
 --teacher_workdir is a finished run of experiments/train.py: its config.json gives the teacher's
 model and its latest checkpoint the parameters (forward only, never updated). Writes what
 experiments/train.py writes (metrics.jsonl also logs kd_loss and kd_on) plus teacher.json, and
-prints the same results table.
+prints the same results table. Several hosts: the flags of experiments/train.py
+(--coordinator_address, --num_processes, --process_id); the teacher runs sharded like the student.
 """
 
 import os
@@ -26,6 +27,7 @@ config_flags.DEFINE_config_file("config", None, "Student config file (path.py:ar
                                 lock_config=True)
 flags.DEFINE_string("teacher_workdir", None, "Workdir of the trained teacher (experiments/train.py).")
 flags.DEFINE_string("workdir", None, "Where the student's checkpoints, metrics and results go.")
+cli.define_distributed_flags()
 flags.mark_flags_as_required(["config", "teacher_workdir", "workdir"])
 
 
@@ -33,6 +35,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
+    cli.join_distributed()
     try:
         summary = distill.distill_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.teacher_workdir)
     except (corpus_lib.DataError, ValueError, trainer.TrainingError, FileNotFoundError) as error:

@@ -26,9 +26,7 @@ from moe_jax import trainer  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Training config file (path.py:arg).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process run.")
-flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
-flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+cli.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -36,7 +34,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
-    cli.initialize_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id)
+    cli.join_distributed()
     try:
         summary = trainer.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     except (corpus_lib.DataError, ValueError, trainer.TrainingError, FileNotFoundError) as error:

@@ -51,3 +51,17 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=address, num_processes=int(count), process_id=int(index))
+
+
+def define_distributed_flags() -> None:
+    """--coordinator_address, --num_processes and --process_id: how a binary joins a multi-process
+    run (`join_distributed` reads them)."""
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process run.")
+    flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+    flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+
+
+def join_distributed() -> None:
+    """initialize_distributed from the flags of define_distributed_flags (or the environment)."""
+    f = flags.FLAGS
+    initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)

@@ -51,6 +51,7 @@ from moe_jax import checkpoint as checkpoint_lib
 from moe_jax import config as config_lib
 from moe_jax import corpus as corpus_lib
 from moe_jax import model as model_lib
+from moe_jax import parallel as parallel_lib
 from moe_jax import run_config
 from moe_jax import train_lib
 from moe_jax import trainer
@@ -134,11 +135,15 @@ def _check_vocab(student_vocab: int, teacher_vocab: int) -> None:
             "on the teacher's data")
 
 
-def make_kd_hook(teacher_cfg: ModelConfig, kd: KDConfig) -> train_lib.LossHook:
+def make_kd_hook(teacher_cfg: ModelConfig, kd: KDConfig,
+                 parallel: Optional[parallel_lib.ParallelConfig] = None) -> train_lib.LossHook:
     """The KD term as a train_lib.LossHook: hook(logits, batch, step, teacher_params) ->
     (w(step) * kd_loss_value, {"kd_loss": beta * T^2 * KL (0 while w = 0), "kd_on": w(step)}).
 
     logits: the student's [B, T, V]; batch: {"inputs" [B, T], "targets", optional "mask" [B, T]}.
+    On a mesh (`parallel`, the student's) the teacher's forward pass is sharded like the student's:
+    its MoE layers run the expert-parallel exchange and its parameters are placed by the same
+    partition rules (the trainer places hook inputs with parallel.param_specs).
     """
 
     def hook(logits, batch, step, teacher_params):
@@ -149,7 +154,7 @@ def make_kd_hook(teacher_cfg: ModelConfig, kd: KDConfig) -> train_lib.LossHook:
 
         def distill():
             teacher_logits, _ = model_lib.apply(jax.lax.stop_gradient(teacher_params), batch["inputs"],
-                                                teacher_cfg, train=False)
+                                                teacher_cfg, train=False, parallel=parallel)
             return kd.beta * kd_loss(logits, jax.lax.stop_gradient(teacher_logits), temperature=kd.temperature,
                                      mask=batch.get("mask"))
 
@@ -323,6 +328,9 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str, teache
     init_params = None
     if init_layers:  # read only when workdir holds no checkpoint yet
         init_params = functools.partial(init_from_teacher, teacher_params, student_cfg, init_layers)
-    return trainer.train_and_evaluate(config, workdir, loss_hook=make_kd_hook(teacher_cfg, kd),
+    par = run_config.parallel_config(config)  # the student's mesh, which the trainer builds the same way
+    if par is not None:
+        parallel_lib.validate(teacher_cfg, par, config.data.batch_size)
+    return trainer.train_and_evaluate(config, workdir, loss_hook=make_kd_hook(teacher_cfg, kd, par),
                                       hook_inputs=teacher_params, init_params=init_params)
 

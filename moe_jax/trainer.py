@@ -174,6 +174,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                          donate_argnums=(0,), out_shardings=(state_shardings, None) if par else None)
     eval_fn = jax.jit(functools.partial(train_lib.eval_step, model_cfg=model_cfg, parallel=par))
     place = (lambda batch: parallel_lib.device_put_batch(batch, par)) if par else (lambda batch: batch)
+    if par is not None and hook_inputs is not None:  # e.g. a teacher's parameters: placed by the same rules
+        hook_inputs = jax.device_put(hook_inputs, parallel_lib.shardings(parallel_lib.param_specs(hook_inputs, par),
+                                                                         par.mesh))
 
     # --- Start: this workdir's checkpoint, else init_from / init_params, else fresh -------------
     ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, checkpoint_lib.CHECKPOINT_DIR),

@@ -118,6 +118,31 @@ def test_hook_is_the_teachers_kd_term():
     np.testing.assert_allclose(term, 0.75 * full, rtol=1e-6)
 
 
+@pytest.mark.parametrize("mesh", [(1, 8, 1), (2, 2, 2)])
+def test_teacher_runs_sharded_like_the_student(mesh):
+    """On a mesh the KD term equals the single-device one, and the teacher's MoE layers run the
+    expert-parallel exchange (all-to-alls in the compiled hook) on parameters split by the rules."""
+    from moe_jax import parallel
+
+    # no dropping: capacity is per shard, so only a no-drop teacher equals its single-device self
+    teacher = TEACHER.replace(moe=config_lib.MoEConfig(experts="8x1,16x1", residual=True, drop_tokens=False))
+    teacher_params = model_lib.init_params(jax.random.key(2), teacher)
+    rng = np.random.default_rng(2)
+    batch = {"inputs": jnp.asarray(rng.integers(0, 64, (8, 8)), jnp.int32)}
+    logits = jnp.asarray(rng.normal(size=(8, 8, 64)), jnp.float32)
+    kd = distill.KDConfig(beta=1.0, temperature=2.0, schedule="constant")
+    _, want = jax.jit(distill.make_kd_hook(teacher, kd))(logits, batch, jnp.int32(1), teacher_params)
+    par = parallel.ParallelConfig(parallel.make_mesh(*mesh))
+    placed = jax.device_put(teacher_params, parallel.shardings(parallel.param_specs(teacher_params, par), par.mesh))
+    hook = jax.jit(distill.make_kd_hook(teacher, kd, par))
+    args = (logits, parallel.device_put_batch(batch, par), jnp.int32(1), placed)
+    _, got = hook(*args)
+    np.testing.assert_allclose(got["kd_loss"], want["kd_loss"], rtol=1e-5)
+    assert "all-to-all" in hook.lower(*args).compile().as_text()
+    experts = placed["block_1"]["moe"]["experts"]["w1"]
+    assert experts.addressable_shards[0].data.shape[0] == 8 // par.expert_size
+
+
 def test_train_steps_across_the_kd_stop():
     """Staged KD through jitted train steps (donating the state, as the trainer does): one trace,
     KD exactly on steps < stop_step."""
