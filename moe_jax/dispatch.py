@@ -17,18 +17,16 @@ a function with the signature above, a `register_path(...)` line and its test ag
     gathered back and weighted: O(S * k * M + E * C * M) data movement, no [S, E, C] tensor.
   * "dropless": token copies sorted by expert, then a grouped matmul; capacity plays no part, so
     nothing is dropped when the routing was computed with drop_tokens=False (copies the routing
-    dropped have weight 0, so with a dropping routing it equals the other paths). Two grouped-matmul
-    implementations: `jax.lax.ragged_dot` (the GPU choice; on CPU XLA expands it to a dense masked
-    matmul, E times the work) and "tiles": groups padded to a multiple of a row tile and one matmul
-    per tile with that tile's expert weights (a scan; the CPU choice).
+    dropped have weight 0, so with a dropping routing it equals the other paths). The grouped
+    matmul is moe_jax.experts': `jax.lax.ragged_dot` on GPU, row tiles on CPU.
   * "serve": the inference path (moe_jax.inference selects it): per-copy expert weights when the
     step has few token copies (decode: each copy reads only its own expert's weights), else
     "dropless" (prefill). No capacity, so a token's output does not depend on the rest of the batch.
   * "kernel": the Pallas kernels' path (moe_jax.kernels.moe_layer; their jnp references off GPU).
 
-Under expert parallelism (moe_jax.parallel) a layer whose experts are split over the expert group
-moves its tokens with the capacity-buffer exchange whatever the path; layers whose experts are not
-split run the configured path on each shard.
+Under expert parallelism (moe_jax.exchange) a path's registry entry says how its tokens cross
+devices (`DispatchPath.exchange`): the capacity buffer, only the rows that exist, or not at all
+(then a mesh that splits the layer's experts is an error naming the path).
 """
 
 from __future__ import annotations
@@ -39,20 +37,8 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from moe_jax import experts as experts_lib
 from moe_jax.gating import Routing
-
-
-def gelu(x: jax.Array) -> jax.Array:
-    """GPT-2/3's tanh approximation of GELU."""
-    return jax.nn.gelu(x, approximate=True)
-
-
-def expert_ffn(experts: dict, buffer: jax.Array) -> jax.Array:
-    """Every expert's FFN on its own rows: buffer [E, C, M] -> [E, C, M]."""
-    dtype = buffer.dtype
-    hidden = jnp.einsum("ecm,emf->ecf", buffer, experts["w1"].astype(dtype)) + experts["b1"][:, None, :].astype(dtype)
-    hidden = gelu(hidden)
-    return jnp.einsum("ecf,efm->ecm", hidden, experts["w2"].astype(dtype)) + experts["b2"][:, None, :].astype(dtype)
 
 
 def einsum_to_buffer(x: jax.Array, routing: Routing) -> jax.Array:
@@ -68,7 +54,7 @@ def einsum_from_buffer(out: jax.Array, routing: Routing) -> jax.Array:
 
 
 def dispatch_einsum(x: jax.Array, routing: Routing, experts: dict) -> jax.Array:
-    return einsum_from_buffer(expert_ffn(experts, einsum_to_buffer(x, routing)), routing)
+    return einsum_from_buffer(experts_lib.expert_ffn(experts, einsum_to_buffer(x, routing)), routing)
 
 
 # Moving rows by the mapping table. The table is a partial permutation between token copies and
@@ -181,7 +167,7 @@ def combine_from_buffer(out: jax.Array, routing: Routing) -> jax.Array:
 
 
 def dispatch_gather(x: jax.Array, routing: Routing, experts: dict) -> jax.Array:
-    return combine_from_buffer(expert_ffn(experts, gather_to_buffer(x, routing)), routing)
+    return combine_from_buffer(experts_lib.expert_ffn(experts, gather_to_buffer(x, routing)), routing)
 
 
 def _sort_copies(routing: Routing):
@@ -190,114 +176,6 @@ def _sort_copies(routing: Routing):
     order = jnp.argsort(flat_expert, stable=True).astype(jnp.int32)
     group_sizes = jnp.zeros(routing.num_experts, jnp.int32).at[flat_expert].add(1)
     return order, flat_expert[order], group_sizes
-
-
-def grouped_ffn_ragged(experts: dict, rows: jax.Array, sorted_expert: jax.Array,
-                       group_sizes: jax.Array) -> jax.Array:
-    """Expert FFN on expert-sorted rows [N, M] with jax.lax.ragged_dot."""
-    dtype = rows.dtype
-    hidden = jax.lax.ragged_dot(rows, experts["w1"].astype(dtype), group_sizes)
-    hidden = gelu(hidden + experts["b1"].astype(dtype)[sorted_expert])
-    out = jax.lax.ragged_dot(hidden, experts["w2"].astype(dtype), group_sizes)
-    return out + experts["b2"].astype(dtype)[sorted_expert]
-
-
-@jax.custom_vjp
-def tiled_matmul(tiles: jax.Array, weights: jax.Array, tile_expert: jax.Array, used_tiles: jax.Array) -> jax.Array:
-    """tiles [Nt, T, K] @ weights[tile_expert[t]] [K, N] -> [Nt, T, N] for t < used_tiles (zeros after).
-
-    A fori_loop over the used tiles only, each writing its block in place; the backward pass is a
-    second loop that accumulates each tile's weight gradient into its expert's slice in place
-    (autodiff of a scan would add a full [E, K, N] zero-padded gradient per tile)."""
-    return _tiled_matmul_fwd(tiles, weights, tile_expert, used_tiles)[0]
-
-
-def _tiled_matmul_fwd(tiles, weights, tile_expert, used_tiles):
-    num_tiles, tile, _ = tiles.shape
-    out = jnp.zeros((num_tiles, tile, weights.shape[2]), tiles.dtype)
-
-    def body(t, out):
-        w = jax.lax.dynamic_index_in_dim(weights, tile_expert[t], keepdims=False)
-        block = jax.lax.dynamic_index_in_dim(tiles, t, keepdims=False) @ w
-        return jax.lax.dynamic_update_index_in_dim(out, block.astype(out.dtype), t, 0)
-
-    out = jax.lax.fori_loop(0, used_tiles, body, out)
-    return out, (tiles, weights, tile_expert, used_tiles)
-
-
-def _tiled_matmul_bwd(residuals, d_out):
-    tiles, weights, tile_expert, used_tiles = residuals
-
-    def body(t, carry):
-        d_tiles, d_weights = carry
-        expert = tile_expert[t]
-        w = jax.lax.dynamic_index_in_dim(weights, expert, keepdims=False)
-        g = jax.lax.dynamic_index_in_dim(d_out, t, keepdims=False)
-        block = jax.lax.dynamic_index_in_dim(tiles, t, keepdims=False)
-        d_tiles = jax.lax.dynamic_update_index_in_dim(d_tiles, (g @ w.T).astype(d_tiles.dtype), t, 0)
-        d_w = jax.lax.dynamic_index_in_dim(d_weights, expert, keepdims=False) + (block.T @ g).astype(d_weights.dtype)
-        return d_tiles, jax.lax.dynamic_update_index_in_dim(d_weights, d_w, expert, 0)
-
-    d_tiles, d_weights = jax.lax.fori_loop(0, used_tiles, body, (jnp.zeros_like(tiles), jnp.zeros_like(weights)))
-    return d_tiles, d_weights, None, None
-
-
-tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
-
-
-def default_tile(num_rows: int, num_experts: int) -> int:
-    """Row tile: a power of two near half the mean group size, in [16, 256] (padding costs at most
-    E * (tile - 1) rows; small tiles make small matmuls)."""
-    mean_group = max(1, num_rows // max(1, num_experts))
-    return int(min(256, max(16, pl2(mean_group) // 2)))
-
-
-def _tile_layout(sorted_expert: jax.Array, group_sizes: jax.Array, tile: int):
-    """Where expert-sorted rows go when each group is padded to a multiple of `tile` rows.
-
-    Returns (destination [N]: each sorted row's row in the tiles, source [Nt * T]: each tile row's
-    sorted row, N where it is padding, tile_expert [Nt], used_tiles: the tiles that hold rows, a
-    traced scalar). Nt is a static bound: N rows plus at most tile - 1 padding rows per group."""
-    num_rows = sorted_expert.shape[0]
-    num_experts = group_sizes.shape[0]
-    padded_sizes = (group_sizes + tile - 1) // tile * tile
-    padded_end = jnp.cumsum(padded_sizes)
-    padded_start = padded_end - padded_sizes
-    group_start = jnp.cumsum(group_sizes) - group_sizes
-    destination = padded_start[sorted_expert] + jnp.arange(num_rows, dtype=jnp.int32) - group_start[sorted_expert]
-    num_tiles = (num_rows + num_experts * (tile - 1) + tile - 1) // tile  # static upper bound
-    source = jnp.full((num_tiles * tile,), num_rows, jnp.int32).at[destination].set(
-        jnp.arange(num_rows, dtype=jnp.int32))
-    tile_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(num_tiles) * tile, side="right"),
-                              num_experts - 1).astype(jnp.int32)
-    used_tiles = (padded_end[-1] // tile).astype(jnp.int32)
-    return destination.astype(jnp.int32), source, tile_expert, used_tiles
-
-
-def _tiled_ffn(experts: dict, tiles: jax.Array, tile_expert: jax.Array, used_tiles: jax.Array) -> jax.Array:
-    """Expert FFN on row tiles [Nt, T, M], tile t with expert tile_expert[t]'s weights -> [Nt, T, M]."""
-    dtype = tiles.dtype
-    hidden = tiled_matmul(tiles, experts["w1"].astype(dtype), tile_expert, used_tiles)
-    hidden = gelu(hidden + experts["b1"].astype(dtype)[tile_expert][:, None, :])
-    out = tiled_matmul(hidden, experts["w2"].astype(dtype), tile_expert, used_tiles)
-    return out + experts["b2"].astype(dtype)[tile_expert][:, None, :]
-
-
-def grouped_ffn_tiles(experts: dict, rows: jax.Array, sorted_expert: jax.Array,
-                      group_sizes: jax.Array, tile: int | None = None) -> jax.Array:
-    """Expert FFN on expert-sorted rows [N, M]: each group padded to a multiple of `tile` rows, then
-    one [tile, M] x [M, F] and one [tile, F] x [F, M] matmul per used tile with its expert's weights."""
-    num_rows, model_dim = rows.shape
-    tile = tile or default_tile(num_rows, group_sizes.shape[0])
-    destination, source, tile_expert, used_tiles = _tile_layout(sorted_expert, group_sizes, tile)
-    tiles = jnp.concatenate([rows, jnp.zeros((1, model_dim), rows.dtype)])[source].reshape(-1, tile, model_dim)
-    out = _tiled_ffn(experts, tiles, tile_expert, used_tiles)
-    return out.reshape(-1, model_dim)[destination]
-
-
-def pl2(n: int) -> int:
-    """Smallest power of two >= n."""
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _inverse_permutation(order: jax.Array) -> jax.Array:
@@ -320,24 +198,24 @@ def dispatch_dropless(x: jax.Array, routing: Routing, experts: dict, impl: str |
     if not USE_CUSTOM_VJP:
         rows = x[order // k]
         if impl == "ragged":
-            out = grouped_ffn_ragged(experts, rows, sorted_expert, group_sizes)
+            out = experts_lib.grouped_ffn_ragged(experts, rows, sorted_expert, group_sizes)
         else:
-            out = grouped_ffn_tiles(experts, rows, sorted_expert, group_sizes)
+            out = experts_lib.grouped_ffn_tiles(experts, rows, sorted_expert, group_sizes)
         per_copy = jnp.zeros_like(out).at[order].set(out)  # back to (token, choice) order
         return jnp.einsum("skm,sk->sm", per_copy.reshape(num_tokens, k, -1), routing.weight.astype(x.dtype))
     num_copies, model_dim = order.shape[0], x.shape[1]
     rank = _inverse_permutation(order)  # copy -> its row in expert-sorted order
     if impl == "ragged":
         row_copy, position = order, rank.reshape(num_tokens, k)
-        out = grouped_ffn_ragged(experts, gather_copies(x, row_copy, position), sorted_expert, group_sizes)
+        out = experts_lib.grouped_ffn_ragged(experts, gather_copies(x, row_copy, position), sorted_expert, group_sizes)
     else:
-        tile = default_tile(num_copies, routing.num_experts)
-        destination, source, tile_expert, used_tiles = _tile_layout(sorted_expert, group_sizes, tile)
+        tile = experts_lib.default_tile(num_copies, routing.num_experts)
+        destination, source, tile_expert, used_tiles = experts_lib.tile_layout(sorted_expert, group_sizes, tile)
         # Compose the two maps: copy -> sorted row -> tile row, and tile row -> sorted row -> copy.
         position = destination[rank].reshape(num_tokens, k)
         row_copy = jnp.take(order, source, mode="fill", fill_value=num_copies)
         tiles = gather_copies(x, row_copy, position).reshape(-1, tile, model_dim)
-        out = _tiled_ffn(experts, tiles, tile_expert, used_tiles).reshape(-1, model_dim)
+        out = experts_lib.tiled_ffn(experts, tiles, tile_expert, used_tiles).reshape(-1, model_dim)
     return combine_copies(out, position, row_copy, routing.weight)
 
 
@@ -355,7 +233,7 @@ def dispatch_copies(x: jax.Array, routing: Routing, experts: dict) -> jax.Array:
     def one_copy(args):
         row, expert = args  # [M], scalar
         w = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, expert, keepdims=False).astype(dtype), experts)
-        return gelu(row @ w["w1"] + w["b1"]) @ w["w2"] + w["b2"]
+        return experts_lib.gelu(row @ w["w1"] + w["b1"]) @ w["w2"] + w["b2"]
 
     # Token-major copies: row n is token n // k, its (n % k)-th choice.
     out = jax.lax.map(one_copy, (jnp.repeat(x, k, axis=0), routing.expert_index.reshape(-1)))

@@ -44,11 +44,12 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moe_jax import dispatch as dispatch_lib
+from moe_jax import experts as experts_lib
 from moe_jax import gating as gating_lib
 from moe_jax.gating import Routing
 from moe_jax.parallel import BATCH_AXES, EXPERT_AXES, INTRA_NODE_AXES, ParallelConfig, param_specs
 
-STAT_NAMES = ("aux_loss", "z_loss", "expert_counts", "kept_counts", "dropped_fraction", "overflow_fraction")
+STAT_NAMES = gating_lib.STAT_NAMES + ("overflow_fraction",)
 
 
 def _all_to_all(buffer: jax.Array, par: ParallelConfig, axes: tuple[str, ...]) -> jax.Array:
@@ -77,10 +78,10 @@ def _split_over_tensor(par: ParallelConfig) -> bool:
 def _expert_ffn(experts: dict, buffer: jax.Array, par: ParallelConfig) -> jax.Array:
     """Local experts on [E_local, rows, M]; with expert slicing the FFN dim is split over tensor."""
     if not _sliced(par):
-        return dispatch_lib.expert_ffn(experts, buffer)
+        return experts_lib.expert_ffn(experts, buffer)
     dtype = buffer.dtype
     hidden = jnp.einsum("ecm,emf->ecf", buffer, experts["w1"].astype(dtype)) + experts["b1"][:, None, :].astype(dtype)
-    partial = jnp.einsum("ecf,efm->ecm", dispatch_lib.gelu(hidden), experts["w2"].astype(dtype))
+    partial = jnp.einsum("ecf,efm->ecm", experts_lib.gelu(hidden), experts["w2"].astype(dtype))
     return jax.lax.psum(partial, "tensor") + experts["b2"][:, None, :].astype(dtype)
 
 
@@ -144,9 +145,9 @@ def _grouped_rows(experts: dict, rows: jax.Array, row_expert: jax.Array, num_loc
     sorted_rows = rows[order]
     clamped = jnp.minimum(sorted_expert, num_local - 1)  # empty rows sit past the groups' total
     if jax.default_backend() == "cpu":
-        out = dispatch_lib.grouped_ffn_tiles(experts, sorted_rows, clamped, group_sizes)
+        out = experts_lib.grouped_ffn_tiles(experts, sorted_rows, clamped, group_sizes)
     else:
-        out = dispatch_lib.grouped_ffn_ragged(experts, sorted_rows, clamped, group_sizes)
+        out = experts_lib.grouped_ffn_ragged(experts, sorted_rows, clamped, group_sizes)
     return jnp.zeros_like(out).at[order].set(out)
 
 
@@ -271,9 +272,10 @@ def sharded_moe(params: dict, tokens: jax.Array, *, moe, train: bool, rng, par: 
             y, overflow = rows_exchange(flat, routing, experts, par, moe.row_exchange_factor, axes)
             if _split_over_tensor(par):  # each tensor rank knows the overflow of its own tokens only
                 overflow = jax.lax.psum(overflow.astype(jnp.int32), "tensor") > 0
-        routing = routing.replace(kept=routing.kept & ~overflow)
+        # overflowed copies count as dropped (a router's kept copies need not fill its table's columns)
+        routing = routing.replace(kept=routing.kept & ~overflow, dropped_fraction=routing.dropped_fraction
+                                  + jnp.mean(overflow.astype(jnp.float32)))
         stats = gating_lib.routing_stats(routing, axes=BATCH_AXES)
-        stats["dropped_fraction"] = jax.lax.pmean(1.0 - jnp.mean(routing.kept.astype(jnp.float32)), BATCH_AXES)
         stats["overflow_fraction"] = jax.lax.pmean(jnp.mean(overflow.astype(jnp.float32)), BATCH_AXES)
         return y.reshape(batch, length, model_dim), stats
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import dispatch as dispatch_lib
+from moe_jax import experts as experts_lib
 from moe_jax import exchange as exchange_lib
 from moe_jax import gating as gating_lib
 from moe_jax import parallel as parallel_lib
@@ -56,7 +57,7 @@ def route(gate: dict, x: jax.Array, *, moe: MoEConfig, train: bool, rng: Optiona
 
 def dense_mlp(mlp: dict, x: jax.Array) -> jax.Array:
     dtype = x.dtype
-    hidden = dispatch_lib.gelu(x @ mlp["w1"].astype(dtype) + mlp["b1"].astype(dtype))
+    hidden = experts_lib.gelu(x @ mlp["w1"].astype(dtype) + mlp["b1"].astype(dtype))
     return hidden @ mlp["w2"].astype(dtype) + mlp["b2"].astype(dtype)
 
 

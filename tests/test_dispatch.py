@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from moe_jax import dispatch as dispatch_lib
+from moe_jax import experts as experts_lib
 from moe_jax.gating import top_k_gating
 
 
@@ -70,7 +71,7 @@ def token_reference(x, experts, weight, expert_index, mask):
     experts' weights directly, no buffer, no capacity; differentiable in x, experts and weight."""
     params = jax.tree.map(lambda p: p[expert_index], experts)  # [S, k, ...]
     hidden = jnp.einsum("sm,skmf->skf", x, params["w1"]) + params["b1"]
-    out = jnp.einsum("skf,skfm->skm", dispatch_lib.gelu(hidden), params["w2"]) + params["b2"]
+    out = jnp.einsum("skf,skfm->skm", experts_lib.gelu(hidden), params["w2"]) + params["b2"]
     return jnp.einsum("skm,sk->sm", out, weight * mask)
 
 

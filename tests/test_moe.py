@@ -9,7 +9,7 @@ import pytest
 
 from moe_jax import moe as moe_lib
 from moe_jax.config import MoEConfig
-from moe_jax.dispatch import gelu
+from moe_jax.experts import gelu
 from moe_jax.gating import top_k_gating
 
 
