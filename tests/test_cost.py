@@ -146,10 +146,13 @@ def test_dropless_flops_at_their_static_bound():
     assert _flops_ratio(_step("1,8,1", **{"moe.dispatch": "dropless"})) <= 1.25
 
 
-@pytest.mark.xfail(strict=True, reason="1.31x: with the flat exchange every tensor rank runs the same experts "
-                   "on the same tokens")
-def test_flat_exchange_with_tensor_ranks():
-    assert _flops_ratio(_step("1,4,2", **{"mesh.exchange": "flat"})) <= 1.25
+def test_tensor_ranks_do_not_repeat_expert_work_by_default():
+    """The default exchange ("auto": coordinated with tensor ranks) splits the expert work over the
+    tensor ranks; "flat" is DeepSpeed's uncoordinated exchange, where each rank repeats it."""
+    shared = _flops_ratio(_step("1,4,2"))
+    repeated = _flops_ratio(_step("1,4,2", **{"mesh.exchange": "flat"}))
+    assert shared <= 1.15
+    assert repeated > shared + 0.1  # the measurement sees the repeated expert work
 
 
 def test_pyramid_layer_with_fewer_experts_than_the_group_is_split():
