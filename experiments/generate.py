@@ -84,7 +84,10 @@ def main(argv):
         print(f"--max_new_tokens={max_new_tokens} does not fit after the {len(prompt)}-token prompt in "
               f"max_seq_len={model_cfg.max_seq_len}; generating {room}", file=sys.stderr)
         max_new_tokens = room
-    generator = inference.Generator(params, model_cfg, dtype=f.dtype, moe_path=f.moe_path)
+    try:
+        generator = inference.Generator(params, model_cfg, dtype=f.dtype, moe_path=f.moe_path)
+    except ValueError as error:  # a model that cannot be served, e.g. one with a non-causal router
+        cli.fail(f"--workdir={f.workdir}: {error}")
     try:
         result = generator.generate([prompt], max_new_tokens, temperature=f.temperature, top_p=f.top_p,
                                     seed=f.seed)

@@ -80,7 +80,12 @@ class MoEConfig:
     residual: bool = False
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
-    router: str = "topk"  # a name of moe_jax.gating.ROUTERS; "topk" is DeepSpeed's top-k gating
+    # A name of moe_jax.gating.ROUTERS: "topk" is DeepSpeed's top-k gating (k experts per token);
+    # "expert_choice" lets each expert take its ceil(S * capacity_factor / E) best tokens of the
+    # group (k is not read). Expert-choice reads the whole group's tokens, so in a causal LM a
+    # token's experts depend on later tokens: it trains and evaluates on whole sequences, and
+    # moe_jax.inference refuses to generate with it.
+    router: str = "topk"
     router_impl: str = "jnp"  # "kernel": the fused gating kernel (moe_jax.kernels.gating; jnp off GPU)
     dispatch: str = "gather"  # a name of moe_jax.dispatch.PATHS
     # dropless / serve under expert parallelism: each device sends each other device at most

@@ -115,15 +115,26 @@ class Routing:
         return combine, dispatch
 
 
+STAT_NAMES = ("aux_loss", "z_loss", "expert_counts", "kept_counts", "dropped_fraction", "unrouted_fraction")
+
+
+def unrouted_fraction(routing: Routing) -> jax.Array:
+    """Fraction of tokens with no kept copy: the MoE part of their layer outputs 0 (top-k: every
+    copy dropped; expert-choice: no expert took the token)."""
+    return jnp.mean(~jnp.any(routing.kept, axis=1), dtype=jnp.float32)
+
+
 def routing_stats(routing: Routing, axes: Optional[str | Sequence[str]] = None) -> dict:
-    """The layer's statistics: aux_loss, z_loss, expert_counts [E], kept_counts [E], dropped_fraction.
+    """The layer's statistics (STAT_NAMES): aux_loss, z_loss, expert_counts [E], kept_counts [E],
+    dropped_fraction, unrouted_fraction.
 
     With `axes` (inside shard_map) they are reduced over those mesh axes: counts summed, the
     gate and token fractions averaged before the aux loss's product (so it equals the loss of one
-    device on all the tokens), z_loss and the dropped fraction averaged."""
+    device on all the tokens), z_loss and the fractions averaged."""
     if axes is None:
         return {"aux_loss": routing.aux_loss, "z_loss": routing.z_loss, "expert_counts": routing.expert_counts,
-                "kept_counts": routing.kept_counts(), "dropped_fraction": routing.dropped_fraction}
+                "kept_counts": routing.kept_counts(), "dropped_fraction": routing.dropped_fraction,
+                "unrouted_fraction": unrouted_fraction(routing)}
     gate_fraction = jax.lax.pmean(routing.gate_fraction, axes)
     token_fraction = jax.lax.pmean(routing.token_fraction, axes)
     return {
@@ -132,6 +143,7 @@ def routing_stats(routing: Routing, axes: Optional[str | Sequence[str]] = None) 
         "expert_counts": jax.lax.psum(routing.expert_counts, axes),
         "kept_counts": jax.lax.psum(routing.kept_counts(), axes),
         "dropped_fraction": jax.lax.pmean(routing.dropped_fraction, axes),
+        "unrouted_fraction": jax.lax.pmean(unrouted_fraction(routing), axes),
     }
 
 
@@ -346,15 +358,20 @@ def top_k_gating(
 
 Router = Callable[..., Routing]
 ROUTERS: dict[str, Router] = {}
+NON_CAUSAL_ROUTERS: set[str] = set()  # routers whose choice for a token reads later tokens
 
 
-def register_router(name: str) -> Callable[[Router], Router]:
-    """Adds a router to ROUTERS under `name` (the value of MoEConfig.router that selects it)."""
+def register_router(name: str, *, causal: bool = True) -> Callable[[Router], Router]:
+    """Adds a router to ROUTERS under `name` (the value of MoEConfig.router that selects it).
+    causal=False: a token's routing depends on other tokens of its group, later ones included, so
+    the router cannot decode token by token (moe_jax.inference refuses it)."""
 
     def add(fn: Router) -> Router:
         if name in ROUTERS:
             raise ValueError(f"router {name!r} is registered twice")
         ROUTERS[name] = fn
+        if not causal:
+            NON_CAUSAL_ROUTERS.add(name)
         return fn
 
     return add
@@ -379,3 +396,6 @@ def topk_router(logits: jax.Array, *, moe, train: bool, rng: Optional[jax.Array]
         min_capacity=moe.min_capacity, drop_tokens=drop_tokens, use_rts=moe.use_rts,
         second_expert_sampling=moe.second_expert_sampling, drop_policy=moe.drop_policy,
         rng=rng_gating, rsample_noise=rsample_noise)
+
+
+from moe_jax import routers as _routers  # noqa: E402,F401  registers the routers defined there

@@ -14,7 +14,9 @@ MoE layers `drop_tokens=False`, no gating noise and the dispatch path `moe_path`
 few copies (decode; weight reads bound it), the dropless grouped matmul otherwise (prefill). The
 layer, its parameters and its routing are the training layer's own (moe_jax.moe.MoELayer); any
 dispatch path of moe_jax.dispatch.PATHS can serve ("einsum", "gather", ... as benchmark baselines).
-A token's output does not depend on the rest of the batch, since nothing is dropped.
+A token's output does not depend on the rest of the batch, since nothing is dropped. A model whose
+router is not causal (expert-choice: each expert picks among the whole group's tokens) cannot be
+served token by token: `serving_config` raises a ValueError that says so.
 
 Compilation: one compiled prefill per (B, P, Tmax) and one compiled decode loop per (B, Tmax,
 new tokens). The decode loop is a `lax.fori_loop` over the decode step inside one jit: measured on
@@ -56,6 +58,7 @@ import numpy as np
 from flax import struct
 
 from moe_jax import dispatch as dispatch_lib
+from moe_jax import gating as gating_lib
 from moe_jax import parallel as parallel_lib
 from moe_jax.config import ModelConfig, replace_moe
 from moe_jax.model import GPT
@@ -81,6 +84,12 @@ def serving_config(cfg: ModelConfig, *, dtype: str = "float32", moe_path: str = 
     cfg = cfg.replace(dropout=0.0, param_dtype=dtype, compute_dtype=dtype)
     if cfg.moe is None:
         return cfg
+    if cfg.moe.router in gating_lib.NON_CAUSAL_ROUTERS:
+        # each expert picks among all the tokens of its group: a prompt's routing would read tokens
+        # not generated yet, and decoding one token at a time would route differently from training
+        raise ValueError(f"moe.router={cfg.moe.router!r} routes each token by looking at the whole group of "
+                         "tokens, later ones included, so this model cannot generate token by token; generate "
+                         "with a model trained with a causal router such as moe.router='topk'")
     # row_exchange_factor inf: under expert parallelism the rows exchange never overflows either
     return replace_moe(cfg, drop_tokens=False, noisy_gate_policy=None, dispatch=moe_path,
                        row_exchange_factor=float("inf"))

@@ -56,12 +56,14 @@ class TrainingError(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 
 def _layer_stats(moe_layers: dict) -> dict:
-    """Per MoE layer: token counts, dropped fraction and load imbalance (host side)."""
+    """Per MoE layer: token counts, dropped fraction, fraction of tokens with no expert and load
+    imbalance (host side)."""
     out = {}
     for layer, stats in moe_layers.items():
         counts = np.asarray(stats["expert_counts"])
         load = gating.expert_load_stats(counts, np.asarray(stats["kept_counts"]))
         out[f"layer{layer}"] = {"dropped_fraction": float(stats["dropped_fraction"]),
+                                "unrouted_fraction": float(stats["unrouted_fraction"]),
                                 "load_imbalance": load["load_imbalance"], "expert_counts": counts.tolist()}
     return out
 

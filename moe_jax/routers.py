@@ -1,0 +1,80 @@
+"""Routers beyond DeepSpeed's top-k gating, registered into moe_jax.gating.ROUTERS.
+
+moe_jax.gating imports this module at its end, so the registry is complete wherever it is read.
+Each router here has the registry's signature (moe_jax.gating) and returns the same `Routing`.
+
+  * "expert_choice" (Zhou et al., 2022, "Mixture-of-Experts with Expert Choice Routing"): each
+    expert takes the C tokens of the group with the highest gate probability for it, so a token
+    gets 0..E experts and every expert is exactly full. The group is all the tokens routed together
+    (a batch, or one shard's batch under expert parallelism), whatever their position: in a causal
+    language model a token's experts depend on later tokens of the group. Training and evaluation
+    on whole sequences are well defined, token-by-token generation is not (moe_jax.inference
+    refuses such models).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax import gating
+from moe_jax.gating import Routing
+
+
+def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float, min_capacity: int) -> int:
+    """Tokens per expert: C = ceil(S * cf / E) (float32 arithmetic, as `gating.compute_capacity`),
+    at least min_capacity, at most S (an expert cannot take a token twice)."""
+    return min(gating.compute_capacity(num_tokens, num_experts, capacity_factor, min_capacity), num_tokens)
+
+
+def expert_choice_gating(logits: jax.Array, *, capacity_factor: float, min_capacity: int = 0) -> Routing:
+    """Expert-choice routing of S tokens over E experts.
+
+    Args:
+      logits: [S, E] gate logits.
+      capacity_factor: C = ceil(S * cf / E) tokens per expert (cf = mean experts per token).
+      min_capacity: lower bound of C.
+
+    Returns the mapping table with k = E columns, column e standing for expert e (the `Routing`
+    docstring): kept[s, e] says whether expert e took token s (the C highest gate probabilities of
+    column e; equal probabilities: the earlier token first), weight[s, e] = the token's softmax gate
+    probability for e where taken (not renormalised), slot[s, e] the token's position among e's
+    tokens in token order. Nothing is dropped (every copy routed is processed): expert_counts =
+    kept counts = C and dropped_fraction = 0; the tokens that no expert took are what the layer
+    statistics report as `unrouted_fraction`. Balance holds by construction, so the aux loss is 0
+    (aux_scale 0); gate_fraction and token_fraction are still reported.
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be [S, E]; got shape {logits.shape}")
+    num_tokens, num_experts = logits.shape
+    logits = logits.astype(jnp.float32)
+    gates = jax.nn.softmax(logits, axis=-1)
+    capacity = expert_choice_capacity(num_tokens, num_experts, capacity_factor, min_capacity)
+    # top_k over each expert's column: O(S * E) work, no [S, E, C] tensor
+    _, chosen = jax.lax.top_k(jax.lax.stop_gradient(gates).T, capacity)  # [E, C] token indices
+    taken = jnp.zeros((num_experts, num_tokens), jnp.int32).at[
+        jnp.arange(num_experts)[:, None], chosen].set(1).T  # [S, E]
+    kept = taken > 0
+    slot = jnp.where(kept, jnp.cumsum(taken, axis=0) - 1, 0).astype(jnp.int32)
+    expert_counts = jnp.sum(taken, axis=0).astype(jnp.int32)
+    return Routing(
+        expert_index=jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32), (num_tokens, num_experts)),
+        slot=slot, weight=gates * kept, kept=kept, aux_loss=jnp.zeros((), jnp.float32),
+        z_loss=jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2), expert_counts=expert_counts,
+        dropped_fraction=jnp.zeros((), jnp.float32), gate_fraction=jnp.mean(gates, axis=0),
+        token_fraction=jnp.mean(taken.astype(jnp.float32), axis=0), capacity=capacity,
+        num_experts=num_experts, aux_scale=0.0)
+
+
+@gating.register_router("expert_choice", causal=False)
+def expert_choice_router(logits: jax.Array, *, moe, train: bool, rng: Optional[jax.Array],
+                         drop_tokens: bool) -> Routing:
+    """`expert_choice_gating` with the training or eval capacity factor and moe.min_capacity.
+    Capacity is the algorithm itself here, so drop_tokens does not apply (paths without a capacity
+    buffer process exactly the copies the experts took); no randomness."""
+    del rng, drop_tokens
+    return expert_choice_gating(
+        logits, capacity_factor=moe.capacity_factor if train else moe.eval_capacity_factor,
+        min_capacity=moe.min_capacity)
