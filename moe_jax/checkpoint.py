@@ -1,4 +1,4 @@
-"""Training checkpoints: a small wrapper over ``orbax.checkpoint.CheckpointManager``.
+"""Training checkpoints: a small wrapper over `orbax.checkpoint.CheckpointManager`.
 
 Each checkpoint is one step directory; every entry of the saved dict is an Orbax item of its own,
 so parameters can be restored without the optimizer state (a distillation teacher, generation,
@@ -21,22 +21,22 @@ Usage::
         ckpt.save(step, {"params": params, "opt_state": opt_state}, extra={"data_step": step})
     params, step = load_params("runs/teacher", target=params_shapes)  # another run's, read-only
 
-Atomicity. Orbax writes a step into ``<step>.orbax-checkpoint-tmp`` and
-renames it to ``<step>`` when the save is committed (on GCS it writes
-``commit_success.txt`` instead). A directory with the tmp suffix is therefore
+Atomicity. Orbax writes a step into `<step>.orbax-checkpoint-tmp` and
+renames it to `<step>` when the save is committed (on GCS it writes
+`commit_success.txt` instead). A directory with the tmp suffix is therefore
 never a checkpoint, and tmp directories left by a crash are deleted when the
-next ``Checkpointer`` opens the directory. As a second guard, this wrapper only
-counts a step directory as a checkpoint when it holds ``commit_success.txt``
+next `Checkpointer` opens the directory. As a second guard, this wrapper only
+counts a step directory as a checkpoint when it holds `commit_success.txt`
 (Orbax 0.12 writes it in both atomicity modes, just before the rename). So a
 partly copied step directory, or one with its marker missing, is never
-returned by ``latest_step()`` or ``restore()``, does not count towards
-``keep``, and is overwritten if that step is saved again. (Checkpoints written
+returned by `latest_step()` or `restore()`, does not count towards
+`keep`, and is overwritten if that step is saved again. (Checkpoints written
 by old Orbax versions without the marker are therefore ignored.)
 
-Several processes (``jax.distributed``): every process must construct the
-``Checkpointer`` and call ``save``/``restore``/``close`` in the same order,
+Several processes (`jax.distributed`): every process must construct the
+`Checkpointer` and call `save`/`restore`/`close` in the same order,
 with the same arguments; Orbax coordinates the writes (each process writes its
-own shards, the primary process writes metadata and the ``extra`` JSON and
+own shards, the primary process writes metadata and the `extra` JSON and
 commits the step). There is no process-0-only logic here.
 """
 
@@ -67,11 +67,11 @@ def _is_committed(step_dir: epath.Path) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class _CommittedStepNameFormat:
-    """Orbax ``NameFormat`` that hides step directories without a commit marker.
+    """Orbax `NameFormat` that hides step directories without a commit marker.
 
-    Plugged into ``CheckpointManagerOptions.step_name_format``, so Orbax itself
+    Plugged into `CheckpointManagerOptions.step_name_format`, so Orbax itself
     (latest step, should-save decisions, keep-last-K, restore) never sees an
-    uncommitted step. Names are Orbax's standard ones (``<step>``).
+    uncommitted step. Names are Orbax's standard ones (`<step>`).
     """
 
     base: Any = dataclasses.field(default_factory=ocp.path.step.standard_name_format)
@@ -96,7 +96,7 @@ class _CommittedStepNameFormat:
 
 
 def _to_json_value(obj: Any) -> Any:
-    """``json.dumps`` hook for numpy / jax scalars and small arrays."""
+    """`json.dumps` hook for numpy / jax scalars and small arrays."""
     if isinstance(obj, (np.generic, np.ndarray, jax.Array)):
         value = np.asarray(obj)
         return value.item() if value.ndim == 0 else value.tolist()
@@ -118,9 +118,9 @@ def _normalise_extra(extra: dict | None) -> dict:
 
 
 def _abstract_target(target: Any) -> Any:
-    """Maps a target pytree to what ``StandardRestore`` accepts: jax arrays become
+    """Maps a target pytree to what `StandardRestore` accepts: jax arrays become
     ShapeDtypeStructs (keeping their sharding), numpy scalars 0-d arrays (Orbax rejects
-    ``np.generic`` leaves)."""
+    `np.generic` leaves)."""
 
     def leaf(x):
         if isinstance(x, jax.Array):
@@ -143,18 +143,18 @@ def _shapes(tree) -> dict[str, tuple]:
 
 
 class Checkpointer:
-    """Saves and restores dicts of array pytrees (one Orbax item each) plus a JSON ``extra`` dict.
+    """Saves and restores dicts of array pytrees (one Orbax item each) plus a JSON `extra` dict.
 
     Args:
-      directory: root directory (local path or anything ``etils.epath``
-        understands, e.g. ``gs://``). Created if missing.
-      keep: number of most recent checkpoints to keep (``None``: keep all).
+      directory: root directory (local path or anything `etils.epath`
+        understands, e.g. `gs://`). Created if missing.
+      keep: number of most recent checkpoints to keep (`None`: keep all).
       read_only: for readers of another run's checkpoints (generation,
         distillation teachers, initialisation): never creates, deletes or
         cleans up anything, so a run that is still saving there is left alone.
 
     Saving at a step that already has a committed checkpoint never overwrites
-    it, and a step below ``latest_step()`` is not saved: ``save`` logs and
+    it, and a step below `latest_step()` is not saved: `save` logs and
     returns False.
     """
 
@@ -185,10 +185,10 @@ class Checkpointer:
         return self._mngr.latest_step()
 
     def save(self, step: int, items: dict[str, Any], extra: Optional[dict] = None) -> bool:
-        """Saves each entry of ``items`` (name -> pytree of arrays) as its own item, and ``extra``
-        (a JSON dict), at ``step``. Returns True if a checkpoint was written, False if skipped
+        """Saves each entry of `items` (name -> pytree of arrays) as its own item, and `extra`
+        (a JSON dict), at `step`. Returns True if a checkpoint was written, False if skipped
         (the step exists or is not newer than the latest). Raises TypeError for a non-JSON
-        ``extra`` before anything is written."""
+        `extra` before anything is written."""
         self._check_open()
         step = int(step)
         if EXTRA_ITEM in items:
@@ -201,22 +201,22 @@ class Checkpointer:
         return bool(self._mngr.save(step, args=ocp.args.Composite(**args, **{EXTRA_ITEM: ocp.args.JsonSave(extra)})))
 
     def restore(self, step: Optional[int] = None, target: Optional[dict[str, Any]] = None) -> tuple[dict, dict]:
-        """Restores ``(items, extra)`` from ``step`` (default: the latest).
+        """Restores `(items, extra)` from `step` (default: the latest).
 
         Args:
-          step: step to restore; None for ``latest_step()``.
-          target: item name -> pytree whose leaves are ``jax.ShapeDtypeStruct``
-            (e.g. from ``jax.eval_shape``, with or without ``sharding=``), jax
+          step: step to restore; None for `latest_step()`.
+          target: item name -> pytree whose leaves are `jax.ShapeDtypeStruct`
+            (e.g. from `jax.eval_shape`, with or without `sharding=`), jax
             or numpy arrays: only these items are read. The result has the
             target's pytree structure (optax namedtuples included), dtypes
             (arrays are cast if they differ from the saved ones) and shardings;
             a leaf without a sharding gets the one it was saved with. An item
-            whose target is None, or every item when ``target`` is None, is
+            whose target is None, or every item when `target` is None, is
             rebuilt from its metadata (dicts and lists, saved shardings).
 
         Raises:
           FileNotFoundError: no (complete) checkpoint in the directory, or none
-            at ``step``.
+            at `step`.
           ValueError: a target's parameter paths or shapes differ from the saved
             ones (the message names the path and both shapes).
         """
@@ -250,7 +250,7 @@ class Checkpointer:
         return {name: restored[name] for name in target}, extra
 
     def restore_params(self, step: Optional[int] = None, target: Any = None) -> Any:
-        """The ``params`` item alone (no optimizer state is read); ``target`` as in ``restore``."""
+        """The `params` item alone (no optimizer state is read); `target` as in `restore`."""
         items, _ = self.restore(step, target={"params": target})
         return items["params"]
 
@@ -291,7 +291,7 @@ class Checkpointer:
 
 
 def checkpoint_dir(path: str) -> str:
-    """The checkpoint directory of a run: ``path/checkpoints`` when path is a workdir, else path."""
+    """The checkpoint directory of a run: `path/checkpoints` when path is a workdir, else path."""
     nested = os.path.join(path, CHECKPOINT_DIR)
     return nested if os.path.isdir(nested) else path
 
@@ -299,7 +299,7 @@ def checkpoint_dir(path: str) -> str:
 def load_params(path: str, target: Any = None, step: Optional[int] = None) -> tuple[Any, int]:
     """(params, step) of another run, read-only: path is its workdir or checkpoint directory, step
     defaults to its latest. FileNotFoundError names what is missing; ValueError (from
-    ``restore``) names a parameter whose shape differs from ``target``'s."""
+    `restore`) names a parameter whose shape differs from `target`'s."""
     directory = checkpoint_dir(path)
     if not os.path.isdir(directory):  # else the Checkpointer would fail on a missing directory
         raise FileNotFoundError(f"{path} is not a directory; give the workdir of a run or its checkpoints/")

@@ -1,24 +1,24 @@
 """Corpora for byte-level language modelling: sources and their train/validation split.
 
-Token streams are 1-D ``uint16`` arrays. One entry point, :func:`load_corpus`,
-turns a ``data.path`` setting into a :class:`Corpus` with a train and a
+Token streams are 1-D `uint16` arrays. One entry point, `load_corpus`,
+turns a `data.path` setting into a `Corpus` with a train and a
 validation split:
 
-* ``None`` / ``""`` / ``"stdlib"``: the Python standard library's own ``.py``
-  sources, byte-tokenized (see :func:`stdlib_corpus` for what is excluded).
+* `None` / `""` / `"stdlib"`: the Python standard library's own `.py`
+  sources, byte-tokenized (see `stdlib_corpus` for what is excluded).
   The corpus description names the Python version, because the corpus is a
   function of it.
-* a text file, or a glob of text files (``"docs/**/*.md"``): raw UTF-8 bytes,
+* a text file, or a glob of text files (`"docs/**/*.md"`): raw UTF-8 bytes,
   byte-tokenized (vocab 256).
-* a nanoGPT-style ``.bin`` token file: raw little-endian ``uint16``, opened with
-  ``np.memmap`` (read-only, never copied). ``X/train.bin`` is paired with
-  ``X/val.bin`` when that exists.
+* a nanoGPT-style `.bin` token file: raw little-endian `uint16`, opened with
+  `np.memmap` (read-only, never copied). `X/train.bin` is paired with
+  `X/val.bin` when that exists.
 
 Text corpora are split into train/val *by file*, deterministically: a file is
-in validation iff ``crc32(path) % 100 < val_percent``. A single file (or a
-single ``.bin`` without ``val.bin``) is split by position instead: the last
-``val_percent`` of its bytes/tokens is validation. Both splits are always
-non-empty. Multi-file corpora join files with a ``b"\\n"`` after each file.
+in validation iff `crc32(path) % 100 < val_percent`. A single file (or a
+single `.bin` without `val.bin`) is split by position instead: the last
+`val_percent` of its bytes/tokens is validation. Both splits are always
+non-empty. Multi-file corpora join files with a `b"\\n"` after each file.
 
 Batches over a corpus's splits come from :mod:`moe_jax.data`.
 """
@@ -79,7 +79,7 @@ class ByteTokenizer:
     vocab_size: ClassVar[int] = 256
 
     def encode(self, text: str) -> np.ndarray:
-        """``str`` -> ``uint16 [len(text.encode('utf-8'))]``."""
+        """`str` -> `uint16 [len(text.encode('utf-8'))]`."""
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
@@ -95,15 +95,15 @@ class Corpus:
     """A token stream split for training and validation.
 
     Attributes:
-      train: ``uint16 [N_train]`` (an ``np.memmap`` for ``.bin`` sources).
-      val: ``uint16 [N_val]`` (likewise).
+      train: `uint16 [N_train]` (an `np.memmap` for `.bin` sources).
+      val: `uint16 [N_val]` (likewise).
       source: where the tokens came from: the stdlib directory, the file path or
-        glob as given, or the ``.bin`` path.
+        glob as given, or the `.bin` path.
       description: one human-readable line for logs (sizes, file counts, and for
         the stdlib corpus the Python version).
       vocab_size: number of token ids the model must embed (256 for text).
       tokens_are_bytes: whether each token is one byte of the text (text sources),
-        so that a loss per token is a loss per byte. False for ``.bin`` files,
+        so that a loss per token is a loss per byte. False for `.bin` files,
         whose tokens are a tokenizer's ids of unknown length in bytes.
     """
 
@@ -116,8 +116,8 @@ class Corpus:
 
     @property
     def bits_metric(self) -> str:
-        """The name of the validation loss in bits: ``"val_bpb"`` (bits per byte)
-        where a token is a byte, else ``"val_bits_per_token"``."""
+        """The name of the validation loss in bits: `"val_bpb"` (bits per byte)
+        where a token is a byte, else `"val_bits_per_token"`."""
         return "val_bpb" if self.tokens_are_bytes else "val_bits_per_token"
 
 
@@ -128,25 +128,25 @@ def load_corpus(
     val_percent: float = DEFAULT_VAL_PERCENT,
     vocab_size: int | None = None,
 ) -> Corpus:
-    """Load the corpus named by ``path`` (see the module docstring for formats).
+    """Load the corpus named by `path` (see the module docstring for formats).
 
     Args:
-      path: ``None``, ``""`` or ``"stdlib"`` for the standard-library corpus; a
-        text file; a glob of text files (contains ``*``, ``?`` or ``[``;
-        ``**`` recurses); or a ``.bin`` file of little-endian ``uint16`` tokens.
+      path: `None`, `""` or `"stdlib"` for the standard-library corpus; a
+        text file; a glob of text files (contains `*`, `?` or `[`;
+        `**` recurses); or a `.bin` file of little-endian `uint16` tokens.
       max_bytes: cap on the bytes read from text sources (files taken in sorted
-        order, the last one truncated); ``None`` for no cap. ``.bin`` files are
+        order, the last one truncated); `None` for no cap. `.bin` files are
         memory-mapped and always used whole.
       val_percent: percentage (0 < p < 100) of files, or of the tail of a
         single file, used for validation.
-      vocab_size: ``.bin`` only (ignored for text, which is always 256). If
-        omitted, it is ``max token + 1``, found by scanning the file, which is
-        allowed only up to ``MAX_SCANNED_TOKENS`` tokens. If given, it is
+      vocab_size: `.bin` only (ignored for text, which is always 256). If
+        omitted, it is `max token + 1`, found by scanning the file, which is
+        allowed only up to `MAX_SCANNED_TOKENS` tokens. If given, it is
         checked against the data whenever the file is that small.
 
     Raises:
       DataError: the path is missing, matches nothing, is empty, is not a valid
-        ``.bin`` file, or the arguments cannot produce two non-empty splits.
+        `.bin` file, or the arguments cannot produce two non-empty splits.
     """
     if not 0 < val_percent < 100:
         raise DataError(f"data.val_percent={val_percent!r} must be in (0, 100) so both splits are non-empty")
@@ -172,15 +172,15 @@ def load_corpus(
 def stdlib_corpus(
     *, max_bytes: int | None = DEFAULT_MAX_BYTES, val_percent: float = DEFAULT_VAL_PERCENT
 ) -> Corpus:
-    """The running Python's standard library ``.py`` sources as a byte corpus.
+    """The running Python's standard library `.py` sources as a byte corpus.
 
     Files are taken in sorted order of their POSIX relative paths under
-    ``sysconfig.get_paths()["stdlib"]`` until ``max_bytes`` is reached, so the
+    `sysconfig.get_paths()["stdlib"]` until `max_bytes` is reached, so the
     corpus is identical on every machine with the same Python build. Left out:
-    ``site-packages``/``dist-packages``; test suites (``test``, ``tests``,
-    ``idle_test`` directories); ``__pycache__``; generated data tables
-    (``encodings``, ``pydoc_data``); and build-specific files (``config-*``
-    directories, ``_sysconfigdata*.py``), and empty files.
+    `site-packages`/`dist-packages`; test suites (`test`, `tests`,
+    `idle_test` directories); `__pycache__`; generated data tables
+    (`encodings`, `pydoc_data`); and build-specific files (`config-*`
+    directories, `_sysconfigdata*.py`), and empty files.
     """
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     files: list[tuple[str, pathlib.Path]] = []
@@ -208,7 +208,7 @@ def stdlib_corpus(
 
 
 def _glob_corpus(pattern: str, *, max_bytes: int | None, val_percent: float) -> Corpus:
-    """Text files matching ``pattern`` (sorted); split by file if several."""
+    """Text files matching `pattern` (sorted); split by file if several."""
     paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     if not paths:
         raise DataError(f"data.path={pattern!r} matches no files; {_PATH_HINT}")
@@ -249,10 +249,10 @@ def _split_files(
     max_bytes: int | None,
     val_percent: float,
 ) -> Corpus | None:
-    """Read ``(key, path)`` files in order into per-file chunks (content + ``\\n``)
-    up to ``max_bytes`` in total, then split them by ``crc32(key)``.
+    """Read `(key, path)` files in order into per-file chunks (content + `\\n`)
+    up to `max_bytes` in total, then split them by `crc32(key)`.
 
-    Returns ``None`` when every file is empty. If only one non-empty file fits,
+    Returns `None` when every file is empty. If only one non-empty file fits,
     it is split by position. If the hash puts every file on one side, the last
     file goes to val (or the first to train).
     """
@@ -289,7 +289,7 @@ def _split_files(
 
 
 def _split_single(data: bytes, *, source: str, label: str, val_percent: float) -> Corpus:
-    """One byte string: the last ``val_percent`` of it is validation."""
+    """One byte string: the last `val_percent` of it is validation."""
     n_train, n_val = _tail_split(len(data), val_percent, source)
     description = (
         f"{label}: {_fmt_bytes(len(data))} (train {_fmt_bytes(n_train)} / "
@@ -300,7 +300,7 @@ def _split_single(data: bytes, *, source: str, label: str, val_percent: float) -
 
 
 def _tail_split(n: int, val_percent: float, source: str) -> tuple[int, int]:
-    """``(n_train, n_val)`` with ``n_val = ceil(n * val_percent / 100) >= 1``."""
+    """`(n_train, n_val)` with `n_val = ceil(n * val_percent / 100) >= 1`."""
     if n < 2:
         raise DataError(f"data.path={source!r} holds {n} token(s); at least 2 are needed for a train/val split")
     n_val = min(n - 1, max(1, math.ceil(n * val_percent / 100)))
@@ -312,7 +312,7 @@ def _bytes_to_tokens(data: bytes) -> np.ndarray:
 
 
 def _open_bin(path: pathlib.Path) -> np.memmap:
-    """``path`` as a read-only ``uint16`` memmap, with one-line errors."""
+    """`path` as a read-only `uint16` memmap, with one-line errors."""
     try:
         size = path.stat().st_size
     except OSError as e:
@@ -329,7 +329,7 @@ def _open_bin(path: pathlib.Path) -> np.memmap:
 
 
 def _bin_corpus(path: pathlib.Path, *, val_percent: float, vocab_size: int | None) -> Corpus:
-    """A nanoGPT ``.bin`` file (paired with ``val.bin`` if it is ``train.bin``)."""
+    """A nanoGPT `.bin` file (paired with `val.bin` if it is `train.bin`)."""
     tokens = _open_bin(path)
     val_path = path.with_name("val.bin")
     if path.name == "train.bin" and val_path.is_file():
@@ -347,7 +347,7 @@ def _bin_corpus(path: pathlib.Path, *, val_percent: float, vocab_size: int | Non
 
 
 def _bin_vocab_size(train: np.ndarray, val: np.ndarray, vocab_size: int | None, source: str) -> int:
-    """The given ``vocab_size`` (checked when cheap) or ``max token + 1`` (scanned)."""
+    """The given `vocab_size` (checked when cheap) or `max token + 1` (scanned)."""
     if vocab_size is not None and not 1 <= vocab_size <= 2**16:
         raise DataError(f"data.vocab_size={vocab_size!r} must be in [1, 65536] for uint16 tokens in {source!r}")
     if len(train) + len(val) > MAX_SCANNED_TOKENS:

@@ -1,17 +1,17 @@
 """Batches for language-model training and evaluation over a corpus split.
 
-Token streams are 1-D integer arrays (``uint16``, or the ``np.memmap`` of a
-``.bin`` corpus), as :func:`moe_jax.corpus.load_corpus` returns them.
+Token streams are 1-D integer arrays (`uint16`, or the `np.memmap` of a
+`.bin` corpus), as `moe_jax.corpus.load_corpus` returns them.
 
-Batches are ``{"inputs": int32 [B, T], "targets": int32 [B, T]}`` with
-``targets[:, t] == inputs[:, t + 1]`` in the underlying stream (each row is a
-window of ``T + 1`` tokens).
+Batches are `{"inputs": int32 [B, T], "targets": int32 [B, T]}` with
+`targets[:, t] == inputs[:, t + 1]` in the underlying stream (each row is a
+window of `T + 1` tokens).
 
-Determinism rule: the training batch for step ``i`` is a pure function of
-``(tokens, seed, i, batch_size, seq_len)``: its window offsets are drawn from
-``np.random.default_rng([seed, i])``. Resuming with ``start_step=n`` therefore
-reproduces exactly what an uninterrupted run sees from step ``n`` on, and the
-global batch is the same for every ``process_count`` (each process takes its
+Determinism rule: the training batch for step `i` is a pure function of
+`(tokens, seed, i, batch_size, seq_len)`: its window offsets are drawn from
+`np.random.default_rng([seed, i])`. Resuming with `start_step=n` therefore
+reproduces exactly what an uninterrupted run sees from step `n` on, and the
+global batch is the same for every `process_count` (each process takes its
 contiguous block of rows). Evaluation batches use no randomness at all.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 Batch = dict[str, np.ndarray]
-"""``{"inputs": int32 [B, T], "targets": int32 [B, T]}``."""
+"""`{"inputs": int32 [B, T], "targets": int32 [B, T]}`."""
 
 
 def _check_shape_args(batch_size: int, seq_len: int, process_index: int, process_count: int) -> None:
@@ -43,24 +43,24 @@ def _check_shape_args(batch_size: int, seq_len: int, process_index: int, process
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> Batch:
-    """Rows ``tokens[s : s + seq_len + 1]`` for each start ``s`` -> a :data:`Batch`
-    with ``inputs``/``targets`` of shape ``int32 [len(starts), seq_len]``."""
+    """Rows `tokens[s : s + seq_len + 1]` for each start `s` -> a :data:`Batch`
+    with `inputs`/`targets` of shape `int32 [len(starts), seq_len]`."""
     rows = np.array(tokens[starts[:, None] + np.arange(seq_len + 1)], dtype=np.int32)
     return {"inputs": np.ascontiguousarray(rows[:, :-1]), "targets": np.ascontiguousarray(rows[:, 1:])}
 
 
 class BatchIterator:
-    """Endless random training windows, deterministic per ``(seed, step)``.
+    """Endless random training windows, deterministic per `(seed, step)`.
 
-    Each global batch has ``batch_size`` rows; row ``r`` is the window
-    ``tokens[o_r : o_r + seq_len + 1]`` with offsets
-    ``o = np.random.default_rng([seed, step]).integers(0, len(tokens) - seq_len, batch_size)``.
-    This process yields rows ``[b * process_index, b * (process_index + 1))``
-    with ``b = batch_size // process_count``, so every batch is
-    ``{"inputs": int32 [b, seq_len], "targets": int32 [b, seq_len]}``.
+    Each global batch has `batch_size` rows; row `r` is the window
+    `tokens[o_r : o_r + seq_len + 1]` with offsets
+    `o = np.random.default_rng([seed, step]).integers(0, len(tokens) - seq_len, batch_size)`.
+    This process yields rows `[b * process_index, b * (process_index + 1))`
+    with `b = batch_size // process_count`, so every batch is
+    `{"inputs": int32 [b, seq_len], "targets": int32 [b, seq_len]}`.
 
-    ``step`` is the step of the next batch ``next()`` returns; checkpoint it
-    (or :meth:`state`) and pass it back as ``start_step`` to resume exactly.
+    `step` is the step of the next batch `next()` returns; checkpoint it
+    (or `state`) and pass it back as `start_step` to resume exactly.
     """
 
     def __init__(
@@ -74,8 +74,8 @@ class BatchIterator:
         process_index: int = 0,
         process_count: int = 1,
     ) -> None:
-        """``tokens``: 1-D integer array (``uint16`` or a memmap), at least
-        ``seq_len + 1`` long. ``seed`` and ``start_step`` must be >= 0."""
+        """`tokens`: 1-D integer array (`uint16` or a memmap), at least
+        `seq_len + 1` long. `seed` and `start_step` must be >= 0."""
         _check_shape_args(batch_size, seq_len, process_index, process_count)
         if tokens.ndim != 1:
             raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
@@ -93,7 +93,7 @@ class BatchIterator:
         self.process_count = process_count
 
     def batch_at(self, step: int) -> Batch:
-        """This process's rows of the global batch for ``step`` (does not advance)."""
+        """This process's rows of the global batch for `step` (does not advance)."""
         if step < 0:
             raise ValueError(f"step={step} must be >= 0")
         rng = np.random.default_rng([self.seed, step])
@@ -103,7 +103,7 @@ class BatchIterator:
                         self.seq_len)
 
     def state(self) -> dict[str, int]:
-        """``{"step": next step, "seed": seed}``: enough to resume exactly."""
+        """`{"step": next step, "seed": seed}`: enough to resume exactly."""
         return {"step": self.step, "seed": self.seed}
 
     def __iter__(self) -> Iterator[Batch]:
@@ -124,18 +124,18 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
 ) -> list[Batch]:
-    """Deterministic validation batches from the start of ``tokens``.
+    """Deterministic validation batches from the start of `tokens`.
 
-    Window ``k`` has ``inputs = tokens[k*T : (k+1)*T]`` and
-    ``targets = tokens[k*T + 1 : (k+1)*T + 1]`` (``T = seq_len``): inputs never
+    Window `k` has `inputs = tokens[k*T : (k+1)*T]` and
+    `targets = tokens[k*T + 1 : (k+1)*T + 1]` (`T = seq_len`): inputs never
     overlap and each token after the first is a target exactly once. Global
-    batch ``j`` holds windows ``j*B .. (j+1)*B - 1``; a trailing partial batch
-    is dropped. At most ``max_batches`` batches (``None``: all). With several
+    batch `j` holds windows `j*B .. (j+1)*B - 1`; a trailing partial batch
+    is dropped. At most `max_batches` batches (`None`: all). With several
     processes each gets its contiguous block of rows, as in
-    :class:`BatchIterator`, so every batch is ``int32 [B // process_count, T]``.
+    `BatchIterator`, so every batch is `int32 [B // process_count, T]`.
 
     Raises:
-      DataError: ``tokens`` is too short for one full batch (the message says
+      DataError: `tokens` is too short for one full batch (the message says
         how many tokens are needed).
     """
     _check_shape_args(batch_size, seq_len, process_index, process_count)

@@ -243,9 +243,8 @@ def dispatch_copies(x: jax.Array, routing: Routing, experts: dict) -> jax.Array:
 def dispatch_serving(x: jax.Array, routing: Routing, experts: dict) -> jax.Array:
     """x [S, M] -> y [S, M] by the cheaper no-drop path for this step's static token count: per-copy
     weights while the copies are at most half the experts (decode), else the dropless grouped
-    matmul (prefill). The crossover was measured on 2 CPU cores (M=256, F=1024, E=64): per-copy
-    costs grow with the copies, the tiled grouped matmul scans the row tiles, and the two met near
-    32 copies."""
+    matmul (prefill): per-copy work grows with the copies, the tiled grouped matmul scans the row
+    tiles, and the two cost about the same near E / 2 copies."""
     if 2 * routing.num_tokens * routing.k <= routing.num_experts:
         return dispatch_copies(x, routing, experts)
     return dispatch_dropless(x, routing, experts)

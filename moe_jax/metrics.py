@@ -1,8 +1,8 @@
 """Metric writers (JSON lines + TensorBoard) and model FLOPs utilisation.
 
-* ``MetricWriter``: ``workdir/metrics.jsonl`` (one JSON object per ``write``),
-  ``workdir/config.json`` and TensorBoard scalars in ``workdir/tensorboard/``.
-* ``transformer_flops_per_token``, ``mfu``, ``peak_flops_per_device``.
+* `MetricWriter`: `workdir/metrics.jsonl` (one JSON object per `write`),
+  `workdir/config.json` and TensorBoard scalars in `workdir/tensorboard/`.
+* `transformer_flops_per_token`, `mfu`, `peak_flops_per_device`.
 
 Progress is not drawn here: the trainer writes one absl log line per logging step (step, loss,
 tokens/s, ETA from the last window's step time). That needs no progress-bar dependency (tqdm,
@@ -102,26 +102,26 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 
 class MetricWriter:
-    """Writes metrics to ``workdir/metrics.jsonl`` and TensorBoard.
+    """Writes metrics to `workdir/metrics.jsonl` and TensorBoard.
 
-    Each ``write(step, metrics)`` appends one line ``{"step": step, **metrics}``
-    to ``metrics.jsonl`` and flushes it. Nested dicts are flattened with ``/``
-    (``{"train": {"loss": x}}`` -> ``"train/loss"``). numpy/jax scalars become
+    Each `write(step, metrics)` appends one line `{"step": step, **metrics}`
+    to `metrics.jsonl` and flushes it. Nested dicts are flattened with `/`
+    (`{"train": {"loss": x}}` -> `"train/loss"`). numpy/jax scalars become
     python ints/floats/bools, arrays become lists. Non-finite floats (NaN,
-    +-inf) are written as JSON ``null`` so the file stays strict JSON
-    (``pandas.read_json(lines=True)`` reads them back as NaN); TensorBoard gets
+    +-inf) are written as JSON `null` so the file stays strict JSON
+    (`pandas.read_json(lines=True)` reads them back as NaN); TensorBoard gets
     the real value. Numeric scalars (bools excluded) also go to TensorBoard
     under their flattened name; strings and lists only go to the JSON file.
 
-    Resuming: pass ``resume_step`` (the step of the checkpoint restored). Lines
-    of an existing ``metrics.jsonl`` with ``step > resume_step`` are dropped
+    Resuming: pass `resume_step` (the step of the checkpoint restored). Lines
+    of an existing `metrics.jsonl` with `step > resume_step` are dropped
     (the file is rewritten atomically) and TensorBoard is told to hide events
-    with ``step > resume_step`` (tensorboardX ``purge_step``), so a run killed
+    with `step > resume_step` (tensorboardX `purge_step`), so a run killed
     after logging step 120 but resumed from step 100 logs 101.. only once.
-    Without ``resume_step`` new lines are appended. In both cases a truncated
+    Without `resume_step` new lines are appended. In both cases a truncated
     last line (a crash in the middle of a write) is removed.
 
-    Only process 0 (``jax.process_index()``) writes anything; on other
+    Only process 0 (`jax.process_index()`) writes anything; on other
     processes every method is a no-op.
     """
 
@@ -152,7 +152,7 @@ class MetricWriter:
             self._tb = SummaryWriter(logdir=self.tensorboard_dir, purge_step=purge_step, flush_secs=30)
 
     def _prepare_existing(self, resume_step: int | None) -> None:
-        """Drops lines past ``resume_step`` and a torn last line."""
+        """Drops lines past `resume_step` and a torn last line."""
         if not os.path.exists(self.metrics_path):
             return
         with open(self.metrics_path, encoding="utf-8") as f:
@@ -178,7 +178,7 @@ class MetricWriter:
             _atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Logs ``metrics`` at ``step`` (one JSON line + TensorBoard scalars)."""
+        """Logs `metrics` at `step` (one JSON line + TensorBoard scalars)."""
         self._check_open()
         if not self.active:
             return
@@ -195,9 +195,9 @@ class MetricWriter:
                     self._tb.add_scalar(name, float(value), global_step=step)
 
     def write_config(self, config: Mapping[str, Any] | Any) -> None:
-        """Writes ``workdir/config.json`` (atomically; also as TensorBoard text).
+        """Writes `workdir/config.json` (atomically; also as TensorBoard text).
 
-        Accepts dicts, dataclasses and objects with ``to_dict()`` (ConfigDict);
+        Accepts dicts, dataclasses and objects with `to_dict()` (ConfigDict);
         values that JSON cannot hold are converted (numpy -> python, paths ->
         str, anything else -> repr).
         """
@@ -207,7 +207,7 @@ class MetricWriter:
         text = json.dumps(config, default=_json_default, indent=2, sort_keys=True)
         _atomic_write_text(self.config_path, text + "\n")
         if self._tb is not None:
-            self._tb.add_text("config", "```\n" + text + "\n```", global_step=0)
+            self._tb.add_text("config", "``\n" + text + "\n``", global_step=0)
 
     def flush(self) -> None:
         if self._file is not None:
@@ -244,18 +244,18 @@ class MetricWriter:
 
 
 def transformer_flops_per_token(active_params: int, num_layers: int, hidden: int, seq_len: int) -> float:
-    """Training FLOPs per token of a decoder-only transformer: ``6*N + 12*L*H*T``.
+    """Training FLOPs per token of a decoder-only transformer: `6*N + 12*L*H*T`.
 
-    ``6*N``: forward (2 FLOPs per multiply-add) plus backward (twice the
-    forward) for each of the ``N`` parameters a token passes through. For an
-    MoE model ``N`` is the *active* parameter count: dense parameters plus
+    `6*N`: forward (2 FLOPs per multiply-add) plus backward (twice the
+    forward) for each of the `N` parameters a token passes through. For an
+    MoE model `N` is the *active* parameter count: dense parameters plus
     only the top-k experts a token is routed to, not all experts. Embedding
     tables (a lookup, not a matmul) are conventionally left out; a tied or
     untied output projection is included.
 
-    ``12*L*H*T``: attention scores and the attention-weighted sum of values
-    (``Q K^T`` and ``A V``): 2 matmuls x 2 FLOPs per multiply-add x 3 (fwd +
-    bwd) x ``L`` layers x ``H`` (hidden = heads * head_dim) x ``T`` (sequence
+    `12*L*H*T`: attention scores and the attention-weighted sum of values
+    (`Q K^T` and `A V`): 2 matmuls x 2 FLOPs per multiply-add x 3 (fwd +
+    bwd) x `L` layers x `H` (hidden = heads * head_dim) x `T` (sequence
     length), per token. Causal masking is not discounted (PaLM convention,
     Chowdhery et al. 2022, appendix B).
     """
@@ -265,9 +265,9 @@ def transformer_flops_per_token(active_params: int, num_layers: int, hidden: int
 def mfu(flops_per_token: float, tokens_per_sec: float, peak_flops: float) -> float:
     """Model FLOPs utilisation: achieved model FLOP/s over peak FLOP/s.
 
-    ``flops_per_token * tokens_per_sec / peak_flops``. ``tokens_per_sec`` and
-    ``peak_flops`` must cover the same devices: for the global throughput pass
-    ``peak_flops_per_device() * jax.device_count()``. Recomputation (remat) is
+    `flops_per_token * tokens_per_sec / peak_flops`. `tokens_per_sec` and
+    `peak_flops` must cover the same devices: for the global throughput pass
+    `peak_flops_per_device() * jax.device_count()`. Recomputation (remat) is
     not counted, by definition of MFU.
     """
     if not peak_flops > 0:
@@ -276,7 +276,7 @@ def mfu(flops_per_token: float, tokens_per_sec: float, peak_flops: float) -> flo
 
 
 # Dense (no sparsity) bf16 peak FLOP/s per device, from vendor data sheets.
-# First match of a lower-cased substring of ``device.device_kind`` wins, so
+# First match of a lower-cased substring of `device.device_kind` wins, so
 # more specific names come first.
 _PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ("gb200", 2.5e15),
@@ -305,12 +305,12 @@ _CPU_PEAK_FLOPS = 100e9
 
 
 def peak_flops_per_device(device: Any = None) -> float:
-    """Best-effort dense bf16 peak FLOP/s of one device (default ``jax.devices()[0]``).
+    """Best-effort dense bf16 peak FLOP/s of one device (default `jax.devices()[0]`).
 
-    Looked up from ``device.device_kind`` (e.g. ``"NVIDIA H100 80GB HBM3"``):
+    Looked up from `device.device_kind` (e.g. `"NVIDIA H100 80GB HBM3"`):
     H100/H200 SXM 989e12, A100 312e12, TPU v4 275e12, v5e 197e12, v5p 459e12,
-    v6e 918e12, ... CPU devices return ``100e9``, a rough guess. Unknown
-    accelerators return NaN (so ``mfu`` gives NaN rather than a wrong number).
+    v6e 918e12, ... CPU devices return `100e9`, a rough guess. Unknown
+    accelerators return NaN (so `mfu` gives NaN rather than a wrong number).
     """
     if device is None:
         device = jax.devices()[0]
