@@ -5,6 +5,8 @@ The model tests compile a 2-layer model (one dense, one MoE layer of 8 experts; 
 """
 
 import functools
+import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -158,3 +160,36 @@ def test_tensor_ranks_do_not_repeat_expert_work_by_default():
 def test_pyramid_layer_with_fewer_experts_than_the_group_is_split():
     # 4 experts on 8 expert devices: groups of 4, one expert per device, as with 8 experts on 8
     assert _step("1,8,1", experts="4").argument_bytes <= _step("1,8,1").argument_bytes
+
+
+def test_pyramid_rule_at_paper_scale_on_64_devices():
+    """350M+PR-MoE-32/64 on an expert group of 64: the 32-expert layers are split over groups of 32
+    devices and the 64-expert layers over all 64, so every device holds one expert of every MoE
+    layer (DeepSpeed's rule: E_layer / min(64, E_layer)), never a whole layer."""
+    from moe_jax import config, model, parallel
+
+    cfg = config.preset("350m+pr-moe-32/64")
+    group = parallel.smallest_expert_group(cfg.layer_experts(), 64)
+    assert group == 32
+    mesh = jax.sharding.AbstractMesh((1, 1, 64 // group, group, 1), parallel.AXES)
+    par = parallel.ParallelConfig(mesh)
+    specs = parallel.param_specs(jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg)), par)
+    for layer, num_experts in enumerate(cfg.layer_experts()):
+        if num_experts:
+            axes = specs[f"block_{layer}"]["moe"]["experts"]["w1"][0]
+            axes = axes if isinstance(axes, tuple) else (axes,)
+            assert num_experts // math.prod(mesh.shape[a] for a in axes) == 1, (layer, num_experts, axes)
+
+
+@pytest.mark.slow
+def test_paper_scale_pr_moe_compiles_on_64_devices(tmp_path):
+    """The whole 350M+PR-MoE-32/64 step (2-layer variants per expert count, scaled to 24 layers)
+    compiles on 64 virtual devices and keeps the per-device FLOPs at the ideal."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "experiments/bench_scaling.py", "--config=experiments/configs/pr_moe.py:350m",
+                          "--mesh=1,64,1", "--extrapolate_layers"], capture_output=True, text=True, timeout=1800,
+                         cwd=pathlib.Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "flops" in out.stdout.lower()
