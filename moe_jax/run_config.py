@@ -2,7 +2,7 @@
 
 A run config has groups model, moe, data, optim, mesh and top-level seed, total_steps,
 log_every_steps, eval_every_steps, checkpoint_every_steps, keep_checkpoints, eval_batches,
-stop_after_steps and init_from (`default_config(scale)` builds one).
+deterministic_eval, stop_after_steps and init_from (`default_config(scale)` builds one).
 
 The model, moe and optim groups are derived from the dataclasses `moe_jax.config.ModelConfig`,
 `moe_jax.config.MoEConfig` and `moe_jax.train_lib.OptimConfig`: every dataclass field is a config
@@ -189,6 +189,9 @@ def default_config(scale: str = "tiny", presets: Optional[Mapping[str, str]] = N
     c.log_every_steps = s.log_every_steps
     c.eval_every_steps = s.eval_every_steps
     c.eval_batches = s.eval_batches
+    # False: evaluation routes as DeepSpeed's does (RTS, top-2's sampled second expert) with one fixed
+    # key (train_lib.eval_rng); True: routing without noise (RTS keeps the first tokens, top-2 the best two)
+    c.deterministic_eval = False
     c.checkpoint_every_steps = s.eval_every_steps
     c.keep_checkpoints = 3
     c.stop_after_steps = 0  # > 0: end this run at that step (checkpointed); rerun to continue

@@ -117,9 +117,26 @@ def train_step(state: dict, batch: dict, rng: jax.Array, hook_inputs: Any = None
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
 
-def eval_step(params: dict, batch: dict, *, model_cfg: ModelConfig, parallel: ParallelConfig | None = None) -> dict:
-    """Summed cross-entropy and token count on one batch (eval capacity, no noise)."""
-    logits, _ = model_lib.apply(params, batch["inputs"], model_cfg, train=False, parallel=parallel)
+# The evaluation routing key: one constant for every evaluation of every run, so validation losses
+# are comparable across steps, resumes, seeds and variants.
+EVAL_GATING_SEED = 0
+
+
+def eval_rng(batch_index: int) -> jax.Array:
+    """The 'gating' key of evaluation batch `batch_index`: fixed, so an evaluation replays exactly."""
+    return jax.random.fold_in(jax.random.key(EVAL_GATING_SEED), batch_index)
+
+
+def eval_step(params: dict, batch: dict, rng: jax.Array | None = None, *, model_cfg: ModelConfig,
+              parallel: ParallelConfig | None = None) -> dict:
+    """Summed cross-entropy and token count on one batch, at the eval capacity factor.
+
+    rng: the 'gating' key (eval_rng(i) in the trainer). As DeepSpeed evaluates, random token
+    selection ranks an over-full expert's tokens by random scores and top-2 samples its second
+    expert with Gumbel noise; jitter and RSample noise stay off (training only). None: deterministic
+    routing (RTS keeps the first tokens, top-2 takes the second-best expert)."""
+    logits, _ = model_lib.apply(params, batch["inputs"], model_cfg, train=False,
+                                rngs=None if rng is None else {"gating": rng}, parallel=parallel)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(log_probs, batch["targets"][..., None].astype(jnp.int32), axis=-1)[..., 0]
     return {"nll_sum": jnp.sum(nll), "tokens": jnp.asarray(nll.size, jnp.float32)}

@@ -2,7 +2,11 @@
 
 `config` is an ml_collections.ConfigDict with groups model, moe, data, optim, mesh and top-level
 seed, total_steps, log_every_steps, eval_every_steps, checkpoint_every_steps, keep_checkpoints,
-eval_batches, init_from (`moe_jax.run_config.default_config(scale)` builds one).
+eval_batches, deterministic_eval, init_from (`moe_jax.run_config.default_config(scale)` builds one).
+
+Evaluation routes as DeepSpeed's does (random token selection, top-2's Gumbel-sampled second
+expert) with fixed keys (train_lib.eval_rng), so every evaluation of every run sees the same noise;
+config.deterministic_eval=True routes without noise.
 
 Start order, the only one:
   1. the latest complete checkpoint in workdir/checkpoints: parameters, optimizer state and step,
@@ -68,10 +72,11 @@ def _layer_stats(moe_layers: dict) -> dict:
     return out
 
 
-def evaluate(params, eval_data: list, eval_fn, bits_metric: str = "val_bpb") -> dict:
+def evaluate(params, eval_data: list, eval_fn, bits_metric: str = "val_bpb", eval_keys: Optional[list] = None) -> dict:
+    """Validation loss over eval_data; eval_keys[i] is batch i's 'gating' key (None: deterministic)."""
     nll, tokens = 0.0, 0.0
-    for batch in eval_data:
-        out = eval_fn(params, batch)
+    for i, batch in enumerate(eval_data):
+        out = eval_fn(params, batch, None if eval_keys is None else eval_keys[i])
         nll += float(out["nll_sum"])
         tokens += float(out["tokens"])
     val_loss = nll / tokens
@@ -201,6 +206,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     eval_data = [place(batch) for batch in data_lib.eval_batches(
         corpus.val, batch_size=config.data.batch_size, seq_len=config.data.seq_len,
         max_batches=config.eval_batches, process_index=jax.process_index(), process_count=jax.process_count())]
+    # DeepSpeed routes evaluation with RTS and top-2's sampled second expert: a fixed key per batch
+    # keeps every evaluation replayable; config.deterministic_eval routes without noise instead
+    eval_keys = None if config.get("deterministic_eval", False) else [train_lib.eval_rng(i)
+                                                                        for i in range(len(eval_data))]
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_per_token = metrics_lib.transformer_flops_per_token(
         counts.active, model_cfg.num_layers, model_cfg.hidden_size, config.data.seq_len)
@@ -239,7 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                "mfu": metrics_lib.mfu(flops_per_token, tokens_per_sec, peak),
                                "moe": _layer_stats(host["moe_layers"])})
                 if step % config.eval_every_steps == 0 or is_last:
-                    eval_metrics = evaluate(state["params"], eval_data, eval_fn, corpus.bits_metric)
+                    eval_metrics = evaluate(state["params"], eval_data, eval_fn, corpus.bits_metric, eval_keys)
                     record.update(eval_metrics)
                 writer.write(step, record)
                 if jax.process_index() == 0:
@@ -255,7 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         ckpt.close()
 
     if not eval_metrics:  # resumed at the end: evaluate the restored state
-        eval_metrics = evaluate(state["params"], eval_data, eval_fn, corpus.bits_metric)
+        eval_metrics = evaluate(state["params"], eval_data, eval_fn, corpus.bits_metric, eval_keys)
     summary = {
         "steps": int(jax.device_get(state["step"])), "params_total": counts.total, "params_active": counts.active,
         "tokens_per_sec": tokens_per_sec, "step_time_s": step_time, **eval_metrics,
