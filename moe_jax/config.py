@@ -18,6 +18,7 @@ MoE layer. An entry <= 1 makes that layer dense, as in Megatron-DeepSpeed.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Optional, Sequence
 
 import jax.numpy as jnp
@@ -86,6 +87,11 @@ class MoEConfig:
     # token's experts depend on later tokens: it trains and evaluates on whole sequences, and
     # moe_jax.inference refuses to generate with it.
     router: str = "topk"
+    # Aux-loss-free balancing (DeepSeek-V3): > 0 gives each MoE layer a per-expert bias added to the
+    # gate logits when choosing experts (never to the combine weights), updated after every step by
+    # bias += rate * sign(mean load - load) from the whole batch's expert loads (moe_jax.balancing).
+    # 0 (the default, DeepSpeed's behaviour): no bias. Set aux_loss_coef=0 for no balance loss at all.
+    bias_update_rate: float = 0.0
     router_impl: str = "jnp"  # "kernel": the fused gating kernel (moe_jax.kernels.gating; jnp off GPU)
     dispatch: str = "gather"  # a name of moe_jax.dispatch.PATHS
     # dropless / serve under expert parallelism: each device sends each other device at most
@@ -125,6 +131,15 @@ class MoEConfig:
 
         if self.router not in gating.ROUTERS:
             raise ValueError(f"moe.router={self.router!r} is unknown; use one of {tuple(gating.ROUTERS)}")
+        if self.bias_update_rate < 0:
+            raise ValueError(f"moe.bias_update_rate={self.bias_update_rate} must be >= 0 (0 turns aux-loss-free "
+                             "balancing off; DeepSeek-V3 uses 0.001)")
+        if self.bias_update_rate > 0 and (
+                "selection_bias" not in inspect.signature(gating.ROUTERS[self.router]).parameters
+                or self.router_impl != "jnp"):
+            raise ValueError(f"moe.bias_update_rate={self.bias_update_rate} needs a router that takes a selection "
+                             f"bias; moe.router={self.router!r} with router_impl={self.router_impl!r} does not: use "
+                             "moe.router='topk' with router_impl='jnp', or bias_update_rate=0")
         if self.router_impl not in ROUTER_IMPLS:
             raise ValueError(f"moe.router_impl={self.router_impl!r} is unknown; use one of {ROUTER_IMPLS}")
         if self.dispatch not in dispatch.PATHS:

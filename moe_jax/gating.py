@@ -5,7 +5,9 @@ A router turns gate logits into a `Routing`. Every router has one signature,
     routing = ROUTERS[name](logits [S, E] float32, *, moe, train, rng, drop_tokens)
 
 (`moe` a moe_jax.config.MoEConfig, `rng` None for deterministic routing, `drop_tokens` False when
-the dispatch path has no capacity), and is chosen by `MoEConfig.router`. Adding one is a function,
+the dispatch path has no capacity), and is chosen by `MoEConfig.router`. A router that supports
+aux-loss-free balancing (MoEConfig.bias_update_rate) also takes `selection_bias` [E], a bias on the
+scores that choose experts, never on the combine weights. Adding one is a function,
 a `@register_router("name")` line and its tests: dispatch paths, the expert-parallel exchange, the
 aux-loss reduction and the metrics read only the `Routing` fields below, never a router's internals.
 
@@ -48,13 +50,14 @@ exactly; otherwise they are drawn from `rng`, and with neither the routing is de
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+from moe_jax.load_stats import expert_load_stats  # noqa: F401  host-side statistics, re-exported
 
 
 @struct.dataclass
@@ -147,60 +150,6 @@ def routing_stats(routing: Routing, axes: Optional[str | Sequence[str]] = None) 
     }
 
 
-def expert_load_stats(
-    counts,
-    kept_counts=None,
-    *,
-    capacity: int | None = None,
-) -> dict[str, float]:
-    """Load-balance statistics of one MoE layer.
-
-    Args:
-      counts: [E] tokens routed to each expert (token-expert assignments,
-        before any capacity drop; for top-k routing each token counts k times).
-      kept_counts: optional [E] assignments each expert actually processed
-        (after the capacity drop).
-      capacity: optional per-expert capacity; if given (and kept_counts is
-        not), kept_counts = min(counts, capacity).
-
-    Returns:
-      dict of python floats:
-        load_imbalance: max / mean count (1.0 = perfectly balanced; E = all
-          tokens on one expert).
-        load_cv: coefficient of variation, std / mean (population std).
-        frac_experts_unused: fraction of experts that got no tokens.
-        dropped_frac: 1 - sum(kept) / sum(counts); only with
-          kept_counts or capacity.
-      With no tokens at all, ratios over the mean are NaN.
-    """
-    counts = np.asarray(counts, dtype=np.float64)
-    if counts.ndim != 1 or counts.size == 0:
-        raise ValueError(f"counts must be a non-empty 1-D array [E], got shape {counts.shape}")
-    if np.any(counts < 0):
-        raise ValueError("counts must be non-negative")
-    if kept_counts is not None and capacity is not None:
-        raise ValueError("give kept_counts or capacity, not both")
-    mean = counts.mean()
-    stats = {
-        "load_imbalance": float(counts.max() / mean) if mean > 0 else math.nan,
-        "load_cv": float(counts.std() / mean) if mean > 0 else math.nan,
-        "frac_experts_unused": float(np.mean(counts == 0)),
-    }
-    if capacity is not None:
-        if capacity < 0:
-            raise ValueError(f"capacity must be >= 0, got {capacity}")
-        kept_counts = np.minimum(counts, capacity)
-    if kept_counts is not None:
-        kept = np.asarray(kept_counts, dtype=np.float64)
-        if kept.shape != counts.shape:
-            raise ValueError(f"kept_counts shape {kept.shape} != counts shape {counts.shape}")
-        if np.any(kept < 0) or np.any(kept > counts):
-            raise ValueError("need 0 <= kept_counts <= counts")
-        total = counts.sum()
-        stats["dropped_frac"] = float(1.0 - kept.sum() / total) if total > 0 else 0.0
-    return stats
-
-
 def compute_capacity(num_tokens: int, num_experts: int, capacity_factor: float, min_capacity: int,
                      k: int = 1) -> int:
     """DeepSpeed's `_capacity`: ceil(S / E * (k * cf)) in float32, at least min_capacity."""
@@ -245,6 +194,7 @@ def top_k_gating(
     rts_scores: Optional[jax.Array] = None,
     gumbel: Optional[jax.Array] = None,
     rsample_noise: Optional[jax.Array] = None,
+    selection_bias: Optional[jax.Array] = None,
 ) -> Routing:
     """Routes S tokens to k of E experts with DeepSpeed's semantics (module docstring).
 
@@ -261,6 +211,8 @@ def top_k_gating(
       rts_scores: [S, E] uniform [0, 1) RTS priorities (only [s, chosen expert] is read).
       gumbel: [S, E] Gumbel noise for the second choice of top-2.
       rsample_noise: [S, E] noise added to the logits for the top-1 choice (RSample policy).
+      selection_bias: [E] added to the logits for choosing the experts only (aux-loss-free
+        balancing); the combine weights and the aux loss's gate fractions stay softmax(logits).
     """
     if logits.ndim != 2:
         raise ValueError(f"logits must be [S, E]; got shape {logits.shape}")
@@ -277,6 +229,7 @@ def top_k_gating(
         gumbel = jax.random.gumbel(rng_gumbel, logits.shape)
 
     gates = jax.nn.softmax(logits, axis=-1)
+    selection = logits if selection_bias is None else logits + selection_bias.astype(jnp.float32)
     if drop_tokens:
         capacity = compute_capacity(num_tokens, num_experts, capacity_factor, min_capacity, k)
     else:
@@ -285,7 +238,9 @@ def top_k_gating(
     z_loss = jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
 
     if k == 1:
-        choose_from = gates if rsample_noise is None else logits + rsample_noise
+        choose_from = gates if rsample_noise is None else selection + rsample_noise
+        if rsample_noise is None and selection_bias is not None:
+            choose_from = selection
         expert_index = jnp.argmax(choose_from, axis=-1).astype(jnp.int32)[:, None]
         mask = jax.nn.one_hot(expert_index[:, 0], num_experts, dtype=jnp.int32)
         ce = jnp.mean(mask.astype(jnp.float32), axis=0)
@@ -303,9 +258,9 @@ def top_k_gating(
         weight = _take(gates, expert_index) * kept
         expert_counts = jnp.sum(mask, axis=0)
     elif k == 2:
-        first = jnp.argmax(gates, axis=-1).astype(jnp.int32)
+        first = jnp.argmax(gates if selection_bias is None else selection, axis=-1).astype(jnp.int32)
         mask1 = jax.nn.one_hot(first, num_experts, dtype=jnp.int32)
-        noisy = logits if gumbel is None else logits + gumbel
+        noisy = selection if gumbel is None else selection + gumbel
         second = jnp.argmax(jnp.where(mask1 > 0, -jnp.inf, noisy), axis=-1).astype(jnp.int32)
         mask2 = jax.nn.one_hot(second, num_experts, dtype=jnp.int32)
         location1 = _slots_in_token_order(mask1)
@@ -320,7 +275,7 @@ def top_k_gating(
         weight = probs / denom
         expert_counts = jnp.sum(mask1 + mask2, axis=0)
     else:
-        _, expert_index = jax.lax.top_k(logits, k)
+        _, expert_index = jax.lax.top_k(selection, k)
         expert_index = expert_index.astype(jnp.int32)
         mask = jnp.zeros((num_tokens, num_experts), jnp.int32).at[
             jnp.arange(num_tokens)[:, None], expert_index].set(1)
@@ -378,15 +333,18 @@ def register_router(name: str, *, causal: bool = True) -> Callable[[Router], Rou
 
 
 @register_router("topk")
-def topk_router(logits: jax.Array, *, moe, train: bool, rng: Optional[jax.Array], drop_tokens: bool) -> Routing:
+def topk_router(logits: jax.Array, *, moe, train: bool, rng: Optional[jax.Array], drop_tokens: bool,
+                selection_bias: Optional[jax.Array] = None) -> Routing:
     """DeepSpeed's top-k gating (`top_k_gating`) with the RSample policy's Gumbel noise on the top-1
     choice while training, and the training or eval capacity factor. moe.router_impl="kernel" runs
-    the fused gating kernel (moe_jax.kernels.gating; its jnp reference off GPU), same outputs."""
+    the fused gating kernel (moe_jax.kernels.gating; its jnp reference off GPU), same outputs.
+    selection_bias [E]: aux-loss-free balancing's bias on the choice (jnp router only)."""
     rng_rsample, rng_gating = jax.random.split(rng) if rng is not None else (None, None)
     rsample_noise = None
     if train and moe.noisy_gate_policy == "RSample" and rng_rsample is not None:
         rsample_noise = jax.random.gumbel(rng_rsample, logits.shape)
     gating_fn = top_k_gating
+    extra = {} if selection_bias is None else {"selection_bias": selection_bias}
     if moe.router_impl == "kernel":
         from moe_jax.kernels.gating import ops as gating_kernel  # lazy: the kernels import this module
 
@@ -395,7 +353,7 @@ def topk_router(logits: jax.Array, *, moe, train: bool, rng: Optional[jax.Array]
         logits, k=moe.k, capacity_factor=moe.capacity_factor if train else moe.eval_capacity_factor,
         min_capacity=moe.min_capacity, drop_tokens=drop_tokens, use_rts=moe.use_rts,
         second_expert_sampling=moe.second_expert_sampling, drop_policy=moe.drop_policy,
-        rng=rng_gating, rsample_noise=rsample_noise)
+        rng=rng_gating, rsample_noise=rsample_noise, **extra)
 
 
 from moe_jax import routers as _routers  # noqa: E402,F401  registers the routers defined there

@@ -30,6 +30,7 @@ from moe_jax.config import MoEConfig
 from moe_jax.gating import Routing
 
 JITTER_EPS = 1e-2
+ROUTER_STATE = "router_state"  # variable collection of the routers' non-parameter state
 
 
 def gate_logits(gate: dict, x: jax.Array, *, moe: MoEConfig, train: bool,
@@ -47,12 +48,15 @@ def route(gate: dict, x: jax.Array, *, moe: MoEConfig, train: bool, rng: Optiona
     """The gate: logits (with Jitter), then the configured router (moe.router, a name of
     moe_jax.gating.ROUTERS). drop_tokens defaults to moe.drop_tokens, and is False whenever the
     dispatch path has no capacity. Without an rng the routing is deterministic (no jitter, RTS,
-    RSample or second-expert sampling)."""
+    RSample or second-expert sampling). gate: {kernel [M, E]} and, with aux-loss-free balancing,
+    selection_bias [E] (moe_forward puts it there), which only the choice of experts reads."""
     rng_jitter, rng_router = jax.random.split(rng) if rng is not None else (None, None)
     logits = gate_logits(gate, x, moe=moe, train=train, rng=rng_jitter)
     if drop_tokens is None:
         drop_tokens = moe.drop_tokens and dispatch_lib.get_path(moe.dispatch).uses_capacity
-    return gating_lib.ROUTERS[moe.router](logits, moe=moe, train=train, rng=rng_router, drop_tokens=drop_tokens)
+    extra = {"selection_bias": gate["selection_bias"]} if "selection_bias" in gate else {}
+    return gating_lib.ROUTERS[moe.router](logits, moe=moe, train=train, rng=rng_router, drop_tokens=drop_tokens,
+                                          **extra)
 
 
 def dense_mlp(mlp: dict, x: jax.Array) -> jax.Array:
@@ -69,14 +73,20 @@ def residual_coefficient(coef: dict, x: jax.Array) -> jax.Array:
 
 def moe_forward(params: dict, x: jax.Array, *, moe: MoEConfig, train: bool,
                 rng: Optional[jax.Array] = None, path: Optional[str] = None,
-                parallel: Optional["parallel_lib.ParallelConfig"] = None) -> tuple[jax.Array, dict]:
+                parallel: Optional["parallel_lib.ParallelConfig"] = None,
+                selection_bias: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
     """One MoE layer on x [..., M] (all leading axes are tokens, as DeepSpeed flattens them).
 
-    Returns (y [..., M], stats) with stats = aux_loss, z_loss, expert_counts [E], kept_counts [E],
-    dropped_fraction. With `parallel`, x is [B, T, M] sharded over the batch axes and routing and
-    dispatch run per shard under shard_map (moe_jax.parallel); otherwise on all tokens at once.
+    Returns (y [..., M], stats) with stats = moe_jax.gating.STAT_NAMES (aux_loss, z_loss,
+    expert_counts [E], kept_counts [E], dropped_fraction, unrouted_fraction). With `parallel`, x is
+    [B, T, M] sharded over the batch axes and routing and dispatch run per shard under shard_map
+    (moe_jax.parallel); otherwise on all tokens at once. selection_bias [E]: aux-loss-free
+    balancing's bias on the choice of experts (not differentiated: it is state, not a parameter).
     """
     shape = x.shape
+    if selection_bias is not None:  # travels with the gate, so the sharded router reads it too
+        gate = {**params["gate"], "selection_bias": jax.lax.stop_gradient(selection_bias).astype(jnp.float32)}
+        params = {**params, "gate": gate}
     if path is not None:
         moe = dataclasses.replace(moe, dispatch=path)
     if parallel is not None:
@@ -155,7 +165,11 @@ class MoELayer(nn.Module):
     """One MoE layer for training and serving: creates its parameters in `moe_forward`'s layout
     (gate, experts, residual: the module docstring) and runs `moe_forward` on exactly them. Uses the
     'gating' rng stream (jitter, RTS, noise) when the caller provides it. Serving is the same layer
-    with the serving config (moe_jax.inference.serving_config: dispatch "serve", no dropping)."""
+    with the serving config (moe_jax.inference.serving_config: dispatch "serve", no dropping).
+
+    With aux-loss-free balancing (moe.bias_update_rate > 0) the layer reads its per-expert
+    selection bias [E] from the ROUTER_STATE variable collection (zeros at initialisation); the
+    training step updates it (moe_jax.balancing), never the optimizer."""
 
     moe: MoEConfig
     num_experts: int
@@ -179,4 +193,12 @@ class MoELayer(nn.Module):
             params["residual"] = self.param("residual", init_residual, model_dim, self.ffn_size, self.init_std,
                                             self.out_std, self.param_dtype)
         rng = self.make_rng("gating") if self.has_rng("gating") else None
-        return moe_forward(params, x, moe=self.moe, train=train, rng=rng, parallel=self.parallel)
+        bias = None
+        if self.moe.bias_update_rate > 0:
+            if not (self.is_initializing() or self.has_variable(ROUTER_STATE, "selection_bias")):
+                raise ValueError(f"moe.bias_update_rate={self.moe.bias_update_rate}: the model's {ROUTER_STATE!r} "
+                                 "variables are missing; pass the train state's router_state to the model "
+                                 "(moe_jax.model.apply(..., router_state=state['router_state']))")
+            bias = self.variable(ROUTER_STATE, "selection_bias", jnp.zeros, (self.num_experts,), jnp.float32).value
+        return moe_forward(params, x, moe=self.moe, train=train, rng=rng, parallel=self.parallel,
+                           selection_bias=bias)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from moe_jax import balancing
 from moe_jax import model as model_lib
 from moe_jax.config import ModelConfig
 from moe_jax.parallel import ParallelConfig
@@ -68,8 +69,14 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 
 
 def init_state(rng: jax.Array, model_cfg: ModelConfig, optimizer: optax.GradientTransformation) -> dict:
+    """{"params", "opt_state", "step"}, and "router_state" (zero selection biases) when the model
+    uses aux-loss-free balancing (moe_jax.balancing)."""
     params = model_lib.init_params(rng, model_cfg)
-    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+    router_state = balancing.init_router_state(model_cfg)
+    if router_state:
+        state["router_state"] = router_state
+    return state
 
 
 def step_rngs(rng: jax.Array, step: jax.Array) -> dict:
@@ -80,10 +87,12 @@ def step_rngs(rng: jax.Array, step: jax.Array) -> dict:
 
 def loss_fn(params: dict, batch: dict, model_cfg: ModelConfig, *, rngs: dict | None, train: bool,
             step: jax.Array | None = None, loss_hook: LossHook | None = None, hook_inputs: Any = None,
-            parallel: ParallelConfig | None = None):
+            parallel: ParallelConfig | None = None, router_state: dict | None = None):
     """CE + aux_loss_coef * sum of aux losses (+ z_loss_coef * sum of router z-losses)
-    (+ loss_hook's term, e.g. knowledge distillation)."""
-    logits, aux = model_lib.apply(params, batch["inputs"], model_cfg, train=train, rngs=rngs, parallel=parallel)
+    (+ loss_hook's term, e.g. knowledge distillation). router_state: the routers' selection biases
+    (aux-loss-free balancing), None without."""
+    logits, aux = balancing.apply(params, batch["inputs"], model_cfg, router_state=router_state, train=train,
+                                  rngs=rngs, parallel=parallel)
     ce = model_lib.lm_loss(logits, batch["targets"], batch.get("mask"))
     loss = ce
     if model_cfg.moe is not None:
@@ -104,17 +113,24 @@ def train_step(state: dict, batch: dict, rng: jax.Array, hook_inputs: Any = None
                optimizer: optax.GradientTransformation, schedule: optax.Schedule | None = None,
                loss_hook: LossHook | None = None, parallel: ParallelConfig | None = None):
     """One optimizer step. Returns (new_state, metrics). `hook_inputs` (e.g. a frozen teacher's
-    parameters) reach `loss_hook` as a traced argument, never as a baked-in constant."""
+    parameters) reach `loss_hook` as a traced argument, never as a baked-in constant. A state with
+    "router_state" has its selection biases updated from this step's expert loads, outside the
+    optimizer (moe_jax.balancing)."""
     rngs = step_rngs(rng, state["step"])
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (_, metrics), grads = grad_fn(state["params"], batch, model_cfg, rngs=rngs, train=True, step=state["step"],
-                                  loss_hook=loss_hook, hook_inputs=hook_inputs, parallel=parallel)
+                                  loss_hook=loss_hook, hook_inputs=hook_inputs, parallel=parallel,
+                                  router_state=state.get("router_state"))
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
     if schedule is not None:
         metrics["lr"] = schedule(state["step"])
-    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+    new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+    if "router_state" in state:
+        new_state["router_state"] = balancing.update_selection_bias(
+            state["router_state"], metrics["moe_layers"], model_cfg.moe.bias_update_rate)
+    return new_state, metrics
 
 
 # The evaluation routing key: one constant for every evaluation of every run, so validation losses
@@ -128,14 +144,15 @@ def eval_rng(batch_index: int) -> jax.Array:
 
 
 def eval_step(params: dict, batch: dict, rng: jax.Array | None = None, *, model_cfg: ModelConfig,
-              parallel: ParallelConfig | None = None) -> dict:
-    """Summed cross-entropy and token count on one batch, at the eval capacity factor.
+              parallel: ParallelConfig | None = None, router_state: dict | None = None) -> dict:
+    """Summed cross-entropy and token count on one batch, at the eval capacity factor (with the
+    state's selection biases under aux-loss-free balancing: router_state).
 
     rng: the 'gating' key (eval_rng(i) in the trainer). As DeepSpeed evaluates, random token
     selection ranks an over-full expert's tokens by random scores and top-2 samples its second
     expert with Gumbel noise; jitter and RSample noise stay off (training only). None: deterministic
     routing (RTS keeps the first tokens, top-2 takes the second-best expert)."""
-    logits, _ = model_lib.apply(params, batch["inputs"], model_cfg, train=False,
+    logits, _ = balancing.apply(params, batch["inputs"], model_cfg, router_state=router_state, train=False,
                                 rngs=None if rng is None else {"gating": rng}, parallel=parallel)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(log_probs, batch["targets"][..., None].astype(jnp.int32), axis=-1)[..., 0]

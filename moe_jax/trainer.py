@@ -9,12 +9,13 @@ expert) with fixed keys (train_lib.eval_rng), so every evaluation of every run s
 config.deterministic_eval=True routes without noise.
 
 Start order, the only one:
-  1. the latest complete checkpoint in workdir/checkpoints: parameters, optimizer state and step,
+  1. the latest complete checkpoint in workdir/checkpoints: parameters, optimizer state, step (and
+     the routers' selection biases under aux-loss-free balancing),
      after checking that the seed, batch size and sequence length are the ones it was trained with;
   2. else the parameters of another run, `config.init_from` (its workdir or checkpoint directory;
      parameters only, a ValueError names a parameter whose shape differs), or those that the
      caller's `init_params` returns (a distillation student built from its teacher's layers),
-     with a fresh optimizer state at step 0;
+     with a fresh optimizer state (and zero selection biases) at step 0;
   3. else a fresh initialisation from the seed.
 A resumed run repeats the losses of an uninterrupted one exactly (batches and random keys are
 functions of the seed and the step).
@@ -40,6 +41,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from moe_jax import balancing
 from moe_jax import checkpoint as checkpoint_lib
 from moe_jax import corpus as corpus_lib
 from moe_jax import data as data_lib
@@ -83,6 +85,13 @@ def evaluate(params, eval_data: list, eval_fn, bits_metric: str = "val_bpb", eva
     return {"val_loss": val_loss, bits_metric: train_lib.bits_per_byte(val_loss)}
 
 
+def _with_router_state(eval_fn, state: dict):
+    """eval_fn reading the state's selection biases (aux-loss-free balancing), if it has any."""
+    if "router_state" not in state:
+        return eval_fn
+    return functools.partial(eval_fn, router_state=state["router_state"])
+
+
 # The config fields that fix the batch sequence, as checkpoint extras (with the data step).
 _DATA_FIELDS = {"seed": "seed", "batch_size": "data.batch_size", "seq_len": "data.seq_len"}
 
@@ -116,7 +125,8 @@ def _start_state(config, ckpt, abstract, shardings, init_rng, model_cfg, optimiz
     start_step = ckpt.latest_step()
     shard = (lambda name: None) if shardings is None else (lambda name: shardings[name])
     if start_step is not None:
-        target = {name: _with_shardings(abstract[name], shard(name)) for name in ("params", "opt_state")}
+        names = ("params", "opt_state", "router_state") if "router_state" in abstract else ("params", "opt_state")
+        target = {name: _with_shardings(abstract[name], shard(name)) for name in names}
         items, extra = ckpt.restore(start_step, target)
         _check_data_position(extra, config, start_step, ckpt.directory)
         step = jax.jit(lambda: jnp.asarray(start_step, jnp.int32), out_shardings=shard("step"))()
@@ -138,7 +148,9 @@ def _start_state(config, ckpt, abstract, shardings, init_rng, model_cfg, optimiz
             params = jax.device_put(params, shardings["params"])
     else:
         return jax.jit(lambda r: train_lib.init_state(r, model_cfg, optimizer), out_shardings=shardings)(init_rng), 0
-    fresh = lambda p: {"params": p, "opt_state": optimizer.init(p), "step": jnp.zeros((), jnp.int32)}  # noqa: E731
+    fresh = lambda p: {"params": p, "opt_state": optimizer.init(p), "step": jnp.zeros((), jnp.int32),  # noqa: E731
+                       **({"router_state": balancing.init_router_state(model_cfg)} if "router_state" in abstract
+                          else {})}
     return jax.jit(fresh, out_shardings=shardings)(params), 0
 
 
@@ -248,7 +260,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                "mfu": metrics_lib.mfu(flops_per_token, tokens_per_sec, peak),
                                "moe": _layer_stats(host["moe_layers"])})
                 if step % config.eval_every_steps == 0 or is_last:
-                    eval_metrics = evaluate(state["params"], eval_data, eval_fn, corpus.bits_metric, eval_keys)
+                    eval_metrics = evaluate(state["params"], eval_data, _with_router_state(eval_fn, state),
+                                            corpus.bits_metric, eval_keys)
                     record.update(eval_metrics)
                 writer.write(step, record)
                 if jax.process_index() == 0:
@@ -256,7 +269,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                                      tokens_per_sec, step_time))
                 window_start, window_steps = time.perf_counter(), 0
             if step % config.checkpoint_every_steps == 0 or is_last:
-                ckpt.save(step, {"params": state["params"], "opt_state": state["opt_state"]},
+                saved = ("params", "opt_state", "router_state")  # router_state: loss-free balancing's biases
+                ckpt.save(step, {name: state[name] for name in saved if name in state},
                           extra={"data_step": batches.step, **_data_position(config)})
                 last_good = step
     finally:
@@ -264,7 +278,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         ckpt.close()
 
     if not eval_metrics:  # resumed at the end: evaluate the restored state
-        eval_metrics = evaluate(state["params"], eval_data, eval_fn, corpus.bits_metric, eval_keys)
+        eval_metrics = evaluate(state["params"], eval_data, _with_router_state(eval_fn, state), corpus.bits_metric,
+                                eval_keys)
     summary = {
         "steps": int(jax.device_get(state["step"])), "params_total": counts.total, "params_active": counts.active,
         "tokens_per_sec": tokens_per_sec, "step_time_s": step_time, **eval_metrics,

@@ -1,0 +1,64 @@
+"""Host-side statistics of the experts' load, from the layer statistics that routing reports.
+
+Plain numpy on device-fetched arrays: the training loop calls them on its logging steps only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def expert_load_stats(
+    counts,
+    kept_counts=None,
+    *,
+    capacity: int | None = None,
+) -> dict[str, float]:
+    """Load-balance statistics of one MoE layer.
+
+    Args:
+      counts: [E] tokens routed to each expert (token-expert assignments,
+        before any capacity drop; for top-k routing each token counts k times).
+      kept_counts: optional [E] assignments each expert actually processed
+        (after the capacity drop).
+      capacity: optional per-expert capacity; if given (and kept_counts is
+        not), kept_counts = min(counts, capacity).
+
+    Returns:
+      dict of python floats:
+        load_imbalance: max / mean count (1.0 = perfectly balanced; E = all
+          tokens on one expert).
+        load_cv: coefficient of variation, std / mean (population std).
+        frac_experts_unused: fraction of experts that got no tokens.
+        dropped_frac: 1 - sum(kept) / sum(counts); only with
+          kept_counts or capacity.
+      With no tokens at all, ratios over the mean are NaN.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 1 or counts.size == 0:
+        raise ValueError(f"counts must be a non-empty 1-D array [E], got shape {counts.shape}")
+    if np.any(counts < 0):
+        raise ValueError("counts must be non-negative")
+    if kept_counts is not None and capacity is not None:
+        raise ValueError("give kept_counts or capacity, not both")
+    mean = counts.mean()
+    stats = {
+        "load_imbalance": float(counts.max() / mean) if mean > 0 else math.nan,
+        "load_cv": float(counts.std() / mean) if mean > 0 else math.nan,
+        "frac_experts_unused": float(np.mean(counts == 0)),
+    }
+    if capacity is not None:
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        kept_counts = np.minimum(counts, capacity)
+    if kept_counts is not None:
+        kept = np.asarray(kept_counts, dtype=np.float64)
+        if kept.shape != counts.shape:
+            raise ValueError(f"kept_counts shape {kept.shape} != counts shape {counts.shape}")
+        if np.any(kept < 0) or np.any(kept > counts):
+            raise ValueError("need 0 <= kept_counts <= counts")
+        total = counts.sum()
+        stats["dropped_frac"] = float(1.0 - kept.sum() / total) if total > 0 else 0.0
+    return stats
