@@ -3,7 +3,7 @@ steps and seeds, then writes results.json, results.md and validation-loss plots 
 
   python experiments/ablations.py --suite=all --scale=tiny --workdir=workdirs/ablations --seeds=3
 
-Suites (the paper's findings they test, REFERENCE.md):
+Suites (the paper's findings they test, REFERENCE.md; CLAIMS states each one):
   placement         dense, MoE (every other layer), First-Half MoE, Second-Half MoE
                     (MoE < dense; Second-Half better than First-Half)
   top2_vs_residual  Top2-MoE, Residual-MoE, top-1 MoE (Residual about Top2 in loss, faster per step)
@@ -14,14 +14,28 @@ Suites (the paper's findings they test, REFERENCE.md):
 Every variant is a row of VARIANTS (config file, overrides, KD schedule); --scale is the argument
 of every config file (moe_jax.run_config.SCALES): micro (a few steps of a toy model: a smoke
 test), tiny (300 steps, minutes per variant on 2 CPU cores), small (12 layers x 256, 2000 steps:
-hours on CPU). Every run resumes from its own folder (DIR/<variant>/seed<k>), so an interrupted
-suite continues.
+hours on CPU).
+
+Statistics. Variants that share a seed share the data order and initialisation keys, so each claim
+is judged on the per-seed difference of final validation loss, with a 95% Student-t interval over
+the seeds both variants have (experiments/paired_stats.py): "holds", "not resolved" or
+"contradicted". The plots show the mean curve over seeds with a band from the lowest to the highest
+seed.
+
+Resuming and accumulating. Runs go seed by seed (every variant of seed 0, then seed 1, ...), so an
+interrupted suite leaves complete pairs. Each finished (variant, seed) is written to
+DIR/<variant>/seed<k>/ablation_run.json and the tables and plots are rewritten at once; rerunning the
+same command skips finished runs, resumes a cut-off run from its last checkpoint, and recomputes
+the tables. A larger --seeds later adds seeds to the same folder.
 """
 
 import dataclasses
+import datetime
 import json
 import math
 import os
+import platform
+import subprocess
 import sys
 import time
 from typing import Any, Mapping, Optional
@@ -31,6 +45,7 @@ from absl import app, flags, logging
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from experiments import paired_stats  # noqa: E402
 from experiments.configs import load_config_file  # noqa: E402
 from moe_jax import cli, trainer  # noqa: E402
 
@@ -72,12 +87,43 @@ SUITES = {
 SUITES["all"] = list(dict.fromkeys(v for suite in SUITES.values() for v in suite))
 SCALES = ["micro", "tiny", "small"]  # config arguments (moe_jax.run_config.SCALES)
 
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """A finding of the paper about final validation loss: variant `a` beats `b` (margin 0), or
+    `a` is worse than `b` by at most `margin` nats (a parity claim: "nearly matches"). The paired
+    difference loss_a - loss_b is judged against `margin` (paired_stats.verdict)."""
+
+    suite: str
+    a: str
+    b: str
+    text: str
+    margin: float = 0.0
+
+
+# The paper's loss claims (REFERENCE.md). Parity margins: the paper's "gap about 0.01" for PR-MoE,
+# used for Residual vs Top2 too; the MoS student keeps 99% of its teacher's quality, about 1% of a
+# tiny model's loss (0.025 nats). Residual's "> 10% faster" is a step-time claim: see
+# experiments/bench_step_time.py.
+CLAIMS = [
+    Claim("placement", "moe", "dense", "MoE beats its dense base"),
+    Claim("placement", "second_half", "first_half", "Second-Half MoE beats First-Half MoE"),
+    Claim("top2_vs_residual", "residual", "top2", "Residual-MoE matches Top2-MoE (within 0.01 nats)", 0.01),
+    Claim("pyramid", "pr_moe", "moe", "PR-MoE nearly matches MoE (within 0.01 nats)", 0.01),
+    Claim("mos", "student_staged_kd", "student_no_kd", "staged KD beats no KD"),
+    Claim("mos", "student_staged_kd", "student_full_kd", "staged KD beats KD throughout"),
+    Claim("mos", "student_staged_kd", "teacher", "the staged-KD student keeps the teacher's quality "
+          "(within 0.025 nats)", 0.025),
+]
+
 flags.DEFINE_enum("suite", "all", list(SUITES), "Which ablation suite.")
 flags.DEFINE_enum("scale", "tiny", SCALES, "Model and run size: the argument of every config file.")
 flags.DEFINE_string("workdir", None, "Output folder.")
 flags.DEFINE_string("data_path", "", "Corpus (default: the Python standard library's source).")
-flags.DEFINE_integer("seeds", 1, "Seeds per variant (mean and standard deviation when > 1).")
+flags.DEFINE_integer("seeds", 3, "Seeds per variant (0 .. seeds-1); paired statistics need at least 2.")
 flags.DEFINE_integer("steps", 0, "Override the scale's step count (0: the scale's).")
+flags.DEFINE_list("variants", [], "Only these variants of the suite (default: all of them); the claims "
+                  "between two of them are still judged.")
 
 
 def variant_config(variant: str, scale: str, seed: int, data_path: str, steps: int):
@@ -119,30 +165,56 @@ def read_curve(workdir: str) -> dict:
     return {"step": steps, "train_ce": loss, "val_step": val_steps, "val_loss": val_loss, "step_time_s": step_times}
 
 
+RUN_FILE = "ablation_run.json"  # a finished run's summary and curve, in its run folder
+
+
 def run_dir(workdir: str, variant: str, seed: int) -> str:
     return os.path.join(workdir, VARIANTS[variant].shares_runs_of or variant, f"seed{seed}")
 
 
-def run_variant(variant: str, seed: int, f) -> dict:
+def finished_run(workdir: str, variant: str, seed: int, total_steps: int) -> Optional[dict]:
+    """The summary of a (variant, seed) run that reached total_steps, or None."""
+    path = os.path.join(run_dir(workdir, variant, seed), RUN_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    return summary if summary.get("steps") == total_steps else None
+
+
+def run_variant(variant: str, seed: int, f) -> Optional[dict]:
+    """Trains one (variant, seed), resuming from its folder's checkpoint; skipped when finished.
+    Returns its summary, or None when the run stopped before total_steps (config.stop_after_steps)."""
     workdir = run_dir(f.workdir, variant, seed)
     config = variant_config(variant, f.scale, seed, f.data_path, f.steps)
+    done = finished_run(f.workdir, variant, seed, config.total_steps)
+    if done is not None:
+        return done
     start = time.perf_counter()
     if VARIANTS[variant].kd not in (None, "none"):
         from moe_jax import distill
 
         teacher_dir = run_dir(f.workdir, TEACHER, seed)
-        if not os.path.exists(os.path.join(teacher_dir, "results.json")):
-            run_variant(TEACHER, seed, f)
+        teacher_steps = variant_config(TEACHER, f.scale, seed, f.data_path, f.steps).total_steps
+        if finished_run(f.workdir, TEACHER, seed, teacher_steps) is None and run_variant(TEACHER, seed, f) is None:
+            return None
         summary = distill.distill_and_evaluate(config, workdir, teacher_workdir=teacher_dir)
     else:
         summary = trainer.train_and_evaluate(config, workdir)
+    if summary["steps"] < config.total_steps:
+        return None
     summary["wall_s"] = time.perf_counter() - start
+    summary["seed"] = seed
     summary["curve"] = read_curve(workdir)
     # the median logged step time: also right for a run resumed after it finished (no new steps)
     times = sorted(summary["curve"]["step_time_s"])
     if times:
         summary["step_time_s"] = times[len(times) // 2]
         summary["tokens_per_sec"] = config.data.batch_size * config.data.seq_len / summary["step_time_s"]
+    tmp = os.path.join(workdir, RUN_FILE + ".tmp")
+    with open(tmp, "w") as out:
+        json.dump(summary, out)
+    os.replace(tmp, os.path.join(workdir, RUN_FILE))  # a run is finished only once its file is whole
     return summary
 
 
@@ -153,22 +225,52 @@ def _mean_std(values):
 
 
 def summarise(runs: dict) -> dict:
+    """runs: variant -> {seed: run summary} -> one row per variant: means over seeds and the
+    per-seed values (val_loss_by_seed) that the paired statistics use."""
     table = {}
-    for variant, seeds in runs.items():
+    for variant, by_seed in runs.items():
+        if not by_seed:
+            continue
+        seeds = [by_seed[seed] for seed in sorted(by_seed)]
         first = seeds[0]
         loss_mean, loss_std = _mean_std([s["val_loss"] for s in seeds])
-        bpb_mean, bpb_std = _mean_std([s["val_bpb"] for s in seeds])
+        bits = "val_bpb" if "val_bpb" in first else "val_bits_per_token"
+        bpb_mean, bpb_std = _mean_std([s[bits] for s in seeds])
         table[variant] = {
             "params_total": first["params_total"], "params_active": first["params_active"],
             "steps": first["steps"], "val_loss": loss_mean, "val_loss_std": loss_std, "val_bpb": bpb_mean,
             "val_bpb_std": bpb_std, "step_time_s": _mean_std([s["step_time_s"] for s in seeds])[0],
             "tokens_per_sec": _mean_std([s["tokens_per_sec"] for s in seeds])[0],
-            "seeds": len(seeds), "curves": [s["curve"] for s in seeds],
+            "seeds": len(seeds), "val_loss_by_seed": {str(seed): by_seed[seed]["val_loss"] for seed in sorted(by_seed)},
+            "curves": [s["curve"] for s in seeds],
         }
     return table
 
 
-def markdown(table: dict, suite: str, scale: str, tokens_per_step: int) -> str:
+def judge_claims(table: dict, suites: list) -> list:
+    """Each claim of `suites` whose two variants are in the table: the paired difference of final
+    validation loss over their common seeds, its 95% interval and the verdict."""
+    out = []
+    for claim in CLAIMS:
+        if claim.suite not in suites or claim.a not in table or claim.b not in table:
+            continue
+        a, b = table[claim.a]["val_loss_by_seed"], table[claim.b]["val_loss_by_seed"]
+        common = sorted(set(a) & set(b), key=int)
+        if not common:
+            continue
+        diff = paired_stats.paired_difference([a[s] for s in common], [b[s] for s in common])
+        out.append({**dataclasses.asdict(claim), **diff.as_dict(), "seeds": [int(s) for s in common],
+                    "verdict": paired_stats.verdict(diff, claim.margin)})
+    return out
+
+
+def _interval(claim: dict) -> str:
+    if claim["low"] is None:
+        return "- (one seed)"
+    return f"[{claim['low']:+.4f}, {claim['high']:+.4f}]"
+
+
+def markdown(table: dict, claims: list, suite: str, scale: str, tokens_per_step: int) -> str:
     steps = {row["steps"] for row in table.values()}
     lines = [f"Suite `{suite}`, scale `{scale}`: every variant trained for {'/'.join(map(str, sorted(steps)))} "
              f"steps of {tokens_per_step} tokens (equal steps and tokens), same data order and seeds.\n",
@@ -178,10 +280,21 @@ def markdown(table: dict, suite: str, scale: str, tokens_per_step: int) -> str:
         pm = f" ± {r['val_loss_std']:.4f}" if r["seeds"] > 1 else ""
         lines.append(f"| {variant} | {r['params_total']:,} | {r['params_active']:,} | {r['val_loss']:.4f}{pm} | "
                      f"{r['val_bpb']:.4f} | {1e3 * r['step_time_s']:.0f} | {r['tokens_per_sec']:.0f} | {r['seeds']} |")
+    if claims:
+        lines += ["", "The paper's claims: mean paired difference of final validation loss (a - b, nats) over the "
+                  "seeds both variants have, 95% Student-t interval; \"holds\" when the interval lies below the "
+                  "threshold (0, or the parity margin), \"contradicted\" when it lies above, else \"not resolved\".",
+                  "", "| claim | a - b | mean | 95% interval | threshold | seeds | verdict |",
+                  "|---|---|---|---|---|---|---|"]
+        for c in claims:
+            lines.append(f"| {c['text']} | {c['a']} - {c['b']} | {c['mean']:+.4f} | {_interval(c)} | "
+                         f"{c['margin']:+.3f} | {c['n']} | {c['verdict']} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(table: dict, suites: dict, workdir: str) -> list:
+def plot(table: dict, claims: list, suites: dict, workdir: str) -> list:
+    """One figure per suite: each variant's mean validation curve over seeds with a min-max band,
+    and the suite's claim verdicts beneath the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,24 +305,101 @@ def plot(table: dict, suites: dict, workdir: str) -> list:
         present = [v for v in variants if v in table]
         if not present:
             continue
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(6, 4.6))
+        seeds = 0
         for variant in present:
             curves = table[variant]["curves"]
+            seeds = max(seeds, len(curves))
             steps = curves[0]["val_step"]
             n = min(len(c["val_loss"]) for c in curves)
-            mean = [sum(c["val_loss"][i] for c in curves) / len(curves) for i in range(n)]
-            ax.plot(steps[:n], mean, marker="o", markersize=3, label=variant)
+            columns = [[c["val_loss"][i] for c in curves] for i in range(n)]
+            mean = [sum(col) / len(col) for col in columns]
+            line, = ax.plot(steps[:n], mean, marker="o", markersize=3, label=variant)
+            if len(curves) > 1:
+                ax.fill_between(steps[:n], [min(col) for col in columns], [max(col) for col in columns],
+                                color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_xlabel("step")
         ax.set_ylabel("validation loss (nats/byte)")
-        ax.set_title(f"{suite}")
+        ax.set_title(f"{suite}: mean over {seeds} seed(s), band min-max")
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
+        notes = [f"{c['text']}: {c['mean']:+.4f} {_interval(c)}, {c['verdict']}" for c in claims
+                 if c["suite"] == suite]
+        if notes:
+            fig.text(0.01, 0.01, "\n".join(notes), fontsize=7, va="bottom")
+        fig.tight_layout(rect=(0, 0.04 * len(notes), 1, 1))
         path = os.path.join(workdir, f"{suite}.png")
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def provenance() -> dict:
+    """Where the results come from: commit (with '+changes' when the tree differs), date, command,
+    machine."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        commit += "+changes" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    import jax
+
+    return {"commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv else "", *sys.argv[1:]]),
+            "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
+            "jax": jax.__version__, "backend": jax.default_backend()}
+
+
+def write_results(runs: dict, f, variants: list) -> str:
+    """results.json, results.md and the plots from the finished runs; returns the markdown."""
+    table = summarise(runs)
+    suites = {name: vs for name, vs in SUITES.items() if name != "all"} if f.suite == "all" else {f.suite: variants}
+    claims = judge_claims(table, list(suites))
+    config = variant_config(variants[0], f.scale, 0, f.data_path, f.steps)
+    text = markdown(table, claims, f.suite, f.scale, config.data.batch_size * config.data.seq_len)
+    plot(table, claims, suites, f.workdir)
+    results = {"suite": f.suite, "scale": f.scale, "seeds": f.seeds, "provenance": provenance(),
+               "claims": claims, "variants": table}
+    for name, content in (("results.json", json.dumps(results, indent=1)), ("results.md", text)):
+        tmp = os.path.join(f.workdir, name + ".tmp")
+        with open(tmp, "w") as out:
+            out.write(content)
+        os.replace(tmp, os.path.join(f.workdir, name))
+    return text
+
+
+def suite_variants(suite: str, only: list) -> list:
+    """The suite's variants, or those of `only` (which must belong to it), in the suite's order."""
+    unknown = [v for v in only if v not in SUITES[suite]]
+    if unknown:
+        raise ValueError(f"--variants={','.join(only)}: {unknown} not in suite {suite!r}; use some of "
+                         f"{SUITES[suite]}")
+    return [v for v in SUITES[suite] if not only or v in only]
+
+
+def run_suite(f) -> Optional[str]:
+    """Every (variant, seed) of the suite, seed by seed; the results are rewritten after each
+    finished run. Returns the markdown, or None when a run stopped early (rerun to continue)."""
+    variants = suite_variants(f.suite, f.variants)
+    runs: dict = {variant: {} for variant in variants}
+    text = None
+    for seed in range(f.seeds):
+        for variant in variants:
+            print(f"== {variant} seed {seed}", flush=True)
+            try:
+                summary = run_variant(variant, seed, f)
+            except (ValueError, trainer.TrainingError) as error:
+                cli.fail(f"{variant} seed {seed}: {error}")
+            if summary is None:
+                print(f"{variant} seed {seed} stopped before its last step; rerun the same command to continue")
+                return None
+            runs[variant][seed] = summary
+            text = write_results(runs, f, variants)
+    return text
 
 
 def main(argv):
@@ -220,27 +410,16 @@ def main(argv):
     if f.seeds < 1:
         cli.fail(f"--seeds={f.seeds} must be >= 1")
     logging.set_verbosity(logging.WARNING)
+    try:
+        suite_variants(f.suite, f.variants)
+    except ValueError as error:
+        cli.fail(str(error))
     os.makedirs(f.workdir, exist_ok=True)
-    variants = SUITES[f.suite]
-    runs = {}
-    for variant in variants:
-        for seed in range(f.seeds):
-            print(f"== {variant} seed {seed}", flush=True)
-            try:
-                runs.setdefault(variant, []).append(run_variant(variant, seed, f))
-            except (ValueError, trainer.TrainingError) as error:
-                cli.fail(f"{variant} seed {seed}: {error}")
-    table = summarise(runs)
-    config = variant_config(variants[0], f.scale, 0, f.data_path, f.steps)
-    text = markdown(table, f.suite, f.scale, config.data.batch_size * config.data.seq_len)
-    suites = {name: vs for name, vs in SUITES.items() if name != "all"} if f.suite == "all" else {f.suite: variants}
-    plots = plot(table, suites, f.workdir)
-    with open(os.path.join(f.workdir, "results.json"), "w") as out:
-        json.dump({"suite": f.suite, "scale": f.scale, "seeds": f.seeds, "variants": table}, out, indent=1)
-    with open(os.path.join(f.workdir, "results.md"), "w") as out:
-        out.write(text)
-    print(text)
-    print("plots: " + ", ".join(plots))
+    text = run_suite(f)
+    if text is not None:
+        print(text)
+        print("plots: " + ", ".join(os.path.join(f.workdir, f"{s}.png") for s in SUITES if s != "all"
+                                    and (f.suite == "all" or s == f.suite)))
 
 
 if __name__ == "__main__":

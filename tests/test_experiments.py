@@ -3,12 +3,15 @@
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from experiments import ablations
+from moe_jax import checkpoint as checkpoint_lib
 from moe_jax import run_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -36,7 +39,7 @@ def test_variant_table_builds_every_run(scale):
 def test_every_ablation_suite_runs_at_micro_scale(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     cmd = [sys.executable, str(ROOT / "experiments" / "ablations.py"), "--scale=micro", f"--workdir={tmp_path}"]
-    subprocess.run([*cmd, "--suite=all"], check=True, env=env, capture_output=True)
+    subprocess.run([*cmd, "--suite=all", "--seeds=1"], check=True, env=env, capture_output=True)
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["variants"]) == set(ablations.VARIANTS)
     assert set(results["variants"]) == {"dense", "moe", "first_half", "second_half", "top2", "residual", "moe_2x",
@@ -71,3 +74,51 @@ def test_tiny_ablation_placement_suite(tmp_path):
                     f"--workdir={tmp_path}"], check=True, env=env, capture_output=True)
     variants = json.loads((tmp_path / "results.json").read_text())["variants"]
     assert variants["moe"]["val_loss"] < variants["dense"]["val_loss"]
+
+
+def _ablation_cmd(workdir, seeds):
+    return [sys.executable, str(ROOT / "experiments" / "ablations.py"), "--scale=micro", "--suite=placement",
+            "--variants=dense,moe", "--steps=4", f"--seeds={seeds}", f"--workdir={workdir}"]
+
+
+def test_suite_killed_midway_resumes_and_grows_to_the_uninterrupted_results(tmp_path):
+    """SIGKILL while the second run of seed 0 trains; the same command resumes it from its
+    checkpoint and skips the finished one; --seeds=2 then adds seed 1. results.json (per-seed losses,
+    the paired claim) equals an uninterrupted two-seed suite's; the plot is written."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+           # both suites compile the same programs: compile them once
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_ablation_cmd(straight, 2), check=True, env=env, capture_output=True)
+
+    proc = subprocess.Popen(_ablation_cmd(killed, 2), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = killed / "moe" / "seed0" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(checkpoints.glob(f"*/{checkpoint_lib.COMMIT_MARKER}")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the suite finished before it could be killed"
+    assert (killed / "dense" / "seed0" / ablations.RUN_FILE).exists()
+    assert not (killed / "moe" / "seed0" / ablations.RUN_FILE).exists()
+    dense_mtime = (killed / "dense" / "seed0" / ablations.RUN_FILE).stat().st_mtime_ns
+
+    subprocess.run(_ablation_cmd(killed, 1), check=True, env=env, capture_output=True)  # resume seed 0
+    one_seed = json.loads((killed / "results.json").read_text())
+    assert set(one_seed["variants"]["moe"]["val_loss_by_seed"]) == {"0"}
+    assert one_seed["claims"][0]["verdict"] == "not resolved" and one_seed["claims"][0]["low"] is None
+    subprocess.run(_ablation_cmd(killed, 2), check=True, env=env, capture_output=True)  # grow to 2 seeds
+    assert (killed / "dense" / "seed0" / ablations.RUN_FILE).stat().st_mtime_ns == dense_mtime  # skipped
+
+    a, b = (json.loads((d / "results.json").read_text()) for d in (straight, killed))
+    for variant in ("dense", "moe"):
+        assert a["variants"][variant]["val_loss_by_seed"] == b["variants"][variant]["val_loss_by_seed"]
+        assert [c["val_loss"] for c in a["variants"][variant]["curves"]] == \
+            [c["val_loss"] for c in b["variants"][variant]["curves"]]
+    keys = ("text", "n", "mean", "std", "low", "high", "verdict")
+    assert [{k: c[k] for k in keys} for c in a["claims"]] == [{k: c[k] for k in keys} for c in b["claims"]]
+    assert b["claims"][0]["a"] == "moe" and b["claims"][0]["n"] == 2 and b["claims"][0]["low"] is not None
+    assert b["provenance"]["command"].startswith("experiments/ablations.py")
+    assert (killed / "placement.png").stat().st_size > 1000
+    assert "| MoE beats its dense base | moe - dense |" in (killed / "results.md").read_text()
