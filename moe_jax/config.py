@@ -80,6 +80,11 @@ class MoEConfig:
     drop_policy: str = "probs"  # k > 2 only
     residual: bool = False
     aux_loss_coef: float = 0.01
+    # Over which tokens the balance loss's fractions are averaged (moe_jax.gating.routing_stats):
+    # "global" the whole batch, whatever the mesh; "per_shard" each expert-parallel shard's own
+    # tokens, the shards' losses then averaged (DeepSpeed's, to compare a multi-device run with it);
+    # "sequence" each sequence, the sequences' losses then averaged.
+    balance_loss_scope: str = "global"
     z_loss_coef: float = 0.0
     # A name of moe_jax.gating.ROUTERS: "topk" is DeepSpeed's top-k gating (k experts per token);
     # "expert_choice" lets each expert take its ceil(S * capacity_factor / E) best tokens of the
@@ -131,6 +136,9 @@ class MoEConfig:
 
         if self.router not in gating.ROUTERS:
             raise ValueError(f"moe.router={self.router!r} is unknown; use one of {tuple(gating.ROUTERS)}")
+        if self.balance_loss_scope not in gating.BALANCE_LOSS_SCOPES:
+            raise ValueError(f"moe.balance_loss_scope={self.balance_loss_scope!r} is unknown; use one of "
+                             f"{gating.BALANCE_LOSS_SCOPES}")
         if self.bias_update_rate < 0:
             raise ValueError(f"moe.bias_update_rate={self.bias_update_rate} must be >= 0 (0 turns aux-loss-free "
                              "balancing off; DeepSeek-V3 uses 0.001)")

@@ -275,7 +275,7 @@ def sharded_moe(params: dict, tokens: jax.Array, *, moe, train: bool, rng, par: 
         # overflowed copies count as dropped (a router's kept copies need not fill its table's columns)
         routing = routing.replace(kept=routing.kept & ~overflow, dropped_fraction=routing.dropped_fraction
                                   + jnp.mean(overflow.astype(jnp.float32)))
-        stats = gating_lib.routing_stats(routing, axes=BATCH_AXES)
+        stats = gating_lib.routing_stats(routing, axes=BATCH_AXES, scope=moe.balance_loss_scope, seq_len=length)
         stats["overflow_fraction"] = jax.lax.pmean(jnp.mean(overflow.astype(jnp.float32)), BATCH_AXES)
         return y.reshape(batch, length, model_dim), stats
 

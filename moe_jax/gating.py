@@ -88,6 +88,10 @@ class Routing:
     capacity: int = struct.field(pytree_node=False)
     num_experts: int = struct.field(pytree_node=False)
     aux_scale: float = struct.field(pytree_node=False, default=1.0)  # aux = scale * sum(me * ce)
+    # Per token, the terms whose means are the two fractions: the sequence-level balance loss
+    # averages the product per sequence (routing_stats). None: the router reports the means only.
+    token_gates: Optional[jax.Array] = None  # [S, E] float32
+    token_choices: Optional[jax.Array] = None  # [S, E] float32
 
     @property
     def num_tokens(self) -> int:
@@ -127,21 +131,46 @@ def unrouted_fraction(routing: Routing) -> jax.Array:
     return jnp.mean(~jnp.any(routing.kept, axis=1), dtype=jnp.float32)
 
 
-def routing_stats(routing: Routing, axes: Optional[str | Sequence[str]] = None) -> dict:
+BALANCE_LOSS_SCOPES = ("global", "per_shard", "sequence")
+
+
+def sequence_aux_loss(routing: Routing, seq_len: int) -> jax.Array:
+    """The balance loss per sequence of seq_len consecutive tokens, averaged over sequences."""
+    if routing.token_gates is None or routing.token_choices is None:
+        raise ValueError("this router reports no per-token gate and choice terms, so it has no sequence-level "
+                         "balance loss; set moe.balance_loss_scope='global'")
+    shape = (-1, seq_len, routing.num_experts)
+    gates = routing.token_gates.reshape(shape).mean(axis=1)  # [B, E]
+    choices = routing.token_choices.reshape(shape).mean(axis=1)
+    return routing.aux_scale * jnp.mean(jnp.sum(gates * choices, axis=-1))
+
+
+def routing_stats(routing: Routing, axes: Optional[str | Sequence[str]] = None, *, scope: str = "global",
+                  seq_len: Optional[int] = None) -> dict:
     """The layer's statistics (STAT_NAMES): aux_loss, z_loss, expert_counts [E], kept_counts [E],
     dropped_fraction, unrouted_fraction.
 
-    With `axes` (inside shard_map) they are reduced over those mesh axes: counts summed, the
-    gate and token fractions averaged before the aux loss's product (so it equals the loss of one
-    device on all the tokens), z_loss and the fractions averaged."""
+    With `axes` (inside shard_map) they are reduced over those mesh axes: counts summed, z_loss and
+    the fractions averaged. The aux loss by `scope` (MoEConfig.balance_loss_scope): "global" averages
+    the gate and token fractions over all shards before the product (the loss of one device on all
+    the tokens); "per_shard" averages each shard's own loss (DeepSpeed's, where each rank's l_aux
+    sees its local tokens only; on one device the same as global); "sequence" takes the loss of each
+    sequence of seq_len tokens and averages them."""
+    if scope not in BALANCE_LOSS_SCOPES:
+        raise ValueError(f"moe.balance_loss_scope={scope!r} is unknown; use one of {BALANCE_LOSS_SCOPES}")
+    aux_loss = routing.aux_loss if scope != "sequence" else sequence_aux_loss(routing, seq_len)
     if axes is None:
-        return {"aux_loss": routing.aux_loss, "z_loss": routing.z_loss, "expert_counts": routing.expert_counts,
+        return {"aux_loss": aux_loss, "z_loss": routing.z_loss, "expert_counts": routing.expert_counts,
                 "kept_counts": routing.kept_counts(), "dropped_fraction": routing.dropped_fraction,
                 "unrouted_fraction": unrouted_fraction(routing)}
-    gate_fraction = jax.lax.pmean(routing.gate_fraction, axes)
-    token_fraction = jax.lax.pmean(routing.token_fraction, axes)
+    if scope == "global":
+        gate_fraction = jax.lax.pmean(routing.gate_fraction, axes)
+        token_fraction = jax.lax.pmean(routing.token_fraction, axes)
+        aux_loss = routing.aux_scale * jnp.sum(gate_fraction * token_fraction)
+    else:
+        aux_loss = jax.lax.pmean(aux_loss, axes)
     return {
-        "aux_loss": routing.aux_scale * jnp.sum(gate_fraction * token_fraction),
+        "aux_loss": aux_loss,
         "z_loss": jax.lax.pmean(routing.z_loss, axes),
         "expert_counts": jax.lax.psum(routing.expert_counts, axes),
         "kept_counts": jax.lax.psum(routing.kept_counts(), axes),
@@ -244,6 +273,7 @@ def top_k_gating(
         expert_index = jnp.argmax(choose_from, axis=-1).astype(jnp.int32)[:, None]
         mask = jax.nn.one_hot(expert_index[:, 0], num_experts, dtype=jnp.int32)
         ce = jnp.mean(mask.astype(jnp.float32), axis=0)
+        choices = mask
         aux_scale = float(num_experts)
         if not drop_tokens:
             kept_mask = mask
@@ -266,6 +296,7 @@ def top_k_gating(
         location1 = _slots_in_token_order(mask1)
         location2 = _slots_in_token_order(mask2) + jnp.sum(mask1, axis=0, keepdims=True)
         ce = jnp.mean(mask1.astype(jnp.float32), axis=0)  # first choices only
+        choices = mask1
         aux_scale = float(num_experts)  # DeepSpeed: mean(me * ce) * E * E
         expert_index = jnp.stack([first, second], axis=1)
         slot = jnp.stack([_take(location1, first[:, None])[:, 0], _take(location2, second[:, None])[:, 0]], 1)
@@ -280,6 +311,7 @@ def top_k_gating(
         mask = jnp.zeros((num_tokens, num_experts), jnp.int32).at[
             jnp.arange(num_tokens)[:, None], expert_index].set(1)
         ce = jnp.mean(mask.astype(jnp.float32), axis=0)
+        choices = mask
         aux_scale = num_experts / k  # DeepSpeed: mean(me * ce) * E^2 / k
         if not drop_tokens:
             kept_mask = mask
@@ -304,7 +336,8 @@ def top_k_gating(
         expert_index=expert_index, slot=slot, weight=weight.astype(jnp.float32), kept=kept,
         aux_loss=aux_scale * jnp.sum(me * ce), z_loss=z_loss, expert_counts=expert_counts.astype(jnp.int32),
         dropped_fraction=dropped_fraction, gate_fraction=me, token_fraction=ce, capacity=capacity,
-        num_experts=num_experts, aux_scale=aux_scale)
+        num_experts=num_experts, aux_scale=aux_scale, token_gates=gates,
+        token_choices=choices.astype(jnp.float32))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -95,7 +95,8 @@ def moe_forward(params: dict, x: jax.Array, *, moe: MoEConfig, train: bool,
         tokens = x.reshape(-1, shape[-1])
         routing = route(params["gate"], tokens, moe=moe, train=train, rng=rng)
         y = dispatch_lib.dispatch(moe.dispatch, tokens, routing, params["experts"]).reshape(shape)
-        stats = gating_lib.routing_stats(routing)
+        seq_len = shape[-2] if len(shape) > 2 else tokens.shape[0]  # x [B, T, M]; x [S, M] is one sequence
+        stats = gating_lib.routing_stats(routing, scope=moe.balance_loss_scope, seq_len=seq_len)
     if moe.residual:
         coef = residual_coefficient(params["residual"]["coef"], x).astype(y.dtype)
         y = y * coef[..., :1] + dense_mlp(params["residual"]["mlp"], x) * coef[..., 1:]
