@@ -33,6 +33,15 @@ returned by `latest_step()` or `restore()`, does not count towards
 `keep`, and is overwritten if that step is saved again. (Checkpoints written
 by old Orbax versions without the marker are therefore ignored.)
 
+Integrity. Orbax keeps no checksum of the array data: a flipped bit in a chunk is read back
+silently as a wrong value. `save` therefore records a SHA-256 of every leaf (its dtype and bytes)
+in the step's `extra` item, committed with the step, and `restore` compares every restored leaf
+of the saved dtype with it. A step whose files cannot be read or whose arrays do not match raises
+`CorruptCheckpointError`; `restore_latest` then falls back to the previous complete step with a
+warning that names the bad one, moving the bad step into `corrupt/` so the run can save that step
+again, and fails with that error when no step is readable. (Arrays that this process cannot see
+whole, across several hosts, are not checksummed.)
+
 Several processes (`jax.distributed`): every process must construct the
 `Checkpointer` and call `save`/`restore`/`close` in the same order,
 with the same arguments; Orbax coordinates the writes (each process writes its
@@ -43,6 +52,7 @@ commits the step). There is no process-0-only logic here.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any, Iterator, Optional
@@ -53,12 +63,29 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-__all__ = ["Checkpointer", "checkpoint_dir", "load_params"]
+__all__ = ["Checkpointer", "CorruptCheckpointError", "checkpoint_dir", "load_params"]
 
 EXTRA_ITEM = "extra"
+CHECKSUM_KEY = "_leaf_sha256"  # in the extra item: item -> {leaf path: [dtype, sha256]}
+CORRUPT_DIR = "corrupt"  # where restore_latest moves unreadable steps
 CHECKPOINT_DIR = "checkpoints"  # a workdir's checkpoint directory
 # Orbax's commit marker; see orbax/checkpoint/_src/path/atomicity_types.py.
 COMMIT_MARKER = "commit_success.txt"
+
+
+class CorruptCheckpointError(ValueError):
+    """A committed step whose files cannot be read or whose arrays differ from their checksums."""
+
+
+def _leaf_digests(tree) -> Optional[dict]:
+    """{leaf path: [dtype, sha256 of its bytes]}, or None when a leaf is not wholly on this host."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return None
+        value = np.ascontiguousarray(jax.device_get(leaf))
+        out[_path_name(path)] = [str(value.dtype), hashlib.sha256(value.tobytes()).hexdigest()]
+    return out
 
 
 def _is_committed(step_dir: epath.Path) -> bool:
@@ -177,6 +204,7 @@ class Checkpointer:
             read_only=read_only,
         )
         self._mngr = ocp.CheckpointManager(directory, options=options)
+        self._read_only = read_only
         self._closed = False
 
     def latest_step(self) -> Optional[int]:
@@ -194,10 +222,14 @@ class Checkpointer:
         if EXTRA_ITEM in items:
             raise ValueError(f"the item name {EXTRA_ITEM!r} is reserved for `extra`; rename that item")
         extra = _normalise_extra(extra)
+        if CHECKSUM_KEY in extra:
+            raise ValueError(f"the extra key {CHECKSUM_KEY!r} is reserved for the checksums; rename it")
         if step in self._mngr.all_steps():
             logging.info("checkpoint for step %d already exists in %s; not saving", step, self.directory)
             return False
         args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+        digests = {name: _leaf_digests(tree) for name, tree in items.items()}
+        extra[CHECKSUM_KEY] = {name: d for name, d in digests.items() if d is not None}
         return bool(self._mngr.save(step, args=ocp.args.Composite(**args, **{EXTRA_ITEM: ocp.args.JsonSave(extra)})))
 
     def restore(self, step: Optional[int] = None, target: Optional[dict[str, Any]] = None) -> tuple[dict, dict]:
@@ -245,9 +277,58 @@ class Checkpointer:
                 args[name] = ocp.args.StandardRestore(_abstract_target(tree))
         if (step_dir / EXTRA_ITEM).exists():
             args[EXTRA_ITEM] = ocp.args.JsonRestore()
-        restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
+        try:
+            restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
+        except Exception as error:  # noqa: BLE001  Orbax and TensorStore raise many types on bad files
+            raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} cannot be read: "
+                                         f"{type(error).__name__}: {str(error)[:300]}") from error
         extra = dict(restored[EXTRA_ITEM] or {}) if EXTRA_ITEM in args else {}
+        digests = extra.pop(CHECKSUM_KEY, {})
+        for name in target:
+            self._verify(step, name, restored[name], digests.get(name))
         return {name: restored[name] for name in target}, extra
+
+    def _verify(self, step: int, name: str, tree: Any, saved: Optional[dict]) -> None:
+        if not saved:  # written before checksums, or by several hosts
+            return
+        for path, (dtype, digest) in (_leaf_digests(tree) or {}).items():
+            if path in saved and saved[path][0] == dtype and saved[path][1] != digest:
+                raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory}: {name}/{path} differs "
+                                             "from the checksum written with it (the files were changed or damaged)")
+
+    def restore_latest(self, target: dict[str, Any]) -> tuple[dict, dict, Optional[int]]:
+        """`(items, extra, step)` of the newest step that reads back whole (`restore`'s arguments);
+        `({}, {}, None)` when there is no checkpoint. A corrupt newer step is logged with a warning
+        that names it and, unless read-only, moved into `corrupt/`. Raises CorruptCheckpointError
+        when every step is corrupt."""
+        bad = []
+        for step in sorted(self._mngr.all_steps(), reverse=True):
+            try:
+                items, extra = self.restore(step, target)
+            except CorruptCheckpointError as error:
+                bad.append(step)
+                logging.warning("%s; trying the previous checkpoint", error)
+                self._set_aside(step)
+                continue
+            if bad:
+                logging.warning("resuming from step %d in %s: the newer step(s) %s are corrupt%s", step,
+                                self.directory, bad, "" if self._read_only else f" (moved into {CORRUPT_DIR}/)")
+            return items, extra, step
+        if bad:
+            raise CorruptCheckpointError(f"every checkpoint in {self.directory} is corrupt (steps {bad}; see the "
+                                         "warnings above); restore the directory from a copy, or delete it to "
+                                         "start this run afresh")
+        return {}, {}, None
+
+    def _set_aside(self, step: int) -> None:
+        """Moves a corrupt step out of the way, so the run can write that step again."""
+        if self._read_only:
+            return
+        corrupt = self.directory / CORRUPT_DIR
+        corrupt.mkdir(parents=True, exist_ok=True)
+        step_dir = self.directory / self._name_format.build_name(step)
+        step_dir.rename(corrupt / f"{step_dir.name}.{len(list(corrupt.iterdir()))}")
+        self._mngr.reload()
 
     def restore_params(self, step: Optional[int] = None, target: Any = None) -> Any:
         """The `params` item alone (no optimizer state is read); `target` as in `restore`."""
@@ -258,6 +339,9 @@ class Checkpointer:
         handler = ocp.StandardCheckpointHandler()
         try:
             saved = _shapes(handler.metadata(step_dir / name).tree)
+        except Exception as error:  # noqa: BLE001  unreadable metadata: a damaged step, not another model
+            raise CorruptCheckpointError(f"checkpoint {step_dir}/{name} cannot be read: {type(error).__name__}: "
+                                         f"{str(error)[:300]}") from error
         finally:
             handler.close()
         wanted = _shapes(target)

@@ -9,7 +9,8 @@ expert) with fixed keys (train_lib.eval_rng), so every evaluation of every run s
 config.deterministic_eval=True routes without noise.
 
 Start order, the only one:
-  1. the latest complete checkpoint in workdir/checkpoints: parameters, optimizer state, step (and
+  1. the latest complete checkpoint in workdir/checkpoints that reads back whole (a damaged newer
+     one is set aside with a warning naming its step): parameters, optimizer state, step (and
      the routers' selection biases under aux-loss-free balancing),
      after checking that the seed, batch size and sequence length are the ones it was trained with;
   2. else the parameters of another run, `config.init_from` (its workdir or checkpoint directory;
@@ -122,12 +123,12 @@ def _check_data_position(extra: dict, config: ml_collections.ConfigDict, step: i
 
 def _start_state(config, ckpt, abstract, shardings, init_rng, model_cfg, optimizer, init_params):
     """(state, start step) in the module docstring's start order."""
-    start_step = ckpt.latest_step()
     shard = (lambda name: None) if shardings is None else (lambda name: shardings[name])
+    names = ("params", "opt_state", "router_state") if "router_state" in abstract else ("params", "opt_state")
+    target = {name: _with_shardings(abstract[name], shard(name)) for name in names}
+    # the newest step that reads back whole: a damaged newer one is set aside with a warning
+    items, extra, start_step = ckpt.restore_latest(target)
     if start_step is not None:
-        names = ("params", "opt_state", "router_state") if "router_state" in abstract else ("params", "opt_state")
-        target = {name: _with_shardings(abstract[name], shard(name)) for name in names}
-        items, extra = ckpt.restore(start_step, target)
         _check_data_position(extra, config, start_step, ckpt.directory)
         step = jax.jit(lambda: jnp.asarray(start_step, jnp.int32), out_shardings=shard("step"))()
         logging.info("resumed from %s at step %d", ckpt.directory, start_step)

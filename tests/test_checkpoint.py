@@ -12,7 +12,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moe_jax.checkpoint import COMMIT_MARKER, Checkpointer, load_params
+from moe_jax.checkpoint import COMMIT_MARKER, Checkpointer, CorruptCheckpointError, load_params
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -251,3 +251,54 @@ def test_crash_during_save_subprocess(tmp_path):
     expected = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
     np.testing.assert_array_equal(np.asarray(restored["w"]), expected)
     assert int(restored["n"]) == 7
+
+
+def _damage(step_dir, how: str) -> None:
+    """Damages a committed step's params files: one flipped byte in the largest array chunk (read back
+    silently as a wrong value without a checksum), every file truncated to half, or zeroed."""
+    files = sorted((p for p in (step_dir / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    if how == "flip":
+        data = bytearray(files[-1].read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        files[-1].write_bytes(bytes(data))
+    for path in files if how != "flip" else []:
+        size = path.stat().st_size
+        path.write_bytes(path.read_bytes()[: size // 2] if how == "truncate" else b"\0" * size)
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "zero"])
+def test_damaged_newest_step_falls_back_to_the_previous_one(tmp_path, how, caplog):
+    rng = np.random.default_rng(0)
+    old = {"params": {"w": rng.standard_normal((128, 64)).astype(np.float32)}}
+    new = {"params": {"w": old["params"]["w"] + 1.0}}
+    with Checkpointer(tmp_path, keep=3) as ckpt:
+        ckpt.save(10, old, extra={"s": 10})
+        ckpt.save(20, new, extra={"s": 20})
+    _damage(tmp_path / "20", how)
+    target = {"params": {"w": jax.ShapeDtypeStruct((128, 64), jnp.float32)}}
+    with Checkpointer(tmp_path, keep=3) as ckpt:
+        with pytest.raises(ValueError, match="step 20|20/params"):  # CorruptCheckpointError
+            ckpt.restore(20, target)
+        with caplog.at_level("WARNING"):
+            items, extra, step = ckpt.restore_latest(target)
+        assert step == 10 and extra == {"s": 10}
+        np.testing.assert_array_equal(np.asarray(items["params"]["w"]), old["params"]["w"])
+        assert any("20" in r.getMessage() and "corrupt" in r.getMessage() for r in caplog.records)
+        assert ckpt.latest_step() == 10  # set aside: the run can write step 20 again
+        assert ckpt.save(20, new, extra={"s": 20})
+        np.testing.assert_array_equal(np.asarray(ckpt.restore(20, target)[0]["params"]["w"]), new["params"]["w"])
+    assert os.listdir(tmp_path / "corrupt") == ["20.0"]
+
+
+def test_every_step_damaged_is_a_clear_error(tmp_path):
+    state = {"params": {"w": np.arange(4096, dtype=np.float32).reshape(64, 64)}}
+    with Checkpointer(tmp_path, keep=3) as ckpt:
+        ckpt.save(1, state)
+        ckpt.save(2, state)
+    _damage(tmp_path / "1", "flip")
+    _damage(tmp_path / "2", "zero")
+    with Checkpointer(tmp_path, keep=3) as ckpt:
+        with pytest.raises(CorruptCheckpointError, match=r"every checkpoint in .* is corrupt \(steps \[2, 1\]"):
+            ckpt.restore_latest({"params": jax.eval_shape(lambda: state["params"])})
+    with Checkpointer(tmp_path / "empty") as ckpt:
+        assert ckpt.restore_latest({"params": None}) == ({}, {}, None)
