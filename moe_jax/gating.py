@@ -57,7 +57,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from moe_jax.load_stats import expert_load_stats  # noqa: F401  host-side statistics, re-exported
 
 
 @struct.dataclass

@@ -46,7 +46,7 @@ from moe_jax import balancing
 from moe_jax import checkpoint as checkpoint_lib
 from moe_jax import corpus as corpus_lib
 from moe_jax import data as data_lib
-from moe_jax import gating
+from moe_jax import load_stats
 from moe_jax import metrics as metrics_lib
 from moe_jax import model as model_lib
 from moe_jax import parallel as parallel_lib
@@ -68,7 +68,7 @@ def _layer_stats(moe_layers: dict) -> dict:
     out = {}
     for layer, stats in moe_layers.items():
         counts = np.asarray(stats["expert_counts"])
-        load = gating.expert_load_stats(counts, np.asarray(stats["kept_counts"]))
+        load = load_stats.expert_load_stats(counts, np.asarray(stats["kept_counts"]))
         out[f"layer{layer}"] = {"dropped_fraction": float(stats["dropped_fraction"]),
                                 "unrouted_fraction": float(stats["unrouted_fraction"]),
                                 "load_imbalance": load["load_imbalance"], "expert_counts": counts.tolist()}

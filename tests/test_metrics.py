@@ -12,7 +12,7 @@ import pytest
 
 from moe_jax import config as config_lib
 from moe_jax import model as model_lib
-from moe_jax.gating import expert_load_stats
+from moe_jax.load_stats import expert_load_stats
 from moe_jax.metrics import (
     MetricWriter,
     mfu,
