@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 from moe_jax import config, exchange, model, parallel, train_lib
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import moe as moe_lib
+from tests.random_layers import moe_layer_params
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1), (1, 4, 2)]
 # every mesh with the flat exchange; each other exchange on the meshes where it differs from flat
@@ -125,12 +126,7 @@ def test_gradients_with_dropping_equal_per_shard_reference(path, mesh):
 
 
 def _layer_params(num_experts=8, model_dim=16, ffn_dim=32, seed=5):
-    keys = jax.random.split(jax.random.key(seed), 5)
-    return {"gate": {"kernel": jax.random.normal(keys[0], (model_dim, num_experts))},
-            "experts": {"w1": jax.random.normal(keys[1], (num_experts, model_dim, ffn_dim)) * 0.3,
-                        "b1": jax.random.normal(keys[2], (num_experts, ffn_dim)) * 0.1,
-                        "w2": jax.random.normal(keys[3], (num_experts, ffn_dim, model_dim)) * 0.3,
-                        "b2": jax.random.normal(keys[4], (num_experts, model_dim)) * 0.1}}
+    return moe_layer_params(num_experts, model_dim, ffn_dim, seed)
 
 
 EP_PATHS = [name for name, path in dispatch_lib.PATHS.items() if path.exchange is not None]

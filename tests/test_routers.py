@@ -10,6 +10,7 @@ import pytest
 from moe_jax import config, gating, inference, parallel
 from moe_jax import moe as moe_lib
 from moe_jax.routers import expert_choice_gating
+from tests.random_layers import moe_layer_params
 
 
 def _expert_choice_reference(logits: np.ndarray, capacity: int):
@@ -47,12 +48,7 @@ def _layer_reference(params: dict, x: np.ndarray, capacity: int):
 
 
 def _params(num_experts, model_dim=8, ffn_dim=16, seed=0):
-    keys = jax.random.split(jax.random.key(seed), 5)
-    return {"gate": {"kernel": jax.random.normal(keys[0], (model_dim, num_experts))},
-            "experts": {"w1": jax.random.normal(keys[1], (num_experts, model_dim, ffn_dim)) * 0.3,
-                        "b1": jax.random.normal(keys[2], (num_experts, ffn_dim)) * 0.1,
-                        "w2": jax.random.normal(keys[3], (num_experts, ffn_dim, model_dim)) * 0.3,
-                        "b2": jax.random.normal(keys[4], (num_experts, model_dim)) * 0.1}}
+    return moe_layer_params(num_experts, model_dim, ffn_dim, seed)
 
 
 # (S, E, capacity_factor, min_capacity, expected capacity)
