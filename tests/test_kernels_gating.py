@@ -125,18 +125,23 @@ def test_random_token_selection_matches_reference_router(interpret, num_tokens, 
     np.testing.assert_allclose(grad_got, grad_want, rtol=1e-5, atol=1e-6)
 
 
-def test_kernel_matches_its_spec():
-    """kernel.fused_gating against reference.fused_gating directly (the spec ops.py relies on)."""
-    logits, _ = make_inputs(70, 9, None, seed=1)
-    noise = jax.random.gumbel(jax.random.key(5), logits.shape)
-    got = kernel.fused_gating(logits, noise, k=2, capacity=12, block_sizes=SMALL_BLOCKS, interpret=True)
-    want = jax.jit(functools.partial(reference.fused_gating, k=2, capacity=12))(logits, noise)
+def assert_outputs_equal(got, want):
+    """Every field of two GatingOutputs: floats to 1e-6, integers and booleans exactly."""
     for field in got._fields:
         a, b = getattr(got, field), getattr(want, field)
         if jnp.issubdtype(a.dtype, jnp.floating):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=field)
         else:
             np.testing.assert_array_equal(a, b, err_msg=field)
+
+
+def test_kernel_matches_its_spec():
+    """kernel.fused_gating against reference.fused_gating directly (the spec ops.py relies on)."""
+    logits, _ = make_inputs(70, 9, None, seed=1)
+    noise = jax.random.gumbel(jax.random.key(5), logits.shape)
+    got = kernel.fused_gating(logits, noise, k=2, capacity=12, block_sizes=SMALL_BLOCKS, interpret=True)
+    want = jax.jit(functools.partial(reference.fused_gating, k=2, capacity=12))(logits, noise)
+    assert_outputs_equal(got, want)
 
 
 def test_random_token_selection_kernel_matches_its_spec():
@@ -149,12 +154,7 @@ def test_random_token_selection_kernel_matches_its_spec():
     got = kernel.fused_gating(logits, noise, scores, k=1, capacity=6, block_sizes=SMALL_BLOCKS, interpret=True)
     want = jax.jit(functools.partial(reference.fused_gating, k=1, capacity=6))(logits, noise, scores)
     assert float(want.dropped_fraction) > 0.2
-    for field in got._fields:
-        a, b = getattr(got, field), getattr(want, field)
-        if jnp.issubdtype(a.dtype, jnp.floating):
-            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=field)
-        else:
-            np.testing.assert_array_equal(a, b, err_msg=field)
+    assert_outputs_equal(got, want)
 
 
 @pytest.mark.parametrize("options,uses_kernel", [
