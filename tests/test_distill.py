@@ -305,3 +305,17 @@ def test_missing_teacher_checkpoint_is_one_clear_line(teacher_workdir, tmp_path)
     assert not (untrained / "checkpoints").exists()  # looking did not create it
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         distill.distill_and_evaluate(load_config("mos"), str(tmp_path / "student"), str(tmp_path / "nothing"))
+
+
+def test_generate_runs_with_its_defaults_on_a_trained_run(teacher_workdir):
+    """experiments/generate.py with only --workdir and --prompt fills what fits after the prompt in
+    the model's max_seq_len (its old default, 128 new tokens, did not fit a 128-token model)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE}
+    saved = json.loads((teacher_workdir / "config.json").read_text())
+    prompt = "def main("
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "generate.py"), f"--workdir={teacher_workdir}",
+                             f"--prompt={prompt}"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    room = saved["model"]["max_seq_len"] - len(prompt)
+    assert f"] {room} tokens at" in result.stderr
+    assert result.stdout.startswith(prompt)
