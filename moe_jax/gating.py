@@ -121,7 +121,7 @@ class Routing:
         return combine, dispatch
 
 
-STAT_NAMES = ("aux_loss", "z_loss", "expert_counts", "kept_counts", "dropped_fraction", "unrouted_fraction")
+STAT_NAMES = ("aux_loss", "z_loss", "expert_counts", "kept_counts", "dropped_fraction", "unrouted_fraction", "router_entropy")
 
 
 def unrouted_fraction(routing: Routing) -> jax.Array:
@@ -161,7 +161,7 @@ def routing_stats(routing: Routing, axes: Optional[str | Sequence[str]] = None, 
     if axes is None:
         return {"aux_loss": aux_loss, "z_loss": routing.z_loss, "expert_counts": routing.expert_counts,
                 "kept_counts": routing.kept_counts(), "dropped_fraction": routing.dropped_fraction,
-                "unrouted_fraction": unrouted_fraction(routing)}
+                "unrouted_fraction": unrouted_fraction(routing), "router_entropy": router_entropy(routing)}
     if scope == "global":
         gate_fraction = jax.lax.pmean(routing.gate_fraction, axes)
         token_fraction = jax.lax.pmean(routing.token_fraction, axes)
@@ -175,7 +175,16 @@ def routing_stats(routing: Routing, axes: Optional[str | Sequence[str]] = None, 
         "kept_counts": jax.lax.psum(routing.kept_counts(), axes),
         "dropped_fraction": jax.lax.pmean(routing.dropped_fraction, axes),
         "unrouted_fraction": jax.lax.pmean(unrouted_fraction(routing), axes),
+        "router_entropy": jax.lax.pmean(router_entropy(routing), axes),
     }
+
+
+def router_entropy(routing: Routing) -> jax.Array:
+    """Mean entropy (nats) of the tokens' gate distributions: log E undecided, 0 certain; NaN without token_gates."""
+    if routing.token_gates is None:
+        return jnp.full((), jnp.nan, jnp.float32)
+    gates = routing.token_gates.astype(jnp.float32)
+    return jnp.mean(-jnp.sum(gates * jnp.log(jnp.maximum(gates, 1e-30)), axis=-1))
 
 
 def compute_capacity(num_tokens: int, num_experts: int, capacity_factor: float, min_capacity: int,

@@ -32,6 +32,8 @@ def expert_load_stats(
           tokens on one expert).
         load_cv: coefficient of variation, std / mean (population std).
         frac_experts_unused: fraction of experts that got no tokens.
+        load_min, load_median, load_max: tokens per expert.
+        dead_experts: experts that got no tokens (over the window the counts cover).
         dropped_frac: 1 - sum(kept) / sum(counts); only with
           kept_counts or capacity.
       With no tokens at all, ratios over the mean are NaN.
@@ -48,6 +50,9 @@ def expert_load_stats(
         "load_imbalance": float(counts.max() / mean) if mean > 0 else math.nan,
         "load_cv": float(counts.std() / mean) if mean > 0 else math.nan,
         "frac_experts_unused": float(np.mean(counts == 0)),
+        # tokens per expert: the spread behind the imbalance ratio
+        "load_min": float(counts.min()), "load_median": float(np.median(counts)), "load_max": float(counts.max()),
+        "dead_experts": int(np.sum(counts == 0)),
     }
     if capacity is not None:
         if capacity < 0:

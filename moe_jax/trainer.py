@@ -62,17 +62,33 @@ class TrainingError(RuntimeError):
 # Training
 # ----------------------------------------------------------------------------------------------
 
-def _layer_stats(moe_layers: dict) -> dict:
-    """Per MoE layer: token counts, dropped fraction, fraction of tokens with no expert and load
-    imbalance (host side)."""
+def _layer_stats(moe_layers: dict, window_counts: Optional[dict] = None) -> dict:
+    """Per MoE layer (host side): the logged step's token counts, dropped fraction, fraction of
+    tokens with no expert, router entropy and load imbalance, and over the logging window
+    (window_counts: each layer's expert counts summed over the window's steps) the load percentiles
+    (tokens per expert) and the dead experts (no token in the whole window)."""
     out = {}
     for layer, stats in moe_layers.items():
         counts = np.asarray(stats["expert_counts"])
         load = load_stats.expert_load_stats(counts, np.asarray(stats["kept_counts"]))
-        out[f"layer{layer}"] = {"dropped_fraction": float(stats["dropped_fraction"]),
-                                "unrouted_fraction": float(stats["unrouted_fraction"]),
-                                "load_imbalance": load["load_imbalance"], "expert_counts": counts.tolist()}
+        window = counts if window_counts is None else np.asarray(window_counts[layer])
+        window_load = load_stats.expert_load_stats(window)
+        out[f"layer{layer}"] = {
+            "dropped_fraction": float(stats["dropped_fraction"]),
+            "unrouted_fraction": float(stats["unrouted_fraction"]),
+            "router_entropy": float(stats["router_entropy"]),
+            "load_imbalance": load["load_imbalance"], "expert_counts": counts.tolist(),
+            "window_load_min": window_load["load_min"], "window_load_median": window_load["load_median"],
+            "window_load_max": window_load["load_max"], "dead_experts": window_load["dead_experts"]}
     return out
+
+
+def _add_window_counts(window_counts: Optional[dict], moe_layers: dict) -> dict:
+    """Each layer's expert counts added to the window's running sums (on device: no host sync)."""
+    step_counts = {layer: stats["expert_counts"] for layer, stats in moe_layers.items()}
+    if window_counts is None:
+        return step_counts
+    return {layer: window_counts[layer] + counts for layer, counts in step_counts.items()}
 
 
 def evaluate(params, eval_data: list, eval_fn, bits_metric: str = "val_bpb", eval_keys: Optional[list] = None) -> dict:
@@ -231,6 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # --- Train loop ------------------------------------------------------------------------------
     pending = []  # (step, loss) device scalars since the last check: checked without a per-step sync
     window_start, window_steps = time.perf_counter(), 0
+    window_counts = None  # each MoE layer's expert counts summed over the logging window (on device)
     eval_metrics: dict = {}
     step_time, tokens_per_sec = float("nan"), float("nan")
     compile_free_start: Optional[float] = None
@@ -241,6 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         for step in range(start_step + 1, last_step + 1):
             batch = place(next(batches))
             state, step_metrics = train_step(state, batch, train_rng, hook_inputs)
+            window_counts = _add_window_counts(window_counts, step_metrics["moe_layers"])
             pending.append((step, step_metrics["loss"]))
             window_steps += 1
             if compile_free_start is None:
@@ -259,7 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 record = {name: float(value) for name, value in host.items() if name != "moe_layers"}
                 record.update({"tokens_per_sec": tokens_per_sec, "step_time_s": step_time,
                                "mfu": metrics_lib.mfu(flops_per_token, tokens_per_sec, peak),
-                               "moe": _layer_stats(host["moe_layers"])})
+                               "moe": _layer_stats(host["moe_layers"], jax.device_get(window_counts))})
+                window_counts = None
                 if step % config.eval_every_steps == 0 or is_last:
                     eval_metrics = evaluate(state["params"], eval_data, _with_router_state(eval_fn, state),
                                             corpus.bits_metric, eval_keys)

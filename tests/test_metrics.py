@@ -127,6 +127,7 @@ def test_expert_load_stats_hand_example():
         "load_imbalance": pytest.approx(2.0),
         "load_cv": pytest.approx(math.sqrt(5) / 3),
         "frac_experts_unused": pytest.approx(0.25),
+        "load_min": 0.0, "load_median": 3.0, "load_max": 6.0, "dead_experts": 1,
     }
     kept = np.array([4, 0, 2, 4])
     assert expert_load_stats(counts, kept)["dropped_frac"] == pytest.approx(2 / 12)
@@ -174,3 +175,44 @@ def test_peak_flops_lookup():
     assert math.isnan(peak_flops_per_device(FakeDevice("Mystery Accelerator 9000")))
     assert peak_flops_per_device() == 100e9  # tests run on CPU devices
 
+
+
+def test_load_percentiles_and_dead_experts():
+    counts = np.array([0, 3, 9, 0, 4])
+    stats = expert_load_stats(counts)
+    assert (stats["load_min"], stats["load_median"], stats["load_max"]) == (0.0, 3.0, 9.0)
+    assert stats["dead_experts"] == 2
+
+
+def test_router_entropy_against_a_hand_computation():
+    from moe_jax import gating
+
+    logits = jax.random.normal(jax.random.key(3), (12, 5)) * 2.0
+    routing = gating.top_k_gating(logits, k=1, capacity_factor=1.0)
+    z = np.asarray(logits, np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.mean(-(p * np.log(p)).sum(-1))
+    np.testing.assert_allclose(gating.routing_stats(routing)["router_entropy"], want, rtol=1e-5)
+    uniform = gating.top_k_gating(jnp.zeros((4, 5)) + jax.random.normal(jax.random.key(4), (4, 5)) * 1e-6, k=1,
+                                  capacity_factor=1.0)
+    np.testing.assert_allclose(gating.routing_stats(uniform)["router_entropy"], np.log(5), rtol=1e-5)
+
+
+def test_dead_experts_are_counted_over_the_logging_window():
+    """An expert idle at the logged step but busy earlier in the window is not dead; the load
+    percentiles cover the whole window."""
+    from moe_jax import trainer
+
+    def step(counts):
+        return {1: {"expert_counts": jnp.asarray(counts), "kept_counts": jnp.asarray(counts),
+                    "dropped_fraction": jnp.float32(0), "unrouted_fraction": jnp.float32(0),
+                    "router_entropy": jnp.float32(0.5)}}
+
+    window = None
+    for counts in ([4, 0, 0, 4], [3, 2, 0, 3], [8, 0, 0, 0]):
+        window = trainer._add_window_counts(window, step(counts))
+    stats = trainer._layer_stats(step([8, 0, 0, 0]), jax.device_get(window))["layer1"]
+    assert stats["dead_experts"] == 1  # expert 2 only; expert 1 had tokens at the second step
+    assert (stats["window_load_min"], stats["window_load_max"]) == (0.0, 15.0)
+    assert stats["expert_counts"] == [8, 0, 0, 0] and stats["router_entropy"] == 0.5
