@@ -79,7 +79,7 @@ def mesh_cost(par: parallel.ParallelConfig) -> tuple[int, float]:
 
 def measure(par: parallel.ParallelConfig, experts: int, capacity: int, model_dim: int, repeats: int) -> float:
     tp = par.tensor_size
-    coordinated = par.exchange == "coordinated" and tp > 1
+    coordinated = par.resolved_exchange == "coordinated" and tp > 1
 
     def round_trip(buffer):
         buffer = buffer[0]  # [E, C, M] on this device
@@ -87,7 +87,8 @@ def measure(par: parallel.ParallelConfig, experts: int, capacity: int, model_dim
             share = capacity // tp
             buffer = jax.lax.dynamic_slice_in_dim(buffer, jax.lax.axis_index("tensor") * share, share, axis=1)
         sent = buffer.reshape(par.expert_size, experts // par.expert_size, *buffer.shape[1:])
-        back = exchange_lib._all_to_all(exchange_lib._all_to_all(sent, par) * 2.0, par)
+        axes = parallel.EXPERT_AXES
+        back = exchange_lib._all_to_all(exchange_lib._all_to_all(sent, par, axes) * 2.0, par, axes)
         back = back.reshape(experts, *buffer.shape[1:])
         if coordinated:
             back = jax.lax.all_gather(back, "tensor", axis=1, tiled=True)
