@@ -63,6 +63,7 @@ def _top2_run(deterministic_eval: bool):
     return config
 
 
+@pytest.mark.slow  # three training runs; eval_step's keyed routing is tested directly above
 def test_trainer_switch_between_keyed_and_deterministic_eval(tmp_path):
     keyed = trainer.train_and_evaluate(_top2_run(False), str(tmp_path / "keyed"))
     plain = trainer.train_and_evaluate(_top2_run(True), str(tmp_path / "plain"))

@@ -36,6 +36,7 @@ def test_variant_table_builds_every_run(scale):
     assert set(ablations.SUITES["all"]) == set(ablations.VARIANTS)
 
 
+@pytest.mark.slow  # the default suite runs a micro suite end to end in the kill-and-resume test
 def test_every_ablation_suite_runs_at_micro_scale(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     cmd = [sys.executable, str(ROOT / "experiments" / "ablations.py"), "--scale=micro", f"--workdir={tmp_path}"]

@@ -71,10 +71,10 @@ def test_loss_falls_on_fixed_batch(preset):
 
 
 # How far a low-precision forward pass may stray from float32, in units of the compute dtype's
-# epsilon times the largest float32 logit. Rounding alone stays well inside (bf16 on CFG: max 0.65,
-# mean 0.1); a part that should stay float32 but runs in bf16 leaves it (the gate in bf16 flips a
-# routing decision: max 3.6).
-LOW_PRECISION_TOLERANCE = {"max": 2.0, "mean": 0.25}
+# epsilon times the largest float32 logit. Rounding alone stays inside (bf16 on CFG with head-major
+# qkv columns: max 2.3, mean 0.10); a part that should stay float32 but runs in bf16 moves the mean
+# or, by flipping a routing decision, the max (the gate in bf16: max 3.6 on the earlier layout).
+LOW_PRECISION_TOLERANCE = {"max": 3.0, "mean": 0.25}
 
 
 @pytest.mark.parametrize("compute_dtype", ["bfloat16"])

@@ -89,7 +89,12 @@ def test_progress_line():
     assert trainer.progress_line(1, 10, 10, 3.0, float("nan"), float("nan")).endswith("ETA -")
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+# dense, pr_moe and mos run by default; the other configs' single steps are in the slow suite.
+STEP_CONFIGS = [name if name in ("dense", "pr_moe", "mos") else pytest.param(name, marks=pytest.mark.slow)
+                for name in CONFIGS]
+
+
+@pytest.mark.parametrize("name", STEP_CONFIGS)
 def test_one_training_step_of_every_config(name, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="absl")
     config = small(load_config(name), steps=1)
@@ -106,6 +111,7 @@ def test_one_training_step_of_every_config(name, tmp_path, caplog):
     assert list((tmp_path / "tensorboard").iterdir())
 
 
+@pytest.mark.slow  # resume is also held equal to a straight run after a real SIGKILL, in the default suite
 def test_resume_in_process_equals_straight_run(tmp_path):
     straight = small(load_config("pr_moe"), steps=8)
     straight.checkpoint_every_steps = 2
