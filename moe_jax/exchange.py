@@ -92,15 +92,18 @@ def _tensor_share(size: int, par: ParallelConfig) -> tuple[int, jax.Array]:
     return share, jax.lax.axis_index("tensor") * share
 
 
-def _ffn_on_slots(experts: dict, buffer: jax.Array, par: ParallelConfig, split: bool) -> jax.Array:
-    """Experts on a buffer [E, C, M]; with `split` each tensor rank runs its 1/tp of the slots."""
-    if not split:
-        return _expert_ffn(experts, buffer, par)
-    capacity = buffer.shape[1]
-    share, start = _tensor_share(capacity, par)
-    padded = jnp.pad(buffer, ((0, 0), (0, share * par.tensor_size - capacity), (0, 0)))
-    out = _expert_ffn(experts, jax.lax.dynamic_slice_in_dim(padded, start, share, axis=1), par)
-    return jax.lax.all_gather(out, "tensor", axis=1, tiled=True)[:, :capacity]
+def _my_share(a: jax.Array, par: ParallelConfig, axis: int) -> tuple[jax.Array, jax.Array]:
+    """(this tensor rank's share of `a` along `axis`, the share's start); the axis is padded with
+    zeros to tp shares of ceil(size / tp)."""
+    share, start = _tensor_share(a.shape[axis], par)
+    padding = [(0, 0)] * a.ndim
+    padding[axis] = (0, share * par.tensor_size - a.shape[axis])
+    return jax.lax.dynamic_slice_in_dim(jnp.pad(a, padding), start, share, axis=axis), start
+
+
+def _all_shares(part: jax.Array, par: ParallelConfig, axis: int, size: int) -> jax.Array:
+    """Every tensor rank's share along `axis`, gathered and cut back to `size`."""
+    return jax.lax.slice_in_dim(jax.lax.all_gather(part, "tensor", axis=axis, tiled=True), 0, size, axis=axis)
 
 
 def buffer_exchange(tokens: jax.Array, routing: Routing, experts: dict, par: ParallelConfig, path,
@@ -113,9 +116,7 @@ def buffer_exchange(tokens: jax.Array, routing: Routing, experts: dict, par: Par
     buffer = path.pack(tokens, routing)  # [E, C, M]
     split = _split_over_tensor(par)
     if split:  # each tensor rank sends its 1/tp of the slots
-        share, start = _tensor_share(capacity, par)
-        buffer = jnp.pad(buffer, ((0, 0), (0, share * par.tensor_size - capacity), (0, 0)))
-        buffer = jax.lax.dynamic_slice_in_dim(buffer, start, share, axis=1)
+        buffer, _ = _my_share(buffer, par, axis=1)
     slots = buffer.shape[1]
     local_experts = num_experts // ep
     received = _all_to_all(buffer.reshape(ep, local_experts, slots, model_dim), par, axes)  # [ep (source), E_l, slots, M]
@@ -124,7 +125,7 @@ def buffer_exchange(tokens: jax.Array, routing: Routing, experts: dict, par: Par
     out = out.reshape(local_experts, ep, slots, model_dim).transpose(1, 0, 2, 3)
     out = _all_to_all(out, par, axes).reshape(num_experts, slots, model_dim)
     if split:
-        out = jax.lax.all_gather(out, "tensor", axis=1, tiled=True)[:, :capacity]
+        out = _all_shares(out, par, axis=1, size=capacity)
     return path.unpack(out, routing)
 
 
@@ -197,18 +198,9 @@ def rows_exchange(tokens: jax.Array, routing: Routing, experts: dict, par: Paral
     per_copy = jnp.concatenate([back, jnp.zeros((1, model_dim), back.dtype)])[row]  # [N, M]; unsent: 0
     weight = routing.weight * sent.reshape(num_tokens, k)
     y = jnp.einsum("skm,sk->sm", per_copy.reshape(num_tokens, k, model_dim), weight.astype(tokens.dtype))
-    if split:
-        y = _gather_token_shares(y, par)
+    if split:  # rows outside this rank's share of the tokens are not its own
+        y = _all_shares(_my_share(y, par, axis=0)[0], par, axis=0, size=num_tokens)
     return y, overflow.reshape(num_tokens, k)
-
-
-def _gather_token_shares(y: jax.Array, par: ParallelConfig) -> jax.Array:
-    """y [S, M] whose rows outside this tensor rank's share are not its own -> every rank's share."""
-    num_tokens = y.shape[0]
-    share, start = _tensor_share(num_tokens, par)
-    padded = jnp.pad(y, ((0, share * par.tensor_size - num_tokens), (0, 0)))
-    mine = jax.lax.dynamic_slice_in_dim(padded, start, share, axis=0)
-    return jax.lax.all_gather(mine, "tensor", axis=0, tiled=True)[:num_tokens]
 
 
 def _token_rows(routing: Routing, start: jax.Array, size: int, total: int) -> Routing:
@@ -232,13 +224,13 @@ def local_layer(tokens: jax.Array, routing: Routing, experts: dict, par: Paralle
         return path.unpack(_expert_ffn(experts, path.pack(tokens, routing), par), routing)
     if not _split_over_tensor(par) or path.exchange is None:
         return path.fn(tokens, routing, experts)
-    if path.exchange == "buffer":
-        return path.unpack(_ffn_on_slots(experts, path.pack(tokens, routing), par, split=True), routing)
-    share, start = _tensor_share(tokens.shape[0], par)
-    padded = jnp.pad(tokens, ((0, share * par.tensor_size - tokens.shape[0]), (0, 0)))
-    mine = jax.lax.dynamic_slice_in_dim(padded, start, share, axis=0)
-    y = path.fn(mine, _token_rows(routing, start, share, share * par.tensor_size), experts)
-    return jax.lax.all_gather(y, "tensor", axis=0, tiled=True)[:tokens.shape[0]]
+    if path.exchange == "buffer":  # each tensor rank runs its 1/tp of the slots
+        buffer = path.pack(tokens, routing)
+        out = _expert_ffn(experts, _my_share(buffer, par, axis=1)[0], par)
+        return path.unpack(_all_shares(out, par, axis=1, size=buffer.shape[1]), routing)
+    mine, start = _my_share(tokens, par, axis=0)  # each tensor rank runs its 1/tp of the tokens
+    y = path.fn(mine, _token_rows(routing, start, mine.shape[0], mine.shape[0] * par.tensor_size), experts)
+    return _all_shares(y, par, axis=0, size=tokens.shape[0])
 
 
 def sharded_moe(params: dict, tokens: jax.Array, *, moe, train: bool, rng, par: ParallelConfig, route_fn):
