@@ -62,7 +62,9 @@ def load_run(workdir: str, step=None):
                                 "past config.checkpoint_every_steps (or to the end) first")
     target = jax.eval_shape(lambda: model_lib.init_params(jax.random.key(0), model_cfg))
     params, step = checkpoint_lib.load_params(checkpoint_dir, target, step)  # parameters only
-    return model_cfg, params, step
+    # with aux-loss-free balancing the routers choose experts with the trained selection biases
+    router_state = checkpoint_lib.load_router_state(checkpoint_dir, step)
+    return model_cfg, params, step, router_state
 
 
 def main(argv):
@@ -73,7 +75,7 @@ def main(argv):
     if not f.prompt:
         cli.fail("--prompt is empty; pass some text to continue, e.g. --prompt='def main('")
     try:
-        model_cfg, params, step = load_run(f.workdir, f.step)
+        model_cfg, params, step, router_state = load_run(f.workdir, f.step)
     except (FileNotFoundError, ValueError) as error:
         cli.fail(str(error))
     tokenizer = ByteTokenizer()
@@ -85,7 +87,8 @@ def main(argv):
               f"max_seq_len={model_cfg.max_seq_len}; generating {room}", file=sys.stderr)
         max_new_tokens = room
     try:
-        generator = inference.Generator(params, model_cfg, dtype=f.dtype, moe_path=f.moe_path)
+        generator = inference.Generator(params, model_cfg, dtype=f.dtype, moe_path=f.moe_path,
+                                        router_state=router_state)
     except ValueError as error:  # a model that cannot be served, e.g. one with a non-causal router
         cli.fail(f"--workdir={f.workdir}: {error}")
     try:

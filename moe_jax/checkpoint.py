@@ -212,6 +212,11 @@ class Checkpointer:
         opened and updated by its own saves)."""
         return self._mngr.latest_step()
 
+    def item_names(self, step: int) -> list[str]:
+        """The names of the items saved at `step` (params, opt_state, ...), sorted."""
+        step_dir = self.directory / self._name_format.build_name(int(step))
+        return sorted(p.name for p in step_dir.iterdir() if p.is_dir() and p.name != EXTRA_ITEM)
+
     def save(self, step: int, items: dict[str, Any], extra: Optional[dict] = None) -> bool:
         """Saves each entry of `items` (name -> pytree of arrays) as its own item, and `extra`
         (a JSON dict), at `step`. Returns True if a checkpoint was written, False if skipped
@@ -392,3 +397,19 @@ def load_params(path: str, target: Any = None, step: Optional[int] = None) -> tu
         if step is None:
             raise FileNotFoundError(f"{directory} holds no complete checkpoint; train that run further first")
         return ckpt.restore_params(step, target), step
+
+
+def load_router_state(path: str, step: Optional[int] = None) -> dict:
+    """The routers' selection biases (aux-loss-free balancing) saved with another run's step (default:
+    its latest), read-only; {} when that run has none."""
+    directory = checkpoint_dir(path)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{path} is not a directory; give the workdir of a run or its checkpoints/")
+    with Checkpointer(directory, keep=None, read_only=True) as ckpt:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{directory} holds no complete checkpoint; train that run further first")
+        if "router_state" not in ckpt.item_names(step):
+            return {}
+        items, _ = ckpt.restore(step, target={"router_state": None})
+        return items["router_state"]

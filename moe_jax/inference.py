@@ -33,13 +33,14 @@ psum_scatter back) would avoid the [E, C, M] buffers; it is not built.
 
 Public API:
   serving_config(cfg, *, dtype="float32", moe_path="serve") -> ModelConfig
+  serving_params(params, cfg, router_state=None) -> params (trained selection biases in the gates)
   cast_params(params, dtype) -> params (floating leaves cast; router gates stay float32)
   pad_prompts(prompts, *, vocab_size, max_seq_len, max_new_tokens) -> (tokens [B, P], lengths [B])
   prefill(params, tokens, lengths, *, cfg, max_len) -> (logits [B, V], DecodeState)
   decode_step(params, state, tokens [B], *, cfg) -> (logits [B, V], DecodeState)
   decode_tokens(params, state, logits, rng, temperature, top_p, *, cfg, num_tokens) -> new tokens [B, num_tokens]
   sample_tokens(logits [B, V], rng, temperature, top_p) -> [B] int32 (temperature 0: greedy)
-  Generator(params, cfg, *, dtype, moe_path).generate(prompts, max_new_tokens, ...) -> Generation
+  Generator(params, cfg, *, dtype, moe_path, parallel, router_state).generate(prompts, max_new_tokens, ...) -> Generation
 `cfg` is a serving config throughout.
 """
 
@@ -88,9 +89,34 @@ def serving_config(cfg: ModelConfig, *, dtype: str = "float32", moe_path: str = 
         raise ValueError(f"moe.router={cfg.moe.router!r} routes each token by looking at the whole group of "
                          "tokens, later ones included, so this model cannot generate token by token; generate "
                          "with a model trained with a causal router such as moe.router='topk'")
-    # row_exchange_factor inf: under expert parallelism the rows exchange never overflows either
+    # row_exchange_factor inf: under expert parallelism the rows exchange never overflows either;
+    # bias_update_rate 0: trained selection biases travel in the gate parameters (serving_params)
     return replace_moe(cfg, drop_tokens=False, noisy_gate_policy=None, dispatch=moe_path,
-                       row_exchange_factor=float("inf"))
+                       row_exchange_factor=float("inf"), bias_update_rate=0.0)
+
+
+def serving_params(params: dict, cfg: ModelConfig, router_state: Optional[dict] = None) -> dict:
+    """The parameters a serving model reads: those of the training config `cfg`, plus, for a model
+    trained with aux-loss-free balancing, each MoE layer's trained selection bias [E] (the train
+    state's router_state) inside its gate ({kernel, selection_bias}), where the router reads it.
+    A ValueError when such a model comes without its router_state: its experts would be chosen
+    without the biases it was trained with."""
+    if cfg.moe is None or cfg.moe.bias_update_rate <= 0 or not any(cfg.layer_experts()):
+        return params
+    if not router_state:
+        raise ValueError(f"this model was trained with aux-loss-free balancing (moe.bias_update_rate="
+                         f"{cfg.moe.bias_update_rate}), so its routers choose experts with trained selection "
+                         "biases; pass its router_state (checkpoint.load_router_state(workdir)) too")
+    out = dict(params)
+    for block, tree in router_state.items():
+        if block not in params or "moe" not in params[block]:
+            raise ValueError(f"router_state has {block!r}, which is not an MoE layer of this model")
+        layer = dict(params[block])
+        layer["moe"] = {**layer["moe"], "gate": {**layer["moe"]["gate"],
+                                                 "selection_bias": jnp.asarray(tree["moe"]["selection_bias"],
+                                                                               jnp.float32)}}
+        out[block] = layer
+    return out
 
 
 def cast_params(params: dict, dtype: str) -> dict:
@@ -260,7 +286,10 @@ class Generator:
     """
 
     def __init__(self, params: dict, cfg: ModelConfig, *, dtype: str = "float32", moe_path: str = "serve",
-                 parallel: Optional[ParallelConfig] = None):
+                 parallel: Optional[ParallelConfig] = None, router_state: Optional[dict] = None):
+        """params and cfg as trained; router_state: the train state's selection biases, needed
+        (and only read) for a model trained with aux-loss-free balancing (`serving_params`)."""
+        params = serving_params(params, cfg, router_state)
         self.cfg = serving_config(cfg, dtype=dtype, moe_path=moe_path)
         self.parallel = parallel
         self.params = cast_params(params, dtype)

@@ -199,7 +199,7 @@ class MoELayer(nn.Module):
             if not (self.is_initializing() or self.has_variable(ROUTER_STATE, "selection_bias")):
                 raise ValueError(f"moe.bias_update_rate={self.moe.bias_update_rate}: the model's {ROUTER_STATE!r} "
                                  "variables are missing; pass the train state's router_state to the model "
-                                 "(moe_jax.model.apply(..., router_state=state['router_state']))")
+                                 "(moe_jax.balancing.apply(..., router_state=state['router_state']))")
             bias = self.variable(ROUTER_STATE, "selection_bias", jnp.zeros, (self.num_experts,), jnp.float32).value
         return moe_forward(params, x, moe=self.moe, train=train, rng=rng, parallel=self.parallel,
                            selection_bias=bias)

@@ -145,3 +145,28 @@ def test_bias_is_checkpointed_and_resumed_exactly(tmp_path):
     bias = np.asarray(items["router_state"]["block_1"]["moe"]["selection_bias"])
     assert np.abs(bias).max() > 0 and np.all(np.abs(bias) <= 4 * 0.05 + 1e-6)
     np.testing.assert_array_equal(bias, resumed["router_state"]["block_1"]["moe"]["selection_bias"])
+    loaded = checkpoint.load_router_state(str(tmp_path / "straight"))  # what generate.py serves with
+    np.testing.assert_array_equal(loaded["block_1"]["moe"]["selection_bias"], bias)
+
+
+def test_serving_routes_with_the_trained_biases():
+    from moe_jax import inference
+
+    cfg = config.replace_moe(CFG, dispatch="gather")
+    params = train_lib.model_lib.init_params(jax.random.key(3), cfg)
+    state = balancing.init_router_state(cfg)
+    rng = np.random.default_rng(0)  # biases large enough to move choices away from the gate's argmax
+    state = jax.tree.map(lambda b: jnp.asarray(rng.normal(0, 0.5, b.shape), jnp.float32), state)
+    tokens = jax.random.randint(jax.random.key(4), (3, 7), 0, 32)
+    want, _ = balancing.apply(params, tokens, cfg, router_state=state, train=False)
+    unbiased, _ = balancing.apply(params, tokens, cfg, router_state=balancing.init_router_state(cfg), train=False)
+    assert float(jnp.abs(want - unbiased).max()) > 1e-4  # the biases change the routing here
+    with pytest.raises(ValueError, match="pass its router_state"):
+        inference.Generator(params, cfg)
+    serve_cfg = inference.serving_config(cfg)
+    logits, _ = inference.prefill(inference.serving_params(params, cfg, state), tokens,
+                                  jnp.full((3,), 7, jnp.int32), cfg=serve_cfg, max_len=12)
+    np.testing.assert_allclose(logits, want[:, -1], rtol=1e-5, atol=1e-5)
+    generator = inference.Generator(params, cfg, router_state=state)
+    first = generator.generate(np.asarray(tokens).tolist(), 1).tokens
+    assert [row[0] for row in first] == np.asarray(jnp.argmax(want[:, -1], axis=-1)).tolist()
