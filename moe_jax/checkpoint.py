@@ -217,6 +217,20 @@ class Checkpointer:
         step_dir = self.directory / self._name_format.build_name(int(step))
         return sorted(p.name for p in step_dir.iterdir() if p.is_dir() and p.name != EXTRA_ITEM)
 
+    def item_shapes(self, step: int, name: str) -> Any:
+        """The saved tree of item `name` at `step` as jax.ShapeDtypeStructs (no shardings): a target
+        that restores it whole onto the default device, whatever model wrote it."""
+        step_dir = self.directory / self._name_format.build_name(int(step))
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            tree = handler.metadata(step_dir / name).tree
+        except Exception as error:  # noqa: BLE001  unreadable metadata: a damaged step
+            raise CorruptCheckpointError(f"checkpoint {step_dir}/{name} cannot be read: {type(error).__name__}: "
+                                         f"{str(error)[:300]}") from error
+        finally:
+            handler.close()
+        return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype), tree)
+
     def save(self, step: int, items: dict[str, Any], extra: Optional[dict] = None) -> bool:
         """Saves each entry of `items` (name -> pytree of arrays) as its own item, and `extra`
         (a JSON dict), at `step`. Returns True if a checkpoint was written, False if skipped
@@ -388,7 +402,8 @@ def checkpoint_dir(path: str) -> str:
 def load_params(path: str, target: Any = None, step: Optional[int] = None) -> tuple[Any, int]:
     """(params, step) of another run, read-only: path is its workdir or checkpoint directory, step
     defaults to its latest. FileNotFoundError names what is missing; ValueError (from
-    `restore`) names a parameter whose shape differs from `target`'s."""
+    `restore`) names a parameter whose shape differs from `target`'s. target "saved": the saved
+    tree whole, on the default device, whatever model it belongs to (e.g. a dense run to upcycle)."""
     directory = checkpoint_dir(path)
     if not os.path.isdir(directory):  # else the Checkpointer would fail on a missing directory
         raise FileNotFoundError(f"{path} is not a directory; give the workdir of a run or its checkpoints/")
@@ -396,7 +411,22 @@ def load_params(path: str, target: Any = None, step: Optional[int] = None) -> tu
         step = ckpt.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{directory} holds no complete checkpoint; train that run further first")
+        if isinstance(target, str) and target == "saved":
+            target = ckpt.item_shapes(step, "params")
         return ckpt.restore_params(step, target), step
+
+
+def saved_params_shapes(path: str, step: Optional[int] = None) -> Any:
+    """The parameter tree of another run's step (default: its latest) as jax.ShapeDtypeStructs,
+    read from the metadata alone (nothing else is loaded): which model it is."""
+    directory = checkpoint_dir(path)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{path} is not a directory; give the workdir of a run or its checkpoints/")
+    with Checkpointer(directory, keep=None, read_only=True) as ckpt:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{directory} holds no complete checkpoint; train that run further first")
+        return ckpt.item_shapes(step, "params")
 
 
 def load_router_state(path: str, step: Optional[int] = None) -> dict:

@@ -2,7 +2,7 @@
 
 A run config has groups model, moe, data, optim, mesh and top-level seed, total_steps,
 log_every_steps, eval_every_steps, checkpoint_every_steps, keep_checkpoints, eval_batches,
-deterministic_eval, stop_after_steps and init_from (`default_config(scale)` builds one).
+deterministic_eval, stop_after_steps, init_from and init_from_noise (`default_config(scale)` builds one).
 
 The model, moe and optim groups are derived from the dataclasses `moe_jax.config.ModelConfig`,
 `moe_jax.config.MoEConfig` and `moe_jax.train_lib.OptimConfig`: every dataclass field is a config
@@ -196,6 +196,8 @@ def default_config(scale: str = "tiny", presets: Optional[Mapping[str, str]] = N
     c.keep_checkpoints = 3
     c.stop_after_steps = 0  # > 0: end this run at that step (checkpointed); rerun to continue
     c.init_from = ""  # a workdir (or checkpoint directory) of another run: start from its parameters
+    # (a dense run into an MoE model: upcycled, every expert a copy of the dense FFN, moe_jax.upcycle)
+    c.init_from_noise = 0.0  # upcycling: noise std on each expert's copy, as a fraction of the matrix's std
     model_group, moe_group = model_groups(model)
     c.model = model_group
     c.moe = moe_group  # experts: "0" dense, "128", or a pyramid "32x10,64x2"
@@ -253,6 +255,9 @@ def optim_config(config: ml_collections.ConfigDict) -> train_lib.OptimConfig:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks a run config before anything is built; ValueError names the field."""
+    if not config.get("init_from_noise", 0.0) >= 0:
+        raise ValueError(f"init_from_noise={config.init_from_noise} must be >= 0 (a fraction of each expert "
+                         "matrix's std; 0: exact copies)")
     if config.get("stop_after_steps", 0) < 0:
         raise ValueError(f"stop_after_steps={config.stop_after_steps} must be >= 0 (0: run to total_steps)")
     for name in ("total_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",

@@ -14,7 +14,8 @@ Start order, the only one:
      the routers' selection biases under aux-loss-free balancing),
      after checking that the seed, batch size and sequence length are the ones it was trained with;
   2. else the parameters of another run, `config.init_from` (its workdir or checkpoint directory;
-     parameters only, a ValueError names a parameter whose shape differs), or those that the
+     parameters only, a ValueError names a parameter whose shape differs; a dense run into an MoE
+     model is upcycled, moe_jax.upcycle, with config.init_from_noise), or those that the
      caller's `init_params` returns (a distillation student built from its teacher's layers),
      with a fresh optimizer state (and zero selection biases) at step 0;
   3. else a fresh initialisation from the seed.
@@ -52,6 +53,7 @@ from moe_jax import model as model_lib
 from moe_jax import parallel as parallel_lib
 from moe_jax import run_config
 from moe_jax import train_lib
+from moe_jax import upcycle
 
 
 class TrainingError(RuntimeError):
@@ -155,10 +157,19 @@ def _start_state(config, ckpt, abstract, shardings, init_rng, model_cfg, optimiz
                          "kd.init_from_teacher_layers) both set where a run starts; keep one")
     if init_from:
         try:
-            params, step = checkpoint_lib.load_params(init_from, _with_shardings(abstract["params"], shard("params")))
+            if upcycle.is_dense(checkpoint_lib.saved_params_shapes(init_from)) and not upcycle.is_dense(
+                    abstract["params"]):  # a dense run seeds this MoE model: upcycling
+                dense, step = checkpoint_lib.load_params(init_from, "saved")
+                params = jax.jit(lambda d: upcycle.upcycle_params(d, model_cfg, init_rng,
+                                                                  noise=config.get("init_from_noise", 0.0)),
+                                 out_shardings=shard("params"))(dense)
+                logging.info("upcycled from the dense run %s at step %d", init_from, step)
+            else:
+                params, step = checkpoint_lib.load_params(init_from,
+                                                          _with_shardings(abstract["params"], shard("params")))
+                logging.info("parameters from %s at step %d", init_from, step)
         except (FileNotFoundError, ValueError) as error:
             raise type(error)(f"config.init_from={init_from}: {error}") from None
-        logging.info("parameters from %s at step %d", init_from, step)
     elif init_params is not None:
         params = init_params()
         if shardings is not None:
