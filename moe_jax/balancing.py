@@ -42,15 +42,6 @@ def init_router_state(cfg: ModelConfig) -> dict:
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), dict(shapes[ROUTER_STATE]))
 
 
-def apply(params: dict, tokens: jax.Array, cfg: ModelConfig, *, router_state: Optional[dict], train: bool = False,
-          rngs: Optional[dict] = None, parallel=None):
-    """moe_jax.model.apply with the router state's variables (the same without one)."""
-    if not router_state:
-        return model_lib.apply(params, tokens, cfg, train=train, rngs=rngs, parallel=parallel)
-    variables = {"params": params, ROUTER_STATE: router_state}
-    return model_lib.GPT(cfg, parallel).apply(variables, tokens, train=train, rngs=rngs or {})
-
-
 def update_selection_bias(router_state: dict, moe_layers: dict, rate: float) -> dict:
     """One step of the bias update. moe_layers: {"<i>": stats of MoE layer i} (the training
     metrics' "moe_layers"), whose expert_counts [E] give each layer's load."""

@@ -46,6 +46,7 @@ from jax.sharding import PartitionSpec as P
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import experts as experts_lib
 from moe_jax import gating as gating_lib
+from moe_jax import routing_trace
 from moe_jax.gating import Routing
 from moe_jax.parallel import BATCH_AXES, EXPERT_AXES, INTRA_NODE_AXES, ParallelConfig, param_specs
 
@@ -233,9 +234,11 @@ def local_layer(tokens: jax.Array, routing: Routing, experts: dict, par: Paralle
     return _all_shares(y, par, axis=0, size=tokens.shape[0])
 
 
-def sharded_moe(params: dict, tokens: jax.Array, *, moe, train: bool, rng, par: ParallelConfig, route_fn):
+def sharded_moe(params: dict, tokens: jax.Array, *, moe, train: bool, rng, par: ParallelConfig, route_fn,
+                replay=None, record: bool = False):
     """Runs route + dispatch of one MoE layer under shard_map. tokens [B, T, M] (global, batch-sharded).
-    Returns (y [B, T, M], stats) with stats reduced over the whole batch."""
+    Returns (y [B, T, M], stats) with stats reduced over the whole batch. replay [B, T, k]: a
+    recorded routing code to route with; record: stats["routing_code"] [B, T, k] (batch-sharded)."""
     num_experts = params["gate"]["kernel"].shape[1]
     axes = par.layer_axes(num_experts)
     sharded = bool(axes)
@@ -249,12 +252,15 @@ def sharded_moe(params: dict, tokens: jax.Array, *, moe, train: bool, rng, par: 
     x_spec = P(BATCH_AXES)
     has_rng = rng is not None
 
-    def body(x, gate, experts, key):
+    def body(x, gate, experts, key, code):
         batch, length, model_dim = x.shape
         flat = x.reshape(-1, model_dim)
         if has_rng:  # a different stream per shard (RTS, jitter and noise are per-shard draws)
             key = jax.random.fold_in(key, jax.lax.axis_index(BATCH_AXES))
-        routing = route_fn(gate, flat, moe=moe, train=train, rng=key if has_rng else None)
+        routing = route_fn(gate, flat, moe=moe, train=train, rng=key if has_rng else None,
+                           replay=None if code is None else code.reshape(flat.shape[0], -1))
+        # the router's decision; a replay repeats the exchange, and with it any overflow
+        routing_code = routing_trace.encode(routing).reshape(batch, length, routing.k) if record else None
         overflow = jnp.zeros(routing.kept.shape, bool)
         if not sharded:
             y = local_layer(flat, routing, experts, par, path, moe.dispatch)
@@ -269,9 +275,14 @@ def sharded_moe(params: dict, tokens: jax.Array, *, moe, train: bool, rng, par: 
                                   + jnp.mean(overflow.astype(jnp.float32)))
         stats = gating_lib.routing_stats(routing, axes=BATCH_AXES, scope=moe.balance_loss_scope, seq_len=length)
         stats["overflow_fraction"] = jax.lax.pmean(jnp.mean(overflow.astype(jnp.float32)), BATCH_AXES)
+        if record:
+            stats["routing_code"] = routing_code
         return y.reshape(batch, length, model_dim), stats
 
     key = rng if has_rng else jax.random.key(0)
-    fn = jax.shard_map(body, mesh=par.mesh, in_specs=(x_spec, P(), expert_specs, P()),
-                       out_specs=(x_spec, {name: P() for name in STAT_NAMES}), check_vma=False)
-    return fn(tokens, params["gate"], params["experts"], key)
+    stat_specs = {name: P() for name in STAT_NAMES}
+    if record:
+        stat_specs["routing_code"] = x_spec
+    fn = jax.shard_map(body, mesh=par.mesh, in_specs=(x_spec, P(), expert_specs, P(), x_spec),
+                       out_specs=(x_spec, stat_specs), check_vma=False)
+    return fn(tokens, params["gate"], params["experts"], key, replay)

@@ -87,6 +87,12 @@ class Routing:
     capacity: int = struct.field(pytree_node=False)
     num_experts: int = struct.field(pytree_node=False)
     aux_scale: float = struct.field(pytree_node=False, default=1.0)  # aux = scale * sum(me * ce)
+    # combine weights: the kept copies' gate probabilities renormalised to sum to 1 per token (True),
+    # or the raw gate probabilities (False); routing replay (moe_jax.routing_trace) follows the rule
+    renormalized: bool = struct.field(pytree_node=False, default=False)
+    # column e stands for expert e and a column not kept is no copy at all (expert-choice), rather
+    # than a routed copy that was dropped (token-major routers)
+    column_per_expert: bool = struct.field(pytree_node=False, default=False)
     # Per token, the terms whose means are the two fractions: the sequence-level balance loss
     # averages the product per sequence (routing_stats). None: the router reports the means only.
     token_gates: Optional[jax.Array] = None  # [S, E] float32
@@ -344,7 +350,7 @@ def top_k_gating(
         expert_index=expert_index, slot=slot, weight=weight.astype(jnp.float32), kept=kept,
         aux_loss=aux_scale * jnp.sum(me * ce), z_loss=z_loss, expert_counts=expert_counts.astype(jnp.int32),
         dropped_fraction=dropped_fraction, gate_fraction=me, token_fraction=ce, capacity=capacity,
-        num_experts=num_experts, aux_scale=aux_scale, token_gates=gates,
+        num_experts=num_experts, aux_scale=aux_scale, renormalized=k > 1, token_gates=gates,
         token_choices=choices.astype(jnp.float32))
 
 

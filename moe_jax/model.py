@@ -12,7 +12,8 @@ expert counts per layer) is an ordinary Python loop. The numerics live in pure f
 Public API:
   init_params(rng, cfg) -> params
   count_params(cfg) -> ParamCount (total and active per token, from abstract shapes)
-  apply(params, tokens, cfg, *, train, rngs=None) -> (logits [B, T, V] float32, aux)
+  apply(params, tokens, cfg, *, train, rngs=None, parallel=None, router_state=None, replay=None,
+        record_routing=False) -> (logits [B, T, V] float32, aux)
   lm_loss(logits, targets, mask=None) -> mean cross-entropy
 aux = {"aux_loss": sum over MoE layers, "z_loss": sum, "layers": ((layer index, stats), ...)}.
 """
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.config import ModelConfig
-from moe_jax.moe import MLP, MoELayer
+from moe_jax.moe import MLP, ROUTER_STATE, ROUTING_RECORD, ROUTING_REPLAY, MoELayer
 from moe_jax.parallel import ParallelConfig
 
 
@@ -162,9 +163,25 @@ def init_params(rng: jax.Array, cfg: ModelConfig, seq_len: int = 8) -> dict:
 
 
 def apply(params: dict, tokens: jax.Array, cfg: ModelConfig, *, train: bool = False,
-          rngs: Optional[dict] = None, parallel: Optional[ParallelConfig] = None):
-    """Forward pass: (logits [B, T, V] float32, aux). rngs: {'dropout': key, 'gating': key}."""
-    return GPT(cfg, parallel).apply({"params": params}, tokens, train=train, rngs=rngs or {})
+          rngs: Optional[dict] = None, parallel: Optional[ParallelConfig] = None,
+          router_state: Optional[dict] = None, replay: Optional[dict] = None, record_routing: bool = False):
+    """Forward pass: (logits [B, T, V] float32, aux). rngs: {'dropout': key, 'gating': key}.
+
+    router_state: the routers' selection biases under aux-loss-free balancing (moe_jax.balancing;
+    the train state's "router_state"). replay: {"block_<i>": code [B, T, k]} routes those MoE layers
+    with recorded codes (moe_jax.routing_trace); record_routing: aux["routing"] = {"block_<i>":
+    code [B, T, k]} of every MoE layer."""
+    variables = {"params": params}
+    if router_state:
+        variables[ROUTER_STATE] = router_state
+    if replay:
+        variables[ROUTING_REPLAY] = {block: {"moe": {"code": code}} for block, code in replay.items()}
+    if not record_routing:
+        return GPT(cfg, parallel).apply(variables, tokens, train=train, rngs=rngs or {})
+    (logits, aux), recorded = GPT(cfg, parallel).apply(variables, tokens, train=train, rngs=rngs or {},
+                                                       mutable=[ROUTING_RECORD])
+    codes = {block: tree["moe"]["code"] for block, tree in recorded.get(ROUTING_RECORD, {}).items()}
+    return logits, {**aux, "routing": codes}
 
 
 # ----------------------------------------------------------------------------------------------

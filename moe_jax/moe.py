@@ -26,11 +26,14 @@ from moe_jax import experts as experts_lib
 from moe_jax import exchange as exchange_lib
 from moe_jax import gating as gating_lib
 from moe_jax import parallel as parallel_lib
+from moe_jax import routing_trace
 from moe_jax.config import MoEConfig
 from moe_jax.gating import Routing
 
 JITTER_EPS = 1e-2
 ROUTER_STATE = "router_state"  # variable collection of the routers' non-parameter state
+ROUTING_REPLAY = "routing_replay"  # variable collection of recorded routing codes to replay
+ROUTING_RECORD = "routing_record"  # collection that receives each MoE layer's routing code
 
 
 def gate_logits(gate: dict, x: jax.Array, *, moe: MoEConfig, train: bool,
@@ -44,19 +47,24 @@ def gate_logits(gate: dict, x: jax.Array, *, moe: MoEConfig, train: bool,
 
 
 def route(gate: dict, x: jax.Array, *, moe: MoEConfig, train: bool, rng: Optional[jax.Array],
-          drop_tokens: Optional[bool] = None) -> Routing:
+          drop_tokens: Optional[bool] = None, replay: Optional[jax.Array] = None) -> Routing:
     """The gate: logits (with Jitter), then the configured router (moe.router, a name of
     moe_jax.gating.ROUTERS). drop_tokens defaults to moe.drop_tokens, and is False whenever the
     dispatch path has no capacity. Without an rng the routing is deterministic (no jitter, RTS,
     RSample or second-expert sampling). gate: {kernel [M, E]} and, with aux-loss-free balancing,
-    selection_bias [E] (moe_forward puts it there), which only the choice of experts reads."""
+    selection_bias [E] (moe_forward puts it there), which only the choice of experts reads.
+    replay [S, k]: a recorded routing code that replaces the router's assignment
+    (moe_jax.routing_trace.replay)."""
     rng_jitter, rng_router = jax.random.split(rng) if rng is not None else (None, None)
     logits = gate_logits(gate, x, moe=moe, train=train, rng=rng_jitter)
     if drop_tokens is None:
         drop_tokens = moe.drop_tokens and dispatch_lib.get_path(moe.dispatch).uses_capacity
     extra = {"selection_bias": gate["selection_bias"]} if "selection_bias" in gate else {}
-    return gating_lib.ROUTERS[moe.router](logits, moe=moe, train=train, rng=rng_router, drop_tokens=drop_tokens,
-                                          **extra)
+    routing = gating_lib.ROUTERS[moe.router](logits, moe=moe, train=train, rng=rng_router, drop_tokens=drop_tokens,
+                                             **extra)
+    if replay is not None:
+        routing = routing_trace.replay(routing, replay, logits)
+    return routing
 
 
 def dense_mlp(mlp: dict, x: jax.Array) -> jax.Array:
@@ -74,7 +82,8 @@ def residual_coefficient(coef: dict, x: jax.Array) -> jax.Array:
 def moe_forward(params: dict, x: jax.Array, *, moe: MoEConfig, train: bool,
                 rng: Optional[jax.Array] = None, path: Optional[str] = None,
                 parallel: Optional["parallel_lib.ParallelConfig"] = None,
-                selection_bias: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
+                selection_bias: Optional[jax.Array] = None, replay: Optional[jax.Array] = None,
+                record: bool = False) -> tuple[jax.Array, dict]:
     """One MoE layer on x [..., M] (all leading axes are tokens, as DeepSpeed flattens them).
 
     Returns (y [..., M], stats) with stats = moe_jax.gating.STAT_NAMES (aux_loss, z_loss,
@@ -82,6 +91,8 @@ def moe_forward(params: dict, x: jax.Array, *, moe: MoEConfig, train: bool,
     [B, T, M] sharded over the batch axes and routing and dispatch run per shard under shard_map
     (moe_jax.parallel); otherwise on all tokens at once. selection_bias [E]: aux-loss-free
     balancing's bias on the choice of experts (not differentiated: it is state, not a parameter).
+    replay [..., k] (x's token axes): route with a recorded code (moe_jax.routing_trace); record:
+    stats also hold "routing_code" [..., k], the code of the routing that ran.
     """
     shape = x.shape
     if selection_bias is not None:  # travels with the gate, so the sharded router reads it too
@@ -90,13 +101,17 @@ def moe_forward(params: dict, x: jax.Array, *, moe: MoEConfig, train: bool,
     if path is not None:
         moe = dataclasses.replace(moe, dispatch=path)
     if parallel is not None:
-        y, stats = exchange_lib.sharded_moe(params, x, moe=moe, train=train, rng=rng, par=parallel, route_fn=route)
+        y, stats = exchange_lib.sharded_moe(params, x, moe=moe, train=train, rng=rng, par=parallel, route_fn=route,
+                                            replay=replay, record=record)
     else:
         tokens = x.reshape(-1, shape[-1])
-        routing = route(params["gate"], tokens, moe=moe, train=train, rng=rng)
+        flat_replay = None if replay is None else replay.reshape(tokens.shape[0], -1)
+        routing = route(params["gate"], tokens, moe=moe, train=train, rng=rng, replay=flat_replay)
         y = dispatch_lib.dispatch(moe.dispatch, tokens, routing, params["experts"]).reshape(shape)
         seq_len = shape[-2] if len(shape) > 2 else tokens.shape[0]  # x [B, T, M]; x [S, M] is one sequence
         stats = gating_lib.routing_stats(routing, scope=moe.balance_loss_scope, seq_len=seq_len)
+        if record:
+            stats["routing_code"] = routing_trace.encode(routing).reshape(*shape[:-1], routing.k)
     if moe.residual:
         coef = residual_coefficient(params["residual"]["coef"], x).astype(y.dtype)
         y = y * coef[..., :1] + dense_mlp(params["residual"]["mlp"], x) * coef[..., 1:]
@@ -199,7 +214,15 @@ class MoELayer(nn.Module):
             if not (self.is_initializing() or self.has_variable(ROUTER_STATE, "selection_bias")):
                 raise ValueError(f"moe.bias_update_rate={self.moe.bias_update_rate}: the model's {ROUTER_STATE!r} "
                                  "variables are missing; pass the train state's router_state to the model "
-                                 "(moe_jax.balancing.apply(..., router_state=state['router_state']))")
+                                 "(moe_jax.model.apply(..., router_state=state['router_state']))")
             bias = self.variable(ROUTER_STATE, "selection_bias", jnp.zeros, (self.num_experts,), jnp.float32).value
-        return moe_forward(params, x, moe=self.moe, train=train, rng=rng, parallel=self.parallel,
-                           selection_bias=bias)
+        # routing replay and recording (moe_jax.routing_trace): a ROUTING_REPLAY variable "code"
+        # replaces the gate's choice; a mutable ROUTING_RECORD collection receives the code that ran
+        replay = self.get_variable(ROUTING_REPLAY, "code") if self.has_variable(ROUTING_REPLAY, "code") else None
+        record = self.is_mutable_collection(ROUTING_RECORD)
+        y, stats = moe_forward(params, x, moe=self.moe, train=train, rng=rng, parallel=self.parallel,
+                               selection_bias=bias, replay=replay, record=record)
+        if record:
+            self.sow(ROUTING_RECORD, "code", stats.pop("routing_code"), reduce_fn=lambda _, new: new,
+                     init_fn=lambda: None)
+        return y, stats

@@ -65,7 +65,8 @@ def expert_choice_gating(logits: jax.Array, *, capacity_factor: float, min_capac
         z_loss=jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2), expert_counts=expert_counts,
         dropped_fraction=jnp.zeros((), jnp.float32), gate_fraction=jnp.mean(gates, axis=0),
         token_fraction=jnp.mean(taken.astype(jnp.float32), axis=0), capacity=capacity,
-        num_experts=num_experts, aux_scale=0.0, token_gates=gates, token_choices=taken.astype(jnp.float32))
+        num_experts=num_experts, aux_scale=0.0, column_per_expert=True, token_gates=gates,
+        token_choices=taken.astype(jnp.float32))
 
 
 @gating.register_router("expert_choice", causal=False)

@@ -87,12 +87,15 @@ def step_rngs(rng: jax.Array, step: jax.Array) -> dict:
 
 def loss_fn(params: dict, batch: dict, model_cfg: ModelConfig, *, rngs: dict | None, train: bool,
             step: jax.Array | None = None, loss_hook: LossHook | None = None, hook_inputs: Any = None,
-            parallel: ParallelConfig | None = None, router_state: dict | None = None):
+            parallel: ParallelConfig | None = None, router_state: dict | None = None, record_routing: bool = False):
     """CE + aux_loss_coef * sum of aux losses (+ z_loss_coef * sum of router z-losses)
     (+ loss_hook's term, e.g. knowledge distillation). router_state: the routers' selection biases
-    (aux-loss-free balancing), None without."""
-    logits, aux = balancing.apply(params, batch["inputs"], model_cfg, router_state=router_state, train=train,
-                                  rngs=rngs, parallel=parallel)
+    (aux-loss-free balancing), None without. A batch with "routing" ({"block_<i>": code}) routes
+    with those recorded codes; record_routing: metrics["routing"] holds the codes that ran
+    (moe_jax.routing_trace)."""
+    logits, aux = model_lib.apply(params, batch["inputs"], model_cfg, router_state=router_state, train=train,
+                                  rngs=rngs, parallel=parallel, replay=batch.get("routing"),
+                                  record_routing=record_routing)
     ce = model_lib.lm_loss(logits, batch["targets"], batch.get("mask"))
     loss = ce
     if model_cfg.moe is not None:
@@ -101,6 +104,8 @@ def loss_fn(params: dict, batch: dict, model_cfg: ModelConfig, *, rngs: dict | N
             loss = loss + model_cfg.moe.z_loss_coef * aux["z_loss"]
     metrics = {"ce_loss": ce, "aux_loss": aux["aux_loss"], "z_loss": aux["z_loss"],
                "moe_layers": {str(i): stats for i, stats in aux["layers"]}}
+    if record_routing:
+        metrics["routing"] = aux["routing"]
     if loss_hook is not None:
         extra, extra_metrics = loss_hook(logits, batch, step, hook_inputs)
         loss = loss + extra
@@ -111,16 +116,17 @@ def loss_fn(params: dict, batch: dict, model_cfg: ModelConfig, *, rngs: dict | N
 
 def train_step(state: dict, batch: dict, rng: jax.Array, hook_inputs: Any = None, *, model_cfg: ModelConfig,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule | None = None,
-               loss_hook: LossHook | None = None, parallel: ParallelConfig | None = None):
+               loss_hook: LossHook | None = None, parallel: ParallelConfig | None = None,
+               record_routing: bool = False):
     """One optimizer step. Returns (new_state, metrics). `hook_inputs` (e.g. a frozen teacher's
     parameters) reach `loss_hook` as a traced argument, never as a baked-in constant. A state with
     "router_state" has its selection biases updated from this step's expert loads, outside the
-    optimizer (moe_jax.balancing)."""
+    optimizer (moe_jax.balancing). Routing replay and recording: `loss_fn`."""
     rngs = step_rngs(rng, state["step"])
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (_, metrics), grads = grad_fn(state["params"], batch, model_cfg, rngs=rngs, train=True, step=state["step"],
                                   loss_hook=loss_hook, hook_inputs=hook_inputs, parallel=parallel,
-                                  router_state=state.get("router_state"))
+                                  router_state=state.get("router_state"), record_routing=record_routing)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
@@ -144,19 +150,25 @@ def eval_rng(batch_index: int) -> jax.Array:
 
 
 def eval_step(params: dict, batch: dict, rng: jax.Array | None = None, *, model_cfg: ModelConfig,
-              parallel: ParallelConfig | None = None, router_state: dict | None = None) -> dict:
+              parallel: ParallelConfig | None = None, router_state: dict | None = None,
+              record_routing: bool = False) -> dict:
     """Summed cross-entropy and token count on one batch, at the eval capacity factor (with the
     state's selection biases under aux-loss-free balancing: router_state).
 
     rng: the 'gating' key (eval_rng(i) in the trainer). As DeepSpeed evaluates, random token
     selection ranks an over-full expert's tokens by random scores and top-2 samples its second
     expert with Gumbel noise; jitter and RSample noise stay off (training only). None: deterministic
-    routing (RTS keeps the first tokens, top-2 takes the second-best expert)."""
-    logits, _ = balancing.apply(params, batch["inputs"], model_cfg, router_state=router_state, train=False,
-                                rngs=None if rng is None else {"gating": rng}, parallel=parallel)
+    routing (RTS keeps the first tokens, top-2 takes the second-best expert). record_routing: the
+    result's "routing" holds each MoE layer's routing code (moe_jax.routing_trace)."""
+    logits, aux = model_lib.apply(params, batch["inputs"], model_cfg, router_state=router_state, train=False,
+                                  rngs=None if rng is None else {"gating": rng}, parallel=parallel,
+                                  record_routing=record_routing)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(log_probs, batch["targets"][..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return {"nll_sum": jnp.sum(nll), "tokens": jnp.asarray(nll.size, jnp.float32)}
+    out = {"nll_sum": jnp.sum(nll), "tokens": jnp.asarray(nll.size, jnp.float32)}
+    if record_routing:
+        out["routing"] = aux["routing"]
+    return out
 
 
 def bits_per_byte(loss_nats: float) -> float:

@@ -23,7 +23,9 @@ A resumed run repeats the losses of an uninterrupted one exactly (batches and ra
 functions of the seed and the step).
 
 Workdir outputs: config.json, metrics.jsonl (one JSON object per logged step), tensorboard/,
-checkpoints/, and results.json at the end.
+checkpoints/, routing/ (routing traces: the probe batch's expert choices at every evaluation, and
+with config.record_routing every training step's; moe_jax.routing_trace), and results.json at the end.
+config.replay_routing=<a recorded run> routes every training step with that run's recorded choices.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from moe_jax import load_stats
 from moe_jax import metrics as metrics_lib
 from moe_jax import model as model_lib
 from moe_jax import parallel as parallel_lib
+from moe_jax import routing_trace
 from moe_jax import run_config
 from moe_jax import train_lib
 from moe_jax import upcycle
@@ -93,15 +96,36 @@ def _add_window_counts(window_counts: Optional[dict], moe_layers: dict) -> dict:
     return {layer: window_counts[layer] + counts for layer, counts in step_counts.items()}
 
 
-def evaluate(params, eval_data: list, eval_fn, bits_metric: str = "val_bpb", eval_keys: Optional[list] = None) -> dict:
-    """Validation loss over eval_data; eval_keys[i] is batch i's 'gating' key (None: deterministic)."""
+def evaluate(params, eval_data: list, eval_fn, bits_metric: str = "val_bpb", eval_keys: Optional[list] = None,
+             on_probe: Optional[Callable[[dict], None]] = None) -> dict:
+    """Validation loss over eval_data; eval_keys[i] is batch i's 'gating' key (None: deterministic).
+    on_probe receives batch 0's routing codes when eval_fn records them (the probe batch)."""
     nll, tokens = 0.0, 0.0
     for i, batch in enumerate(eval_data):
         out = eval_fn(params, batch, None if eval_keys is None else eval_keys[i])
+        if i == 0 and on_probe is not None and out.get("routing"):
+            on_probe(out["routing"])
         nll += float(out["nll_sum"])
         tokens += float(out["tokens"])
     val_loss = nll / tokens
     return {"val_loss": val_loss, bits_metric: train_lib.bits_per_byte(val_loss)}
+
+
+def _replay_reader(config, model_cfg) -> Optional[routing_trace.TraceReader]:
+    """The recorded run that config.replay_routing names, checked against this model's MoE layers."""
+    path = config.get("replay_routing", "")
+    if not path:
+        return None
+    try:
+        reader = routing_trace.TraceReader(path)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"config.replay_routing={path}: {error}") from None
+    codes = reader.codes(reader.steps[0])
+    layers = {f"block_{i}" for i, experts in enumerate(model_cfg.layer_experts()) if experts}
+    if set(codes) != layers:
+        raise ValueError(f"config.replay_routing={path} recorded the MoE layers {sorted(codes)}, this model has "
+                         f"{sorted(layers)}; replay a run of the same architecture")
+    return reader
 
 
 def _with_router_state(eval_fn, state: dict):
@@ -216,10 +240,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         state_shardings = parallel_lib.shardings(parallel_lib.param_specs(abstract, par), par.mesh)
         logging.info("mesh %s, exchange %s, expert slicing %s", dict(par.mesh.shape), par.exchange,
                      par.expert_slicing)
+    # routing traces (moe_jax.routing_trace): the probe batch at evaluations, every training step
+    # with config.record_routing, a recorded run's codes with config.replay_routing
+    is_moe = any(model_cfg.layer_experts())
+    record_probe = is_moe and config.get("routing_probe", True) and jax.process_count() == 1
+    record_train = bool(config.get("record_routing", False))
+    replay = _replay_reader(config, model_cfg)
+    if (record_train or replay is not None) and jax.process_count() > 1:
+        raise ValueError("config.record_routing / config.replay_routing run in one process only (the trace holds "
+                         "the global batch); unset them for a multi-process run")
     train_step = jax.jit(functools.partial(train_lib.train_step, model_cfg=model_cfg, optimizer=optimizer,
-                                           schedule=schedule, loss_hook=loss_hook, parallel=par),
+                                           schedule=schedule, loss_hook=loss_hook, parallel=par,
+                                           record_routing=record_train and is_moe),
                          donate_argnums=(0,), out_shardings=(state_shardings, None) if par else None)
-    eval_fn = jax.jit(functools.partial(train_lib.eval_step, model_cfg=model_cfg, parallel=par))
+    eval_fn = jax.jit(functools.partial(train_lib.eval_step, model_cfg=model_cfg, parallel=par,
+                                        record_routing=record_probe))
     place = (lambda batch: parallel_lib.device_put_batch(batch, par)) if par else (lambda batch: batch)
     if par is not None and hook_inputs is not None:  # e.g. a teacher's parameters: placed by the same rules
         hook_inputs = jax.device_put(hook_inputs, parallel_lib.shardings(parallel_lib.param_specs(hook_inputs, par),
@@ -235,6 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         ckpt.close()
         raise
     last_good = start_step if start_step else None
+    trace_writer = routing_trace.TraceWriter(workdir) if record_train and is_moe else None
 
     writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
     writer.write_config({"config": config.to_dict(), "model": dataclasses.asdict(model_cfg),
@@ -255,6 +291,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         counts.active, model_cfg.num_layers, model_cfg.hidden_size, config.data.seq_len)
     peak = metrics_lib.peak_flops_per_device() * jax.device_count()
 
+    layer_experts = {f"block_{i}": e for i, e in enumerate(model_cfg.layer_experts()) if e}
+
+    def probe_writer(step):
+        if not record_probe:
+            return None
+        tokens = eval_data[0]["inputs"]
+        return lambda codes: routing_trace.write_probe(workdir, step, jax.device_get(tokens), jax.device_get(codes),
+                                                       layer_experts)
+
     # --- Train loop ------------------------------------------------------------------------------
     pending = []  # (step, loss) device scalars since the last check: checked without a per-step sync
     window_start, window_steps = time.perf_counter(), 0
@@ -267,8 +312,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if config.get("stop_after_steps", 0) > 0:
             last_step = min(last_step, config.stop_after_steps)
         for step in range(start_step + 1, last_step + 1):
-            batch = place(next(batches))
-            state, step_metrics = train_step(state, batch, train_rng, hook_inputs)
+            batch = next(batches)
+            if replay is not None:
+                batch = {**batch, "routing": replay.codes(step)}
+            state, step_metrics = train_step(state, place(batch), train_rng, hook_inputs)
+            if trace_writer is not None:
+                trace_writer.add(step, jax.device_get(step_metrics.pop("routing")))
             window_counts = _add_window_counts(window_counts, step_metrics["moe_layers"])
             pending.append((step, step_metrics["loss"]))
             window_steps += 1
@@ -292,7 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 window_counts = None
                 if step % config.eval_every_steps == 0 or is_last:
                     eval_metrics = evaluate(state["params"], eval_data, _with_router_state(eval_fn, state),
-                                            corpus.bits_metric, eval_keys)
+                                            corpus.bits_metric, eval_keys, on_probe=probe_writer(step))
                     record.update(eval_metrics)
                 writer.write(step, record)
                 if jax.process_index() == 0:
@@ -301,6 +350,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 window_start, window_steps = time.perf_counter(), 0
             if step % config.checkpoint_every_steps == 0 or is_last:
                 saved = ("params", "opt_state", "router_state")  # router_state: loss-free balancing's biases
+                if trace_writer is not None:  # the steps up to this checkpoint, before it is written
+                    trace_writer.flush()
                 ckpt.save(step, {name: state[name] for name in saved if name in state},
                           extra={"data_step": batches.step, **_data_position(config)})
                 last_good = step

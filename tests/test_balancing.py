@@ -158,8 +158,8 @@ def test_serving_routes_with_the_trained_biases():
     rng = np.random.default_rng(0)  # biases large enough to move choices away from the gate's argmax
     state = jax.tree.map(lambda b: jnp.asarray(rng.normal(0, 0.5, b.shape), jnp.float32), state)
     tokens = jax.random.randint(jax.random.key(4), (3, 7), 0, 32)
-    want, _ = balancing.apply(params, tokens, cfg, router_state=state, train=False)
-    unbiased, _ = balancing.apply(params, tokens, cfg, router_state=balancing.init_router_state(cfg), train=False)
+    want, _ = train_lib.model_lib.apply(params, tokens, cfg, router_state=state, train=False)
+    unbiased, _ = train_lib.model_lib.apply(params, tokens, cfg, router_state=balancing.init_router_state(cfg), train=False)
     assert float(jnp.abs(want - unbiased).max()) > 1e-4  # the biases change the routing here
     with pytest.raises(ValueError, match="pass its router_state"):
         inference.Generator(params, cfg)

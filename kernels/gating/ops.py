@@ -144,4 +144,4 @@ def top_k_gating(
         aux_loss=outputs.aux_loss, z_loss=outputs.z_loss, expert_counts=outputs.expert_counts,
         dropped_fraction=outputs.dropped_fraction, gate_fraction=outputs.gate_fraction,
         token_fraction=outputs.token_fraction, capacity=capacity, num_experts=num_experts,
-        aux_scale=float(num_experts))
+        aux_scale=float(num_experts), renormalized=k > 1)
