@@ -10,6 +10,9 @@ Suites (the paper's findings they test, REFERENCE.md; CLAIMS states each one):
   pyramid           MoE, MoE with twice the experts, Pyramid-MoE, PR-MoE (PR-MoE close to MoE with
                     fewer parameters)
   mos               PR-MoE teacher; 12.5%-shallower PR-MoE students with no KD, full KD and staged KD
+  routing           routers beyond DeepSpeed's: top-1 with the aux loss, top-1 with aux-loss-free
+                    balancing, top-2, expert-choice; and PR-MoE upcycled from a dense run of half
+                    the steps against PR-MoE from scratch at equal total steps (dense steps counted)
   all               every variant once
 Every variant is a row of VARIANTS (config file, overrides, KD schedule); --scale is the argument
 of every config file (moe_jax.run_config.SCALES): micro (a few steps of a toy model: a smoke
@@ -60,6 +63,8 @@ class Variant:
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     kd: Optional[str] = None
     shares_runs_of: Optional[str] = None  # the MoS teacher is the PR-MoE run
+    step_fraction: float = 1.0  # of the scale's steps (an upcycled run and its dense start share them)
+    init_from: Optional[str] = None  # a variant whose finished run of the same seed seeds this one (upcycling)
 
 
 VARIANTS = {
@@ -76,6 +81,13 @@ VARIANTS = {
     "student_no_kd": Variant("mos", kd="none"),
     "student_full_kd": Variant("mos", kd="constant"),
     "student_staged_kd": Variant("mos", kd="staged"),
+    # routing: aux-loss-free balancing (no aux loss; the bias rate of DeepSeek-V3 is 1e-3 over 14T
+    # tokens, 1e-2 lets a 300-step run move its biases), expert-choice at one expert per token on
+    # average (capacity factor 1), and upcycling: half the steps dense, half PR-MoE from it
+    "top1_loss_free": Variant("moe", overrides={"moe.aux_loss_coef": 0.0, "moe.bias_update_rate": 0.01}),
+    "expert_choice": Variant("moe", overrides={"moe.router": "expert_choice", "moe.use_rts": False}),
+    "dense_half": Variant("dense", step_fraction=0.5),
+    "pr_moe_upcycled": Variant("pr_moe", step_fraction=0.5, init_from="dense_half"),
 }
 TEACHER = "teacher"
 SUITES = {
@@ -83,6 +95,7 @@ SUITES = {
     "top2_vs_residual": ["moe", "top2", "residual"],
     "pyramid": ["moe", "moe_2x", "pyramid", "pr_moe"],
     "mos": ["teacher", "student_no_kd", "student_full_kd", "student_staged_kd"],
+    "routing": ["moe", "top1_loss_free", "top2", "expert_choice", "dense_half", "pr_moe_upcycled", "pr_moe"],
 }
 SUITES["all"] = list(dict.fromkeys(v for suite in SUITES.values() for v in suite))
 SCALES = ["micro", "tiny", "small"]  # config arguments (moe_jax.run_config.SCALES)
@@ -114,6 +127,13 @@ CLAIMS = [
     Claim("mos", "student_staged_kd", "student_full_kd", "staged KD beats KD throughout"),
     Claim("mos", "student_staged_kd", "teacher", "the staged-KD student keeps the teacher's quality "
           "(within 0.025 nats)", 0.025),
+    # beyond the paper: what the newer routers' papers report
+    Claim("routing", "top1_loss_free", "moe", "aux-loss-free balancing matches the aux loss (within 0.01 nats; "
+          "DeepSeek-V3 reports it better)", 0.01),
+    Claim("routing", "expert_choice", "moe", "expert-choice routing beats top-1 (Zhou et al., 2022)"),
+    Claim("routing", "top2", "moe", "top-2 beats top-1"),
+    Claim("routing", "pr_moe_upcycled", "pr_moe", "PR-MoE upcycled from a dense run beats PR-MoE from scratch at "
+          "equal total steps (Komatsuzaki et al., 2022)"),
 ]
 
 flags.DEFINE_enum("suite", "all", list(SUITES), "Which ablation suite.")
@@ -141,6 +161,8 @@ def variant_config(variant: str, scale: str, seed: int, data_path: str, steps: i
         config.kd.schedule = spec.kd
     if steps:
         config.total_steps = steps
+    if spec.step_fraction != 1.0:
+        config.total_steps = max(1, round(config.total_steps * spec.step_fraction))
     config.log_every_steps = max(1, config.total_steps // 30)
     config.eval_every_steps = max(1, config.total_steps // 10)
     config.checkpoint_every_steps = config.eval_every_steps
@@ -151,10 +173,16 @@ def variant_config(variant: str, scale: str, seed: int, data_path: str, steps: i
 
 
 def read_curve(workdir: str) -> dict:
-    steps, loss, val_steps, val_loss, step_times = [], [], [], [], []
+    steps, loss, val_steps, val_loss, step_times, moe = [], [], [], [], [], None
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         for line in f:
             record = json.loads(line)
+            layers: dict = {}  # "moe/<layer>/<stat>" fields of a logged step
+            for key, value in record.items():
+                if key.startswith("moe/") and key.count("/") == 2:
+                    _, layer, stat = key.split("/")
+                    layers.setdefault(layer, {})[stat] = value
+            moe = layers or moe
             steps.append(record["step"])
             loss.append(record.get("ce_loss", record["loss"]))
             if record.get("val_loss") is not None:
@@ -162,7 +190,20 @@ def read_curve(workdir: str) -> dict:
                 val_loss.append(record["val_loss"])
             if isinstance(record.get("step_time_s"), float) and math.isfinite(record["step_time_s"]):
                 step_times.append(record["step_time_s"])
-    return {"step": steps, "train_ce": loss, "val_step": val_steps, "val_loss": val_loss, "step_time_s": step_times}
+    return {"step": steps, "train_ce": loss, "val_step": val_steps, "val_loss": val_loss, "step_time_s": step_times,
+            "routing": _routing_summary(moe)}
+
+
+def _routing_summary(moe: Optional[dict]) -> Optional[dict]:
+    """The last logged routing statistics of a run's MoE layers: load imbalance (max / mean tokens
+    per expert, mean over layers), dead experts (no token over the logging window, summed over
+    layers), dropped and unrouted fractions (mean over layers). None for a dense model."""
+    if not moe:
+        return None
+    layers = list(moe.values())
+    mean = lambda name: sum(layer[name] for layer in layers) / len(layers)  # noqa: E731
+    return {"load_imbalance": mean("load_imbalance"), "dead_experts": sum(layer["dead_experts"] for layer in layers),
+            "dropped_fraction": mean("dropped_fraction"), "unrouted_fraction": mean("unrouted_fraction")}
 
 
 RUN_FILE = "ablation_run.json"  # a finished run's summary and curve, in its run folder
@@ -191,6 +232,14 @@ def run_variant(variant: str, seed: int, f) -> Optional[dict]:
     if done is not None:
         return done
     start = time.perf_counter()
+    step_offset = 0
+    source = VARIANTS[variant].init_from
+    if source is not None:  # e.g. an upcycled PR-MoE starts from its dense run's parameters
+        source_steps = variant_config(source, f.scale, seed, f.data_path, f.steps).total_steps
+        if finished_run(f.workdir, source, seed, source_steps) is None and run_variant(source, seed, f) is None:
+            return None
+        config.init_from = run_dir(f.workdir, source, seed)
+        step_offset = source_steps
     if VARIANTS[variant].kd not in (None, "none"):
         from moe_jax import distill
 
@@ -205,6 +254,7 @@ def run_variant(variant: str, seed: int, f) -> Optional[dict]:
         return None
     summary["wall_s"] = time.perf_counter() - start
     summary["seed"] = seed
+    summary["step_offset"] = step_offset  # steps of the run it started from (counted in its curve)
     summary["curve"] = read_curve(workdir)
     # the median logged step time: also right for a run resumed after it finished (no new steps)
     times = sorted(summary["curve"]["step_time_s"])
@@ -242,8 +292,11 @@ def summarise(runs: dict) -> dict:
             "val_bpb_std": bpb_std, "step_time_s": _mean_std([s["step_time_s"] for s in seeds])[0],
             "tokens_per_sec": _mean_std([s["tokens_per_sec"] for s in seeds])[0],
             "seeds": len(seeds), "val_loss_by_seed": {str(seed): by_seed[seed]["val_loss"] for seed in sorted(by_seed)},
-            "curves": [s["curve"] for s in seeds],
+            "curves": [s["curve"] for s in seeds], "step_offset": first.get("step_offset", 0),
         }
+        routing = [s["curve"].get("routing") for s in seeds]
+        if all(routing):
+            table[variant]["routing"] = {name: _mean_std([r[name] for r in routing])[0] for name in routing[0]}
     return table
 
 
@@ -271,17 +324,27 @@ def _interval(claim: dict) -> str:
 
 
 def markdown(table: dict, claims: list, suite: str, scale: str, tokens_per_step: int) -> str:
-    steps = {row["steps"] for row in table.values()}
+    steps = {row["steps"] + row.get("step_offset", 0) for row in table.values()}
     lines = [f"Suite `{suite}`, scale `{scale}`: every variant trained for {'/'.join(map(str, sorted(steps)))} "
-             f"steps of {tokens_per_step} tokens (equal steps and tokens), same data order and seeds.\n",
-             "| variant | params total | active | val loss | val bits/byte | step ms | tokens/s | seeds |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"steps of {tokens_per_step} tokens (equal steps and tokens; a run started from another counts that "
+             "run's steps too), same data order and seeds. Routing columns: the last logging step's load "
+             "imbalance (max / mean tokens per expert, mean over MoE layers), dead experts (no token in the "
+             "last logging window, summed over layers), tokens with no expert (mean over layers).\n",
+             "| variant | params total | active | steps | val loss | val bits/byte | load imbalance | dead experts | "
+             "unrouted | step ms | tokens/s | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant, r in table.items():
         pm = f" ± {r['val_loss_std']:.4f}" if r["seeds"] > 1 else ""
-        lines.append(f"| {variant} | {r['params_total']:,} | {r['params_active']:,} | {r['val_loss']:.4f}{pm} | "
-                     f"{r['val_bpb']:.4f} | {1e3 * r['step_time_s']:.0f} | {r['tokens_per_sec']:.0f} | {r['seeds']} |")
+        offset = r.get("step_offset", 0)
+        run_steps = f"{offset} + {r['steps']}" if offset else f"{r['steps']}"
+        routing = r.get("routing")
+        routing_cells = (f"{routing['load_imbalance']:.2f} | {routing['dead_experts']:.1f} | "
+                         f"{routing['unrouted_fraction']:.3f}") if routing else "- | - | -"
+        lines.append(f"| {variant} | {r['params_total']:,} | {r['params_active']:,} | {run_steps} | "
+                     f"{r['val_loss']:.4f}{pm} | {r['val_bpb']:.4f} | {routing_cells} | {1e3 * r['step_time_s']:.0f} | "
+                     f"{r['tokens_per_sec']:.0f} | {r['seeds']} |")
     if claims:
-        lines += ["", "The paper's claims: mean paired difference of final validation loss (a - b, nats) over the "
+        lines += ["", "The claims (the paper's, and for the routing suite the newer routers' papers): mean paired difference of final validation loss (a - b, nats) over the "
                   "seeds both variants have, 95% Student-t interval; \"holds\" when the interval lies below the "
                   "threshold (0, or the parity margin), \"contradicted\" when it lies above, else \"not resolved\".",
                   "", "| claim | a - b | mean | 95% interval | threshold | seeds | verdict |",
@@ -310,7 +373,8 @@ def plot(table: dict, claims: list, suites: dict, workdir: str) -> list:
         for variant in present:
             curves = table[variant]["curves"]
             seeds = max(seeds, len(curves))
-            steps = curves[0]["val_step"]
+            offset = table[variant].get("step_offset", 0)  # an upcycled run continues its dense run's steps
+            steps = [step + offset for step in curves[0]["val_step"]]
             n = min(len(c["val_loss"]) for c in curves)
             columns = [[c["val_loss"][i] for c in curves] for i in range(n)]
             mean = [sum(col) / len(col) for col in columns]

@@ -26,7 +26,8 @@ def test_variant_table_builds_every_run(scale):
     for variant, config in configs.items():
         run_config.validate(config)
         assert models[variant].hidden_size == models["dense"].hidden_size
-        assert config.total_steps == configs["dense"].total_steps
+        fraction = ablations.VARIANTS[variant].step_fraction
+        assert config.total_steps == max(1, round(configs["dense"].total_steps * fraction))
         if ablations.VARIANTS[variant].kd not in (None, "none"):
             assert config.kd.schedule == ablations.VARIANTS[variant].kd
     assert models["moe_2x"].moe.experts == 2 * models["moe"].moe.experts
@@ -34,6 +35,11 @@ def test_variant_table_builds_every_run(scale):
     teacher_layers = models["teacher"].num_layers
     assert models["student_staged_kd"].num_layers == teacher_layers - max(1, round(teacher_layers / 8))
     assert set(ablations.SUITES["all"]) == set(ablations.VARIANTS)
+    # the upcycled run and its dense start together take the steps of a run from scratch
+    assert configs["dense_half"].total_steps + configs["pr_moe_upcycled"].total_steps == configs["pr_moe"].total_steps
+    assert models["pr_moe_upcycled"] == models["pr_moe"]
+    assert models["top1_loss_free"].moe.bias_update_rate > 0 and models["top1_loss_free"].moe.aux_loss_coef == 0
+    assert models["expert_choice"].moe.router == "expert_choice"
 
 
 @pytest.mark.slow  # the default suite runs a micro suite end to end in the kill-and-resume test
@@ -45,12 +51,40 @@ def test_every_ablation_suite_runs_at_micro_scale(tmp_path):
     assert set(results["variants"]) == set(ablations.VARIANTS)
     assert set(results["variants"]) == {"dense", "moe", "first_half", "second_half", "top2", "residual", "moe_2x",
                                         "pyramid", "pr_moe", "teacher", "student_no_kd", "student_full_kd",
-                                        "student_staged_kd"}
-    for row in results["variants"].values():
-        assert row["steps"] == 6 and row["val_loss"] > 0 and row["curves"][0]["val_loss"]
-    for suite in ("placement", "top2_vs_residual", "pyramid", "mos"):
+                                        "student_staged_kd", "top1_loss_free", "expert_choice", "dense_half",
+                                        "pr_moe_upcycled"}
+    for name, row in results["variants"].items():
+        assert row["steps"] + row["step_offset"] == (3 if name == "dense_half" else 6)
+        assert row["val_loss"] > 0 and row["curves"][0]["val_loss"]
+    for suite in ("placement", "top2_vs_residual", "pyramid", "mos", "routing"):
         assert (tmp_path / f"{suite}.png").stat().st_size > 1000
     assert "equal steps and tokens" in (tmp_path / "results.md").read_text()
+
+
+def test_routing_suite_end_to_end_at_micro_scale(tmp_path):
+    """The routing suite: every router variant trains, the upcycled PR-MoE starts from its dense run
+    (half the steps each, counted together), the routing columns and the claims are written."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    cmd = [sys.executable, str(ROOT / "experiments" / "ablations.py"), "--scale=micro", "--suite=routing",
+           "--seeds=1", "--steps=4", f"--workdir={tmp_path}"]
+    subprocess.run(cmd, check=True, env=env, capture_output=True)
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = results["variants"]
+    assert list(rows) == ablations.SUITES["routing"]
+    assert rows["dense_half"]["steps"] == 2 and rows["pr_moe_upcycled"]["steps"] == 2
+    assert rows["pr_moe_upcycled"]["step_offset"] == 2 and rows["pr_moe"]["steps"] == 4
+    upcycled = json.loads((tmp_path / "pr_moe_upcycled" / "seed0" / "config.json").read_text())["config"]
+    assert upcycled["init_from"] == str(tmp_path / "dense_half" / "seed0")
+    assert "routing" not in rows["dense_half"]
+    assert rows["expert_choice"]["routing"]["load_imbalance"] == pytest.approx(1.0)  # experts fill exactly
+    assert rows["expert_choice"]["routing"]["dead_experts"] == 0
+    for name in ("moe", "top1_loss_free", "top2", "pr_moe_upcycled", "pr_moe"):
+        assert rows[name]["routing"]["load_imbalance"] >= 1.0
+    claims = {(c["a"], c["b"]): c for c in results["claims"]}
+    assert set(claims) == {("top1_loss_free", "moe"), ("expert_choice", "moe"), ("top2", "moe"),
+                           ("pr_moe_upcycled", "pr_moe")}
+    assert (tmp_path / "routing.png").stat().st_size > 1000
+    assert (tmp_path / "moe" / "seed0" / "routing").is_dir()  # the probe traces of each run
 
 
 def test_quickstart_notebook_executes(tmp_path, monkeypatch):
