@@ -48,6 +48,10 @@ from absl import app, flags, logging
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from moe_jax import host_memory  # noqa: E402
+
+host_memory.reuse_freed_memory()  # before jax starts its threads
+
 from experiments import paired_stats  # noqa: E402
 from experiments.configs import load_config_file  # noqa: E402
 from moe_jax import cli, trainer  # noqa: E402

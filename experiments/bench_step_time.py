@@ -15,6 +15,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from moe_jax import host_memory  # noqa: E402
+
+host_memory.reuse_freed_memory()  # before jax starts its threads (MOE_JAX_MALLOC=default: malloc's own policy)
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
