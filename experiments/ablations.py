@@ -5,7 +5,8 @@ steps and seeds, then writes results.json, results.md and validation-loss plots 
 
 Suites (the paper's findings they test, REFERENCE.md; CLAIMS states each one):
   placement         dense, MoE (every other layer), First-Half MoE, Second-Half MoE
-                    (MoE < dense; Second-Half better than First-Half)
+                    (MoE < dense; Second-Half better than First-Half), and First-Half MoE without
+                    dropping (a diagnosis: is dropping in the first layers what hurts?)
   top2_vs_residual  Top2-MoE, Residual-MoE, top-1 MoE (Residual about Top2 in loss, faster per step)
   pyramid           MoE, MoE with twice the experts, Pyramid-MoE, PR-MoE (PR-MoE close to MoE with
                     fewer parameters)
@@ -75,6 +76,9 @@ VARIANTS = {
     "dense": Variant("dense"),
     "moe": Variant("moe"),
     "first_half": Variant("first_half"),
+    # no token dropped in the first layers (the no-capacity grouped-matmul path, nothing computed for
+    # empty capacity slots): isolates what dropping costs First-Half MoE
+    "first_half_no_drop": Variant("first_half", overrides={"moe.drop_tokens": False, "moe.dispatch": "dropless"}),
     "second_half": Variant("second_half"),
     "top2": Variant("top2"),
     "residual": Variant("residual"),
@@ -95,7 +99,7 @@ VARIANTS = {
 }
 TEACHER = "teacher"
 SUITES = {
-    "placement": ["dense", "moe", "first_half", "second_half"],
+    "placement": ["dense", "moe", "first_half", "second_half", "first_half_no_drop"],
     "top2_vs_residual": ["moe", "top2", "residual"],
     "pyramid": ["moe", "moe_2x", "pyramid", "pr_moe"],
     "mos": ["teacher", "student_no_kd", "student_full_kd", "student_staged_kd"],
@@ -125,6 +129,8 @@ class Claim:
 CLAIMS = [
     Claim("placement", "moe", "dense", "MoE beats its dense base"),
     Claim("placement", "second_half", "first_half", "Second-Half MoE beats First-Half MoE"),
+    Claim("placement", "first_half_no_drop", "first_half", "diagnosis, not a paper claim: First-Half MoE does "
+          "better without dropping"),
     Claim("top2_vs_residual", "residual", "top2", "Residual-MoE matches Top2-MoE (within 0.01 nats)", 0.01),
     Claim("pyramid", "pr_moe", "moe", "PR-MoE nearly matches MoE (within 0.01 nats)", 0.01),
     Claim("mos", "student_staged_kd", "student_no_kd", "staged KD beats no KD"),

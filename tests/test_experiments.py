@@ -52,7 +52,7 @@ def test_every_ablation_suite_runs_at_micro_scale(tmp_path):
     assert set(results["variants"]) == {"dense", "moe", "first_half", "second_half", "top2", "residual", "moe_2x",
                                         "pyramid", "pr_moe", "teacher", "student_no_kd", "student_full_kd",
                                         "student_staged_kd", "top1_loss_free", "expert_choice", "dense_half",
-                                        "pr_moe_upcycled"}
+                                        "pr_moe_upcycled", "first_half_no_drop"}
     for name, row in results["variants"].items():
         assert row["steps"] + row["step_offset"] == (3 if name == "dense_half" else 6)
         assert row["val_loss"] > 0 and row["curves"][0]["val_loss"]
