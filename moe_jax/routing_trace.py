@@ -174,6 +174,12 @@ class TraceReader:
     def steps(self) -> tuple[int, int]:
         return min(self._files), max(self._files)
 
+    def check_covers(self, first: int, last: int) -> None:
+        """ValueError naming the first step of first..last that is not recorded."""
+        for step in range(first, last + 1):
+            if step not in self._files:
+                self.codes(step)  # raises with the trace's range
+
     def codes(self, step: int) -> dict:
         """{"block_<i>": int32 [B, T, k]} of a recorded step; ValueError when it is not recorded."""
         path = self._files.get(int(step))

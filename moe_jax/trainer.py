@@ -120,6 +120,11 @@ def _replay_reader(config, model_cfg) -> Optional[routing_trace.TraceReader]:
         reader = routing_trace.TraceReader(path)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"config.replay_routing={path}: {error}") from None
+    last = min(config.total_steps, config.get("stop_after_steps", 0) or config.total_steps)
+    try:
+        reader.check_covers(1, last)
+    except ValueError as error:
+        raise ValueError(f"config.replay_routing={path}: {error}") from None
     codes = reader.codes(reader.steps[0])
     layers = {f"block_{i}" for i, experts in enumerate(model_cfg.layer_experts()) if experts}
     if set(codes) != layers:

@@ -44,7 +44,8 @@ def setup(S, E, k, M=16, F=24, cf=1.0, drop=True, seed=0):
     return x, routing, make_experts(ke, E, M, F)
 
 
-@pytest.mark.parametrize("S,E,k", [(1, 2, 1), (37, 4, 1), (64, 8, 2), (50, 16, 3), (130, 5, 2)])
+@pytest.mark.parametrize("S,E,k", [(1, 2, 1), pytest.param(37, 4, 1, marks=pytest.mark.slow), (64, 8, 2), (50, 16, 3),
+                                   pytest.param(130, 5, 2, marks=pytest.mark.slow)])
 def test_paths_equal_loop_without_drops(S, E, k):
     x, routing, experts = setup(S, E, k, drop=False)
     want = loop_reference(x, routing, experts)

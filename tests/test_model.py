@@ -45,7 +45,8 @@ def test_dispatch_paths_give_the_same_model():
         np.testing.assert_allclose(out, outs[0], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("preset", ["tiny+moe", "tiny+pr-moe", "tiny+top2"])
+@pytest.mark.parametrize("preset", [pytest.param("tiny+moe", marks=pytest.mark.slow), "tiny+pr-moe",
+                                    pytest.param("tiny+top2", marks=pytest.mark.slow)])
 def test_loss_falls_on_fixed_batch(preset):
     full = config.preset(preset)
     cfg = full.replace(num_layers=4, max_seq_len=32, moe=dataclasses.replace(full.moe, experts="4x1,8x1"))

@@ -16,10 +16,13 @@ from tests.random_layers import moe_layer_params
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1), (1, 4, 2)]
 # every mesh with the flat exchange; each other exchange on the meshes where it differs from flat
-SETTINGS = ([(mesh, "flat", False, 1) for mesh in MESHES]
-            + [((2, 4, 1), "hierarchical", False, 2), ((1, 8, 1), "hierarchical", False, 4),
-               ((2, 2, 2), "coordinated", False, 1), ((1, 4, 2), "coordinated", False, 1),
-               ((2, 2, 2), "flat", True, 1), ((1, 4, 2), "flat", True, 1)])
+# (the default run keeps one setting per exchange kind and the three meshes; the rest is slow)
+_SLOW = pytest.mark.slow
+SETTINGS = ([(mesh, "flat", False, 1) if mesh in ((1, 8, 1), (2, 2, 2))
+             else pytest.param(mesh, "flat", False, 1, marks=_SLOW) for mesh in MESHES]
+            + [pytest.param((2, 4, 1), "hierarchical", False, 2, marks=_SLOW), ((1, 8, 1), "hierarchical", False, 4),
+               pytest.param((2, 2, 2), "coordinated", False, 1, marks=_SLOW), ((1, 4, 2), "coordinated", False, 1),
+               ((2, 2, 2), "flat", True, 1), pytest.param((1, 4, 2), "flat", True, 1, marks=_SLOW)])
 
 # No dropping and no random routing: then the sharded model must equal the single-device one.
 CFG = config.ModelConfig(

@@ -190,59 +190,57 @@ def _trace(workdir, steps):
     return [reader.codes(step) for step in steps]
 
 
-def test_a_replayed_run_follows_the_recording(tmp_path):
-    """Recorded (cut off after step 2 and resumed), then replayed: with the same seed the replayed run
-    repeats the recording's losses; with another seed (another gate, other batches) its
-    routing is still the recording's, step by step."""
-    recording = _micro(record_routing=True, stop_after_steps=2)
-    trainer.train_and_evaluate(recording, str(tmp_path / "rec"))
-    recording.stop_after_steps = 0
-    trainer.train_and_evaluate(recording, str(tmp_path / "rec"))
-    straight = _micro()
-    trainer.train_and_evaluate(straight, str(tmp_path / "straight"))
-    assert _losses(tmp_path / "rec") == _losses(tmp_path / "straight")  # recording changes nothing
-    recorded = _trace(tmp_path / "rec", range(1, 5))
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory):
+    """A 4-step run recorded with record_routing, cut off after step 2 and resumed, evaluated (and its
+    probe recorded) at every step."""
+    workdir = tmp_path_factory.mktemp("recording")
+    config = _micro(record_routing=True, stop_after_steps=2)
+    config.eval_every_steps = 1
+    trainer.train_and_evaluate(config, str(workdir))
+    config.stop_after_steps = 0
+    trainer.train_and_evaluate(config, str(workdir))
+    return workdir
+
+
+def test_a_replayed_run_follows_the_recording(recording, tmp_path):
+    """With the same seed the replayed run repeats the recording's losses; with another seed
+    (another gate, other batches) its routing is still the recording's, step by step."""
+    recorded = _trace(recording, range(1, 5))
     assert set(recorded[0]) == {"block_1", "block_3"} and recorded[0]["block_1"].shape == (8, 32, 2)
 
-    same = _micro(replay_routing=str(tmp_path / "rec"))
+    same = _micro(replay_routing=str(recording))
+    same.eval_every_steps = 1
     trainer.train_and_evaluate(same, str(tmp_path / "same"))
     # the same numbers up to float rounding (the replayed weights are computed by other fused ops)
-    np.testing.assert_allclose(_losses(tmp_path / "same"), _losses(tmp_path / "straight"), rtol=1e-5)
+    np.testing.assert_allclose(_losses(tmp_path / "same"), _losses(recording), rtol=1e-5)
 
-    other = _micro(replay_routing=str(tmp_path / "rec"), record_routing=True, seed=5)
+    other = _micro(replay_routing=str(recording), record_routing=True, seed=5)
     trainer.train_and_evaluate(other, str(tmp_path / "other"))
-    free = _micro(record_routing=True, seed=5)
-    trainer.train_and_evaluate(free, str(tmp_path / "free"))
-    followed, own = _trace(tmp_path / "other", range(1, 5)), _trace(tmp_path / "free", range(1, 5))
+    followed = _trace(tmp_path / "other", range(1, 5))
     for step in range(4):
-        for block in ("block_1", "block_3"):
+        for block in ("block_1", "block_3"):  # 8 x 32 x 2 choices each: no coincidence
             want_expert, _ = routing_trace.decode(recorded[step][block])
             got_expert, _ = routing_trace.decode(followed[step][block])
             np.testing.assert_array_equal(got_expert, want_expert)
-    assert any(not np.array_equal(own[s][b], recorded[s][b]) for s in range(4) for b in own[s])
+    # its own gate, on the probe batch (not replayed), chooses otherwise
+    own = routing_trace.read_probes(str(tmp_path / "other"))[-1]["layers"]["block_1"]
+    assert not np.array_equal(own, routing_trace.read_probes(str(recording))[-1]["layers"]["block_1"])
 
-    probes = routing_trace.read_probes(str(tmp_path / "rec"))
-    assert [p["step"] for p in probes] == [2, 4] and probes[0]["layers"]["block_3"].shape == (8, 32, 2)
-    assert probes[0]["num_experts"] == {"block_1": 8, "block_3": 8}
-
-
-def test_replay_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="config.replay_routing=.*has no step 5 .*covers steps 1..4"):
+        trainer.train_and_evaluate(_micro(steps=6, replay_routing=str(recording)), str(tmp_path / "longer"))
     with pytest.raises(FileNotFoundError, match="config.replay_routing=.*record_routing=True"):
-        trainer.train_and_evaluate(_micro(replay_routing=str(tmp_path)), str(tmp_path / "a"))
-    recording = _micro(steps=2, record_routing=True)
-    trainer.train_and_evaluate(recording, str(tmp_path / "rec"))
-    with pytest.raises(ValueError, match="has no step 3 .*covers steps 1..2"):
-        trainer.train_and_evaluate(_micro(steps=4, replay_routing=str(tmp_path / "rec")), str(tmp_path / "b"))
+        trainer.train_and_evaluate(_micro(replay_routing=str(tmp_path / "same")), str(tmp_path / "a"))
 
 
-def test_routing_analysis_writes_plots_and_tables(tmp_path):
-    run = _micro(steps=4)
-    run.eval_every_steps = 1
-    trainer.train_and_evaluate(run, str(tmp_path / "run"))
+def test_probes_and_the_routing_analysis(recording):
+    probes = routing_trace.read_probes(str(recording))
+    assert [p["step"] for p in probes] == [1, 2, 3, 4] and probes[0]["layers"]["block_3"].shape == (8, 32, 2)
+    assert probes[0]["num_experts"] == {"block_1": 8, "block_3": 8}
     out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "routing_analysis.py"),
-                          f"--workdir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300)
+                          f"--workdir={recording}"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    analysis = json.loads((tmp_path / "run" / "routing" / "analysis.json").read_text())
+    analysis = json.loads((recording / "routing" / "analysis.json").read_text())
     assert analysis["steps"] == [1, 2, 3, 4]
     layer = analysis["layers"]["block_1"]
     assert len(layer["load"]) == 4 and len(layer["load"][0]) == 8  # 4 probes x 8 experts
@@ -251,5 +249,5 @@ def test_routing_analysis_writes_plots_and_tables(tmp_path):
     assert set(layer["top_bytes"]) == {str(e) for e in range(8)}
     assert sum(count for e in layer["top_bytes"] for _, count in layer["top_bytes"][e]) > 0
     for name in ("load_block_1.png", "stability.png"):
-        assert (tmp_path / "run" / "routing" / name).stat().st_size > 1000
+        assert (recording / "routing" / name).stat().st_size > 1000
     assert "routing stability" in out.stdout

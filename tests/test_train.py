@@ -139,6 +139,7 @@ def _train_cmd(workdir, steps, stop_after):
             "--config.moe.experts=4"]
 
 
+@pytest.mark.slow  # the default run kills a training with SIGKILL in test_experiments' killed-midway suite
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     steps, stop = 100, 40
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
