@@ -19,8 +19,6 @@ as Flax names the model's variables; {} when the model has no loss-free layer.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 

@@ -1,7 +1,6 @@
 """Dense-to-MoE upcycling: which parameters are copied, the noise, the errors, and the trainer's init_from."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
