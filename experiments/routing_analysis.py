@@ -8,6 +8,8 @@ Writes into workdir/routing/:
                     (rows) at each recorded step (columns)
   stability.png     per layer, the fraction of probe tokens whose experts changed since the previous
                     recorded step (routing stability: 0 = frozen)
+  dropped.png       per layer, the fraction of token copies dropped at each logged training step
+                    (from metrics.jsonl)
   analysis.json     the same numbers, and per expert of each layer the input bytes it processes
                     most often at the last step (byte-level corpora)
 and prints a summary table.
@@ -85,6 +87,22 @@ def analyse(probes: list, n_bytes: int) -> dict:
     return {"steps": steps, "layers": layers}
 
 
+def dropped_over_steps(workdir: str) -> dict:
+    """{"block_<i>": [[step, dropped fraction], ...]} from the run's metrics.jsonl (training steps)."""
+    out: dict = {}
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            for key, value in record.items():
+                if key.startswith("moe/layer") and key.endswith("/dropped_fraction"):
+                    layer = key.split("/")[1].removeprefix("layer")
+                    out.setdefault(f"block_{layer}", []).append([record["step"], value])
+    return out
+
+
 def plot(analysis: dict, directory: str) -> list:
     import matplotlib
 
@@ -120,17 +138,36 @@ def plot(analysis: dict, directory: str) -> list:
     path = os.path.join(directory, "stability.png")
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return paths + [path]
+    paths.append(path)
+    if analysis.get("dropped"):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for name, points in analysis["dropped"].items():
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("dropped fraction of token copies")
+        ax.set_title("capacity drops per MoE layer (training steps)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(directory, "dropped.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
 
 
 def summary(analysis: dict) -> str:
-    lines = ["| layer | experts | max / min load share (last step) | changed since previous step (first -> last) |",
-             "|---|---|---|---|"]
+    lines = ["| layer | experts | max / min load share (last step) | changed since previous step (first -> last) | "
+             "dropped (training, mean over steps) |",
+             "|---|---|---|---|---|"]
     for name, layer in analysis["layers"].items():
         last = np.asarray(layer["load"][-1])
         changed = layer["changed_fraction"]
         trend = f"{changed[0]:.3f} -> {changed[-1]:.3f}" if changed else "-"
-        lines.append(f"| {name} | {layer['num_experts']} | {last.max():.3f} / {last.min():.3f} | {trend} |")
+        points = analysis.get("dropped", {}).get(name)
+        dropped = f"{np.mean([p[1] for p in points]):.3f}" if points else "-"
+        lines.append(f"| {name} | {layer['num_experts']} | {last.max():.3f} / {last.min():.3f} | {trend} | {dropped} |")
     return "\n".join(lines)
 
 
@@ -144,6 +181,7 @@ def main(argv):
         cli.fail(f"--workdir={f.workdir} has no routing/probe_*.npz: train an MoE model there (probes are recorded "
                  "at every evaluation unless config.routing_probe=False)")
     analysis = analyse(probes, f.top_bytes)
+    analysis["dropped"] = dropped_over_steps(f.workdir)
     directory = os.path.join(f.workdir, routing_trace.TRACE_DIR)
     paths = plot(analysis, directory)
     tmp = os.path.join(directory, "analysis.json.tmp")

@@ -248,6 +248,7 @@ def test_probes_and_the_routing_analysis(recording):
     assert len(layer["changed_fraction"]) == 3 and all(0 <= v <= 1 for v in layer["changed_fraction"])
     assert set(layer["top_bytes"]) == {str(e) for e in range(8)}
     assert sum(count for e in layer["top_bytes"] for _, count in layer["top_bytes"][e]) > 0
-    for name in ("load_block_1.png", "stability.png"):
+    assert [p[0] for p in analysis["dropped"]["block_3"]] == [1, 2, 3, 4]  # every logged step
+    for name in ("load_block_1.png", "stability.png", "dropped.png"):
         assert (recording / "routing" / name).stat().st_size > 1000
     assert "routing stability" in out.stdout
