@@ -12,7 +12,7 @@ demo: .venv/.installed
 	$(PY) experiments/demo.py
 
 test: .venv/.installed
-	$(PY) -m pytest -m "not slow" -q -n 2 --durations=15
+	$(PY) -m pytest -m "not slow" -q -n 2 --dist loadgroup --durations=15
 
 test-all: .venv/.installed
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist loadgroup

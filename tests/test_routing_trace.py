@@ -203,6 +203,7 @@ def recording(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.xdist_group("recording")  # one worker trains the shared recording once
 def test_a_replayed_run_follows_the_recording(recording, tmp_path):
     """With the same seed the replayed run repeats the recording's losses; with another seed
     (another gate, other batches) its routing is still the recording's, step by step."""
@@ -233,6 +234,7 @@ def test_a_replayed_run_follows_the_recording(recording, tmp_path):
         trainer.train_and_evaluate(_micro(replay_routing=str(tmp_path / "same")), str(tmp_path / "a"))
 
 
+@pytest.mark.xdist_group("recording")
 def test_probes_and_the_routing_analysis(recording):
     probes = routing_trace.read_probes(str(recording))
     assert [p["step"] for p in probes] == [1, 2, 3, 4] and probes[0]["layers"]["block_3"].shape == (8, 32, 2)
