@@ -103,6 +103,24 @@ def dropped_over_steps(workdir: str) -> dict:
     return out
 
 
+def _line_plot(plt, lines: dict, ylabel: str, title: str, path: str) -> str:
+    """One line per layer ({name: (steps, values)}) of a fraction over steps, saved to path."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, (x, y) in lines.items():
+        ax.plot(x, y, marker="o", markersize=3, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    if lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot(analysis: dict, directory: str) -> list:
     import matplotlib
 
@@ -124,36 +142,14 @@ def plot(analysis: dict, directory: str) -> list:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, layer in analysis["layers"].items():
-        ax.plot(steps[1:], layer["changed_fraction"], marker="o", markersize=3, label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("probe tokens whose experts changed")
-    ax.set_title("routing stability between recorded steps")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    if analysis["layers"]:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(directory, "stability.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    paths.append(path)
+    stability = {name: (steps[1:], layer["changed_fraction"]) for name, layer in analysis["layers"].items()}
+    paths.append(_line_plot(plt, stability, "probe tokens whose experts changed",
+                            "routing stability between recorded steps", os.path.join(directory, "stability.png")))
     if analysis.get("dropped"):
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for name, points in analysis["dropped"].items():
-            ax.plot([p[0] for p in points], [p[1] for p in points], label=name)
-        ax.set_xlabel("step")
-        ax.set_ylabel("dropped fraction of token copies")
-        ax.set_title("capacity drops per MoE layer (training steps)")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = os.path.join(directory, "dropped.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        dropped = {name: ([p[0] for p in points], [p[1] for p in points])
+                   for name, points in analysis["dropped"].items()}
+        paths.append(_line_plot(plt, dropped, "dropped fraction of token copies",
+                                "capacity drops per MoE layer (training steps)", os.path.join(directory, "dropped.png")))
     return paths
 
 

@@ -51,6 +51,7 @@ commits the step). There is no process-0-only logic here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -399,11 +400,10 @@ def checkpoint_dir(path: str) -> str:
     return nested if os.path.isdir(nested) else path
 
 
-def load_params(path: str, target: Any = None, step: Optional[int] = None) -> tuple[Any, int]:
-    """(params, step) of another run, read-only: path is its workdir or checkpoint directory, step
-    defaults to its latest. FileNotFoundError names what is missing; ValueError (from
-    `restore`) names a parameter whose shape differs from `target`'s. target "saved": the saved
-    tree whole, on the default device, whatever model it belongs to (e.g. a dense run to upcycle)."""
+@contextlib.contextmanager
+def _other_run(path: str, step: Optional[int]):
+    """(read-only Checkpointer, step) of another run: path is its workdir or checkpoint directory,
+    step defaults to its latest. FileNotFoundError names what is missing."""
     directory = checkpoint_dir(path)
     if not os.path.isdir(directory):  # else the Checkpointer would fail on a missing directory
         raise FileNotFoundError(f"{path} is not a directory; give the workdir of a run or its checkpoints/")
@@ -411,6 +411,15 @@ def load_params(path: str, target: Any = None, step: Optional[int] = None) -> tu
         step = ckpt.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{directory} holds no complete checkpoint; train that run further first")
+        yield ckpt, step
+
+
+def load_params(path: str, target: Any = None, step: Optional[int] = None) -> tuple[Any, int]:
+    """(params, step) of another run, read-only: path is its workdir or checkpoint directory, step
+    defaults to its latest. FileNotFoundError names what is missing; ValueError (from
+    `restore`) names a parameter whose shape differs from `target`'s. target "saved": the saved
+    tree whole, on the default device, whatever model it belongs to (e.g. a dense run to upcycle)."""
+    with _other_run(path, step) as (ckpt, step):
         if isinstance(target, str) and target == "saved":
             target = ckpt.item_shapes(step, "params")
         return ckpt.restore_params(step, target), step
@@ -419,26 +428,14 @@ def load_params(path: str, target: Any = None, step: Optional[int] = None) -> tu
 def saved_params_shapes(path: str, step: Optional[int] = None) -> Any:
     """The parameter tree of another run's step (default: its latest) as jax.ShapeDtypeStructs,
     read from the metadata alone (nothing else is loaded): which model it is."""
-    directory = checkpoint_dir(path)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{path} is not a directory; give the workdir of a run or its checkpoints/")
-    with Checkpointer(directory, keep=None, read_only=True) as ckpt:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{directory} holds no complete checkpoint; train that run further first")
+    with _other_run(path, step) as (ckpt, step):
         return ckpt.item_shapes(step, "params")
 
 
 def load_router_state(path: str, step: Optional[int] = None) -> dict:
     """The routers' selection biases (aux-loss-free balancing) saved with another run's step (default:
     its latest), read-only; {} when that run has none."""
-    directory = checkpoint_dir(path)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{path} is not a directory; give the workdir of a run or its checkpoints/")
-    with Checkpointer(directory, keep=None, read_only=True) as ckpt:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{directory} holds no complete checkpoint; train that run further first")
+    with _other_run(path, step) as (ckpt, step):
         if "router_state" not in ckpt.item_names(step):
             return {}
         items, _ = ckpt.restore(step, target={"router_state": None})
