@@ -35,6 +35,7 @@ the tables. A larger --seeds later adds seeds to the same folder.
 
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -265,6 +266,7 @@ def run_variant(variant: str, seed: int, f) -> Optional[dict]:
     summary["wall_s"] = time.perf_counter() - start
     summary["seed"] = seed
     summary["step_offset"] = step_offset  # steps of the run it started from (counted in its curve)
+    summary["commit"] = provenance()["commit"]  # a suite accumulates across sessions, maybe across commits
     summary["curve"] = read_curve(workdir)
     # the median logged step time: also right for a run resumed after it finished (no new steps)
     times = sorted(summary["curve"]["step_time_s"])
@@ -409,9 +411,15 @@ def plot(table: dict, claims: list, suites: dict, workdir: str) -> list:
     return paths
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+@functools.lru_cache(maxsize=None)
 def provenance() -> dict:
     """Where the results come from: commit (with '+changes' when the tree differs), date, command,
-    machine."""
+    machine. Taken once, when the process first asks (main asks before it trains anything): the
+    code that runs is the code imported then, whatever the checkout holds when a run finishes."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()
@@ -422,7 +430,7 @@ def provenance() -> dict:
         commit = None
     import jax
 
-    return {"commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    return {"commit": commit, "date": _now(),
             "command": " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv else "", *sys.argv[1:]]),
             "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
             "jax": jax.__version__, "backend": jax.default_backend()}
@@ -436,7 +444,10 @@ def write_results(runs: dict, f, variants: list) -> str:
     config = variant_config(variants[0], f.scale, 0, f.data_path, f.steps)
     text = markdown(table, claims, f.suite, f.scale, config.data.batch_size * config.data.seq_len)
     plot(table, claims, suites, f.workdir)
-    results = {"suite": f.suite, "scale": f.scale, "seeds": f.seeds, "provenance": provenance(),
+    # the commits that trained the runs in the tables ("unrecorded" for runs older than this field)
+    run_commits = sorted({s.get("commit") or "unrecorded" for by_seed in runs.values() for s in by_seed.values()})
+    results = {"suite": f.suite, "scale": f.scale, "seeds": f.seeds,
+               "provenance": {**provenance(), "run_commits": run_commits, "written": _now()},
                "claims": claims, "variants": table}
     for name, content in (("results.json", json.dumps(results, indent=1)), ("results.md", text)):
         tmp = os.path.join(f.workdir, name + ".tmp")
@@ -489,6 +500,7 @@ def main(argv):
     except ValueError as error:
         cli.fail(str(error))
     os.makedirs(f.workdir, exist_ok=True)
+    provenance()  # before anything trains: the commit of the code this process imported
     text = run_suite(f)
     if text is not None:
         print(text)

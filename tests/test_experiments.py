@@ -121,10 +121,10 @@ def test_suite_killed_midway_resumes_and_grows_to_the_uninterrupted_results(tmp_
     """SIGKILL while the second run of seed 0 trains; the same command resumes it from its
     checkpoint and skips the finished one; --seeds=2 then adds seed 1. results.json (per-seed losses,
     the paired claim) equals an uninterrupted two-seed suite's; the plot is written."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
-           # both suites compile the same programs: compile them once
-           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    if not env.get("JAX_COMPILATION_CACHE_DIR"):  # both suites compile the same programs: compile them once
+        env.update({"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+                    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(_ablation_cmd(straight, 2), check=True, env=env, capture_output=True)
 
@@ -156,5 +156,7 @@ def test_suite_killed_midway_resumes_and_grows_to_the_uninterrupted_results(tmp_
     assert [{k: c[k] for k in keys} for c in a["claims"]] == [{k: c[k] for k in keys} for c in b["claims"]]
     assert b["claims"][0]["a"] == "moe" and b["claims"][0]["n"] == 2 and b["claims"][0]["low"] is not None
     assert b["provenance"]["command"].startswith("experiments/ablations.py")
+    # every run names the commit that trained it (a suite can accumulate across commits)
+    assert b["provenance"]["run_commits"] and "unrecorded" not in b["provenance"]["run_commits"]
     assert (killed / "placement.png").stat().st_size > 1000
     assert "| MoE beats its dense base | moe - dense |" in (killed / "results.md").read_text()
