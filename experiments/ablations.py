@@ -368,8 +368,12 @@ def markdown(table: dict, claims: list, suite: str, scale: str, tokens_per_step:
 
 
 def plot(table: dict, claims: list, suites: dict, workdir: str) -> list:
-    """One figure per suite: each variant's mean validation curve over seeds with a min-max band,
-    and the suite's claim verdicts beneath the axes."""
+    """One figure per suite. Left: each variant's mean validation curve over seeds with a min-max
+    band. Right: the final validation loss of every (variant, seed), one line per seed, so the
+    paired differences the claims judge are visible (the curves' scale hides them). The suite's
+    claim verdicts beneath, wrapped to the figure's width."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -380,7 +384,11 @@ def plot(table: dict, claims: list, suites: dict, workdir: str) -> list:
         present = [v for v in variants if v in table]
         if not present:
             continue
-        fig, ax = plt.subplots(figsize=(6, 4.6))
+        notes = [textwrap.fill(f"{c['text']}: {c['mean']:+.4f} {_interval(c)}, {c['verdict']}", 150,
+                               subsequent_indent="    ") for c in claims if c["suite"] == suite]
+        note_lines = sum(note.count("\n") + 1 for note in notes)
+        height = 4.6 + 0.13 * note_lines
+        fig, (ax, seeds_ax) = plt.subplots(1, 2, figsize=(11, height), gridspec_kw={"width_ratios": [3, 2]})
         seeds = 0
         for variant in present:
             curves = table[variant]["curves"]
@@ -398,12 +406,20 @@ def plot(table: dict, claims: list, suites: dict, workdir: str) -> list:
         ax.set_ylabel("validation loss (nats/byte)")
         ax.set_title(f"{suite}: mean over {seeds} seed(s), band min-max")
         ax.grid(alpha=0.3)
-        ax.legend()
-        notes = [f"{c['text']}: {c['mean']:+.4f} {_interval(c)}, {c['verdict']}" for c in claims
-                 if c["suite"] == suite]
+        ax.legend(fontsize=8)
+        all_seeds = sorted({int(seed) for v in present for seed in table[v]["val_loss_by_seed"]})
+        for seed in all_seeds:
+            xs = [i for i, v in enumerate(present) if str(seed) in table[v]["val_loss_by_seed"]]
+            ys = [table[present[i]]["val_loss_by_seed"][str(seed)] for i in xs]
+            seeds_ax.plot(xs, ys, marker="o", markersize=4, alpha=0.8, label=f"seed {seed}")
+        seeds_ax.set_xticks(range(len(present)), present, rotation=35, ha="right", fontsize=8)
+        seeds_ax.set_ylabel("final validation loss")
+        seeds_ax.set_title("final loss per seed (paired by seed)")
+        seeds_ax.grid(alpha=0.3)
+        seeds_ax.legend(fontsize=8)
         if notes:
-            fig.text(0.01, 0.01, "\n".join(notes), fontsize=7, va="bottom")
-        fig.tight_layout(rect=(0, 0.04 * len(notes), 1, 1))
+            fig.text(0.01, 0.01, "\n".join(notes), fontsize=7, va="bottom", family="monospace")
+        fig.tight_layout(rect=(0, (0.13 * note_lines + 0.1) / height if notes else 0, 1, 1))
         path = os.path.join(workdir, f"{suite}.png")
         fig.savefig(path, dpi=100)
         plt.close(fig)
