@@ -23,6 +23,7 @@ from moe_jax import distill
 from moe_jax import model as model_lib
 from moe_jax import run_config
 from moe_jax import train_lib
+from conftest import FAST_COMPILE
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -218,7 +219,6 @@ def test_init_from_teacher_copies_the_chosen_layers():
 
 # The runs are subprocesses of the binaries: XLA's fast compile mode and a shared compilation cache
 # make three student runs cost about one compile (the test file must stay under a minute on 2 cores).
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 SHRINK = ["--config.log_every_steps=1", "--config.checkpoint_every_steps=2", "--config.keep_checkpoints=10",
           "--config.eval_batches=1", "--config.data.batch_size=4", "--config.data.seq_len=32",
           "--config.data.max_bytes=524288", "--config.model.hidden_size=32", "--config.model.num_heads=2",

@@ -13,6 +13,7 @@ import pytest
 from experiments import ablations
 from moe_jax import checkpoint as checkpoint_lib
 from moe_jax import run_config
+from conftest import FAST_COMPILE
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -44,7 +45,7 @@ def test_variant_table_builds_every_run(scale):
 
 @pytest.mark.slow  # the default suite runs a micro suite end to end in the kill-and-resume test
 def test_every_ablation_suite_runs_at_micro_scale(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE}
     cmd = [sys.executable, str(ROOT / "experiments" / "ablations.py"), "--scale=micro", f"--workdir={tmp_path}"]
     subprocess.run([*cmd, "--suite=all", "--seeds=1"], check=True, env=env, capture_output=True)
     results = json.loads((tmp_path / "results.json").read_text())
@@ -65,7 +66,7 @@ def test_routing_suite_end_to_end_at_micro_scale(tmp_path):
     """The routing suite (the variants that are new here; the slow all-suites test runs every one):
     expert-choice trains, the upcycled PR-MoE starts from its dense run (half the steps each, counted
     together), the routing columns and the claims are written."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE}
     cmd = [sys.executable, str(ROOT / "experiments" / "ablations.py"), "--scale=micro", "--suite=routing",
            "--variants=moe,expert_choice,dense_half,pr_moe_upcycled,pr_moe", "--seeds=1", "--steps=4",
            f"--workdir={tmp_path}"]
@@ -105,7 +106,7 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_tiny_ablation_placement_suite(tmp_path):
     """The real experiment (about 8 minutes on 2 cores): MoE beats dense at equal steps."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE}
     subprocess.run([sys.executable, str(ROOT / "experiments" / "ablations.py"), "--scale=tiny", "--suite=placement",
                     f"--workdir={tmp_path}"], check=True, env=env, capture_output=True)
     variants = json.loads((tmp_path / "results.json").read_text())["variants"]
@@ -121,7 +122,7 @@ def test_suite_killed_midway_resumes_and_grows_to_the_uninterrupted_results(tmp_
     """SIGKILL while the second run of seed 0 trains; the same command resumes it from its
     checkpoint and skips the finished one; --seeds=2 then adds seed 1. results.json (per-seed losses,
     the paired claim) equals an uninterrupted two-seed suite's; the plot is written."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE}
     if not env.get("JAX_COMPILATION_CACHE_DIR"):  # both suites compile the same programs: compile them once
         env.update({"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
                     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
