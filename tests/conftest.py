@@ -16,7 +16,7 @@ import pathlib
 
 # XLA's LLVM back end at -O0: the suite's time is mostly compiling small programs, and their
 # matmuls run in precompiled Eigen code either way (the suite's CPU time fell by about a fifth).
-# HLO optimisation is unchanged. The binaries the tests start get the same flags (FAST_COMPILE).
+# HLO optimisation is unchanged. The binaries the tests start get the same flags (binary_env).
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -25,9 +25,17 @@ _CACHE = os.environ.get("MOE_JAX_TEST_CACHE",
                         str(pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax"))
 
 
+def binary_env(devices: int = 1) -> dict:
+    """The environment for a binary a test starts: CPU, `devices` virtual devices, FAST_COMPILE, and
+    (inherited from this process) the shared compilation cache."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"}
+
+
 def _prune(cache: pathlib.Path, high: int = 1 << 30, low: int = 1 << 29) -> None:
     """Deletes the oldest entries once the cache holds more than `high` bytes, down to `low`."""
-    entries = sorted((p.stat().st_mtime, p.stat().st_size, p) for p in cache.glob("*") if p.is_file())
+    stats = [(p.stat(), p) for p in cache.glob("*") if p.is_file()]
+    entries = sorted((st.st_mtime, st.st_size, p) for st, p in stats)
     total = sum(size for _, size, _ in entries)
     if total <= high:
         return

@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe_jax.checkpoint import COMMIT_MARKER, Checkpointer, CorruptCheckpointError, load_params
-from conftest import FAST_COMPILE
+from conftest import binary_env
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -233,8 +233,7 @@ CRASH_SCRIPT = textwrap.dedent(
 
 
 def test_crash_during_save_subprocess(tmp_path):
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}"
+    env = dict(binary_env(), PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
         [sys.executable, "-c", CRASH_SCRIPT, str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=120,

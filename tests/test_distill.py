@@ -23,7 +23,7 @@ from moe_jax import distill
 from moe_jax import model as model_lib
 from moe_jax import run_config
 from moe_jax import train_lib
-from conftest import FAST_COMPILE
+from conftest import binary_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -225,19 +225,16 @@ SHRINK = ["--config.log_every_steps=1", "--config.checkpoint_every_steps=2", "--
           "--config.model.ffn_size=64", "--config.model.max_seq_len=32"]
 
 
-def _run(binary, config, workdir, *extra, cache_dir=None):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE}
-    if cache_dir is not None:
-        env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+def _run(binary, config, workdir, *extra):
+    env = binary_env()
     cmd = [sys.executable, str(ROOT / "experiments" / binary), f"--config={ROOT / 'experiments' / 'configs' / config}",
            f"--workdir={workdir}", *SHRINK, *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=env)
 
 
-def _distill(teacher_workdir, workdir, *extra, cache_dir=None):
+def _distill(teacher_workdir, workdir, *extra):
     return _run("distill.py", "mos.py:tiny", workdir, f"--teacher_workdir={teacher_workdir}", "--config.total_steps=6",
-                "--config.model.num_layers=3", "--config.moe.experts=4", *extra, cache_dir=cache_dir)
+                "--config.model.num_layers=3", "--config.moe.experts=4", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +255,7 @@ def test_student_resumes_exactly_and_starts_from_the_teacher(teacher_workdir, tm
     # so that checkpoint holds the initial parameters.
     for workdir, extra in (("straight", "--config.checkpoint_every_steps=1"), ("split", "--config.stop_after_steps=2"),
                            ("split", "--config.stop_after_steps=0")):
-        result = _distill(teacher_workdir, tmp_path / workdir, *init, extra, cache_dir=tmp_path / "xla_cache")
+        result = _distill(teacher_workdir, tmp_path / workdir, *init, extra)
         assert result.returncode == 0, result.stderr[-3000:]
     a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "split")
     assert [r["step"] for r in b] == list(range(1, 7))
@@ -310,7 +307,7 @@ def test_missing_teacher_checkpoint_is_one_clear_line(teacher_workdir, tmp_path)
 def test_generate_runs_with_its_defaults_on_a_trained_run(teacher_workdir):
     """experiments/generate.py with only --workdir and --prompt fills what fits after the prompt in
     the model's max_seq_len (its old default, 128 new tokens, did not fit a 128-token model)."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE}
+    env = binary_env()
     saved = json.loads((teacher_workdir / "config.json").read_text())
     prompt = "def main("
     result = subprocess.run([sys.executable, str(ROOT / "experiments" / "generate.py"), f"--workdir={teacher_workdir}",

@@ -1,7 +1,6 @@
 """The ablation binary end to end at micro scale, and the quickstart notebook."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 from experiments import ablations
 from moe_jax import checkpoint as checkpoint_lib
 from moe_jax import run_config
-from conftest import FAST_COMPILE
+from conftest import binary_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -45,7 +44,7 @@ def test_variant_table_builds_every_run(scale):
 
 @pytest.mark.slow  # the default suite runs a micro suite end to end in the kill-and-resume test
 def test_every_ablation_suite_runs_at_micro_scale(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE}
+    env = binary_env()
     cmd = [sys.executable, str(ROOT / "experiments" / "ablations.py"), "--scale=micro", f"--workdir={tmp_path}"]
     subprocess.run([*cmd, "--suite=all", "--seeds=1"], check=True, env=env, capture_output=True)
     results = json.loads((tmp_path / "results.json").read_text())
@@ -66,7 +65,7 @@ def test_routing_suite_end_to_end_at_micro_scale(tmp_path):
     """The routing suite (the variants that are new here; the slow all-suites test runs every one):
     expert-choice trains, the upcycled PR-MoE starts from its dense run (half the steps each, counted
     together), the routing columns and the claims are written."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE}
+    env = binary_env()
     cmd = [sys.executable, str(ROOT / "experiments" / "ablations.py"), "--scale=micro", "--suite=routing",
            "--variants=moe,expert_choice,dense_half,pr_moe_upcycled,pr_moe", "--seeds=1", "--steps=4",
            f"--workdir={tmp_path}"]
@@ -106,7 +105,7 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_tiny_ablation_placement_suite(tmp_path):
     """The real experiment (about 8 minutes on 2 cores): MoE beats dense at equal steps."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE}
+    env = binary_env()
     subprocess.run([sys.executable, str(ROOT / "experiments" / "ablations.py"), "--scale=tiny", "--suite=placement",
                     f"--workdir={tmp_path}"], check=True, env=env, capture_output=True)
     variants = json.loads((tmp_path / "results.json").read_text())["variants"]
@@ -122,10 +121,7 @@ def test_suite_killed_midway_resumes_and_grows_to_the_uninterrupted_results(tmp_
     """SIGKILL while the second run of seed 0 trains; the same command resumes it from its
     checkpoint and skips the finished one; --seeds=2 then adds seed 1. results.json (per-seed losses,
     the paired claim) equals an uninterrupted two-seed suite's; the plot is written."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE}
-    if not env.get("JAX_COMPILATION_CACHE_DIR"):  # both suites compile the same programs: compile them once
-        env.update({"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-                    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+    env = binary_env()  # both suites compile the same programs: the shared cache compiles them once
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(_ablation_cmd(straight, 2), check=True, env=env, capture_output=True)
 

@@ -3,7 +3,6 @@ written) and damaged checkpoint files; the run ends where an uninterrupted one e
 trains on a partial or damaged checkpoint."""
 
 import json
-import os
 import pathlib
 import random
 import signal
@@ -12,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import FAST_COMPILE
+from conftest import binary_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 30
@@ -26,10 +25,8 @@ def _cmd(workdir, stop_after=0):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jax_cache")  # every process compiles the same programs: once
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE, "JAX_COMPILATION_CACHE_DIR": str(cache),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+def env():
+    return binary_env()  # every process compiles the same programs: once, through the shared cache
 
 
 @pytest.fixture(scope="module")

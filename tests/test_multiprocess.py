@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import FAST_COMPILE
+from conftest import binary_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FLAGS = [
@@ -23,7 +23,7 @@ FLAGS = [
 
 
 def _env(devices):
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"}
+    return binary_env(devices)
 
 
 def _free_port():

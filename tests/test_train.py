@@ -18,7 +18,7 @@ from experiments.configs import load_config_file
 from moe_jax import checkpoint as checkpoint_lib
 from moe_jax import config as config_lib
 from moe_jax import run_config, trainer
-from conftest import FAST_COMPILE
+from conftest import binary_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p.stem for p in (ROOT / "experiments" / "configs").glob("*.py") if not p.stem.startswith("_"))
@@ -143,7 +143,7 @@ def _train_cmd(workdir, steps, stop_after):
 @pytest.mark.slow  # the default run kills a training with SIGKILL in test_experiments' killed-midway suite
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     steps, stop = 100, 40
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE}
+    env = binary_env()
     subprocess.run(_train_cmd(tmp_path / "straight", steps, stop), check=True, env=env, capture_output=True)
     workdir = tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(workdir, steps, stop), env=env, stdout=subprocess.DEVNULL,
