@@ -1,7 +1,7 @@
 r"""Times one MoE layer per dispatch path on this machine, and the tiny PR-MoE training step.
 
   python experiments/bench_moe_layer.py [--json FILE] [--tokens=1024,4096,16384] [--experts=8,32,64]
-      [--paths=einsum,gather,dropless] [--autodiff] [--model_steps=5]
+      [--paths=einsum,gather,dropless] [--autodiff] [--tile_divisors=1,4,8] [--model_steps=5]
 
 For each tokens S and experts E (M=512, FFN=2048, top-1, cf=1.0, float32): forward, backward and
 forward+backward milliseconds of the whole layer (gate, routing, dispatch, experts, combine) for
@@ -17,6 +17,10 @@ off (moe_jax.dispatch.USE_CUSTOM_VJP = False: autodiff's scatter-adds), the code
 The last lines time the training step (moe_jax.train_lib.train_step under jax.jit, AdamW, batch
 16 x 128) of the tiny PR-MoE preset with its default dispatch path, with the inverse-map VJPs and
 without, next to the dense tiny model, in tokens per second.
+
+With --tile_divisors=d,..., "dropless@tile/d" rows time the dropless path with row tiles near the
+mean group size / d (a power of two, at least 8; moe_jax.experts.default_tile takes d = 2, within
+[16, 256]): larger tiles pad more rows, smaller ones make more and smaller matmuls.
 """
 
 import contextlib
@@ -35,6 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from moe_jax import config as config_lib  # noqa: E402
 from moe_jax import dispatch as dispatch_lib  # noqa: E402
+from moe_jax import experts as experts_lib  # noqa: E402
 from moe_jax import moe as moe_lib  # noqa: E402
 from moe_jax import train_lib  # noqa: E402
 from moe_jax.config import MoEConfig  # noqa: E402
@@ -44,6 +49,7 @@ flags.DEFINE_list("tokens", ["1024", "4096", "16384"], "Token counts S.")
 flags.DEFINE_list("experts", ["8", "32", "64"], "Expert counts E.")
 flags.DEFINE_list("paths", ["einsum", "gather", "dropless"], "Dispatch paths.")
 flags.DEFINE_bool("autodiff", False, "Also time gather and dropless with autodiff's backward (no custom VJPs).")
+flags.DEFINE_list("tile_divisors", [], "Also time dropless with row tiles near mean group size / d, per d.")
 flags.DEFINE_integer("model_dim", 512, "M.")
 flags.DEFINE_integer("ffn_dim", 2048, "F.")
 flags.DEFINE_integer("repeats", 3, "Timed rounds, each path once per round (the minimum is reported).")
@@ -53,6 +59,7 @@ flags.DEFINE_integer("batch", 16, "Training batch size.")
 flags.DEFINE_integer("seq_len", 128, "Training sequence length.")
 
 AUTODIFF = "/ad"  # suffix of a path name timed without the inverse-map VJPs
+TILE = "@tile/"  # "dropless@tile/4": the dropless path with row tiles near mean group / 4
 PARTS = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -65,6 +72,19 @@ def custom_vjp(enabled: bool):
         yield
     finally:
         dispatch_lib.USE_CUSTOM_VJP = saved
+
+
+@contextlib.contextmanager
+def tile_divisor(divisor: int | None):
+    """Traces inside pick dropless row tiles near mean group size / divisor (None: the default)."""
+    saved = experts_lib.default_tile
+    if divisor is not None:
+        experts_lib.default_tile = lambda rows, experts: int(
+            max(8, experts_lib.pl2(max(1, rows // max(1, experts))) // divisor))
+    try:
+        yield
+    finally:
+        experts_lib.default_tile = saved
 
 
 def race(calls, repeats):
@@ -111,8 +131,9 @@ def fwd_bwd_calls(forward, loss, params, x):
 def moe_calls(path, x, params):
     """fwd_bwd_calls of the MoE layer by `path` (a name ending in /ad: without the inverse-map VJPs)."""
     use_custom_vjp = not path.endswith(AUTODIFF)
+    dispatch, _, divisor = path.removesuffix(AUTODIFF).partition(TILE)
     moe = MoEConfig(experts=params["experts"]["w1"].shape[0], k=1, capacity_factor=1.0, min_capacity=4,
-                    use_rts=False, dispatch=path.removesuffix(AUTODIFF))
+                    use_rts=False, dispatch=dispatch)
 
     def forward(params, x):
         y, stats = moe_lib.moe_forward(params, x, moe=moe, train=True)
@@ -122,7 +143,7 @@ def moe_calls(path, x, params):
         y, aux = forward(params, x)
         return jnp.sum(y * y) + 0.01 * aux
 
-    with custom_vjp(use_custom_vjp):
+    with custom_vjp(use_custom_vjp), tile_divisor(int(divisor) if divisor else None):
         return fwd_bwd_calls(forward, loss, params, x)
 
 
@@ -152,9 +173,10 @@ def main(argv):
     paths = list(f.paths)
     if f.autodiff:
         paths += [p + AUTODIFF for p in ("gather", "dropless") if p in f.paths]
+    paths += [f"dropless{TILE}{int(d)}" for d in f.tile_divisors]
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, "
           f"M={f.model_dim} F={f.ffn_dim} top-1 cf=1.0 float32")
-    header = (f"{'S':>6} {'E':>4} {'path':>11} {'fwd ms':>8} {'bwd ms':>8} {'fwd+bwd ms':>11} "
+    header = (f"{'S':>6} {'E':>4} {'path':>16} {'fwd ms':>8} {'bwd ms':>8} {'fwd+bwd ms':>11} "
               f"{'fwd+bwd vs einsum':>18} {'fwd vs dense':>13} {'bwd vs dense':>13} {'fwd+bwd vs dense':>17}")
     print(header)
     print("-" * len(header))
@@ -170,7 +192,7 @@ def main(argv):
             for path in [*paths, "dense"]:
                 fwd, bwd, fwd_bwd = (ms[path, part] for part in PARTS)
                 vs_einsum = f"{fwd_bwd / ms['einsum', 'fwd+bwd']:>17.2f}x" if "einsum" in paths else f"{'-':>18}"
-                print(f"{num_tokens:>6} {num_experts:>4} {path:>11} {fwd:>8.1f} {bwd:>8.1f} {fwd_bwd:>11.1f} "
+                print(f"{num_tokens:>6} {num_experts:>4} {path:>16} {fwd:>8.1f} {bwd:>8.1f} {fwd_bwd:>11.1f} "
                       f"{vs_einsum} {fwd / dense[0]:>12.2f}x {bwd / dense[1]:>12.2f}x {fwd_bwd / dense[2]:>16.2f}x",
                       flush=True)
                 records.append({"S": num_tokens, "E": num_experts, "path": path, "fwd_ms": fwd, "bwd_ms": bwd,

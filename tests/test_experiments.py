@@ -158,3 +158,27 @@ def test_suite_killed_midway_resumes_and_grows_to_the_uninterrupted_results(tmp_
     assert b["provenance"]["run_commits"] and "unrecorded" not in b["provenance"]["run_commits"]
     assert (killed / "placement.png").stat().st_size > 1000
     assert "| MoE beats its dense base | moe - dense |" in (killed / "results.md").read_text()
+
+
+def test_layer_bench_tile_sizes_change_the_tiles_not_the_result():
+    """bench_moe_layer's "dropless@tile/d" rows run the dropless layer with other row tiles; the
+    layer's output and gradients do not depend on the tile (random inputs, several tiles per expert)."""
+    import jax
+    import numpy as np
+
+    from experiments import bench_moe_layer as bench
+    from moe_jax import experts as experts_lib
+
+    assert experts_lib.default_tile(4096, 8) == 256
+    with bench.tile_divisor(4):
+        assert experts_lib.default_tile(4096, 8) == 128 and experts_lib.default_tile(1024, 64) == 8
+    assert experts_lib.default_tile(4096, 8) == 256  # restored
+    x = jax.random.normal(jax.random.key(0), (256, 16))
+    params = bench.layer_params(jax.random.key(1), 4, 16, 32)
+    results = {}
+    for path in ("dropless", "dropless@tile/1", "dropless@tile/8"):
+        calls = bench.moe_calls(path, x, params)
+        results[path] = [fn(*args) for fn, args in (calls["fwd"], calls["fwd+bwd"])]
+    for path in ("dropless@tile/1", "dropless@tile/8"):
+        for got, want in zip(jax.tree.leaves(results[path]), jax.tree.leaves(results["dropless"])):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
