@@ -302,3 +302,33 @@ def test_every_step_damaged_is_a_clear_error(tmp_path):
             ckpt.restore_latest({"params": jax.eval_shape(lambda: state["params"])})
     with Checkpointer(tmp_path / "empty") as ckpt:
         assert ckpt.restore_latest({"params": None}) == ({}, {}, None)
+
+
+def test_saving_replicated_arrays_on_many_devices_compiles_nothing(tmp_path):
+    """Each replica's shard is written whole: off GPU orbax's default (replica-parallel saving)
+    slices every replicated array between its 8 replicas, one eager XLA compile per replica,
+    shape and slice, seconds per save of a small model."""
+    mesh = jax.make_mesh((8,), ("d",))
+    shapes = [(40, 11), (5, 24, 3), (56,), (7, 72)]  # divisible by 8 (replicas); saved by no other test
+    tree = {f"a{i}": jax.device_put(jax.random.normal(jax.random.key(i), shape), NamedSharding(mesh, P()))
+            for i, shape in enumerate(shapes)}
+    tree["sharded"] = jax.device_put(jax.random.normal(jax.random.key(9), (8, 23)), NamedSharding(mesh, P("d")))
+    jax.block_until_ready(tree)
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        with Checkpointer(tmp_path) as ckpt:
+            assert ckpt.save(1, {"params": tree})
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    with Checkpointer(tmp_path) as ckpt:
+        restored, _ = ckpt.restore(target={"params": jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)})
+    assert_same_tree(restored["params"], tree)
+    assert restored["params"]["sharded"].sharding.spec == P("d")
