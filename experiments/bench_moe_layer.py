@@ -173,6 +173,13 @@ def main(argv):
     paths = list(f.paths)
     if f.autodiff:
         paths += [p + AUTODIFF for p in ("gather", "dropless") if p in f.paths]
+    if f.tile_divisors and jax.default_backend() != "cpu":
+        raise app.UsageError(f"--tile_divisors={','.join(f.tile_divisors)} times the row tiles of the CPU "
+                             f"dropless path; on {jax.default_backend()} dropless runs jax.lax.ragged_dot "
+                             "without tiles: drop the flag")
+    for d in f.tile_divisors:
+        if not d.isdigit() or int(d) < 1:
+            raise app.UsageError(f"--tile_divisors has {d!r}; each divisor is a positive integer (2 is the default tile)")
     paths += [f"dropless{TILE}{int(d)}" for d in f.tile_divisors]
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, "
           f"M={f.model_dim} F={f.ffn_dim} top-1 cf=1.0 float32")

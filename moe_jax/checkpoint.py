@@ -85,8 +85,8 @@ class _DropMessages(std_logging.Filter):
 
 
 def _whole_shard_array_writes() -> None:
-    """Has replica 0 of each shard write it whole (orbax's choice on GPU), unless a custom array
-    handler is registered already. Off GPU orbax defaults to replica-parallel saving: every
+    """Has replica 0 of each shard write it whole (orbax's choice when JAX_PLATFORMS names a GPU),
+    unless a custom array handler is registered already. Otherwise orbax saves replica-parallel: every
     replicated array is split between its replicas by one eager slice per replica, array shape and
     slice, each a separate XLA compile. With several devices on one host (virtual CPU devices, a
     CPU multi-host run) a save then spends seconds compiling slices and writes nothing in parallel
@@ -97,8 +97,9 @@ def _whole_shard_array_writes() -> None:
         quiet = _DropMessages("overriding")  # orbax warns on every override, and this one is meant
         std_logging.getLogger("absl").addFilter(quiet)
         try:
-            ocp.type_handlers.register_type_handler(
-                jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+            ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+                use_replica_parallel=False,  # the rest as orbax's default handler has it
+                array_metadata_store=getattr(current, "_array_metadata_store", None)), override=True)
         finally:
             std_logging.getLogger("absl").removeFilter(quiet)
 
@@ -116,6 +117,8 @@ def _leaf_digests(tree) -> Optional[dict]:
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
             return None
+        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)  # a typed PRNG key: its raw bits
         value = np.ascontiguousarray(jax.device_get(leaf))
         out[_path_name(path)] = [str(value.dtype), hashlib.sha256(value.tobytes()).hexdigest()]
     return out
@@ -197,9 +200,15 @@ def _path_name(path) -> str:
     return "/".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
 
 
+def _stored_shape(leaf) -> tuple:
+    """The shape a leaf has on disk: a typed PRNG key array is stored as its raw key data."""
+    if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+        return tuple(jax.eval_shape(jax.random.key_data, leaf).shape)
+    return tuple(leaf.shape if hasattr(leaf, "shape") else np.shape(leaf))
+
+
 def _shapes(tree) -> dict[str, tuple]:
-    return {_path_name(path): tuple(leaf.shape if hasattr(leaf, "shape") else np.shape(leaf))
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {_path_name(path): _stored_shape(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 class Checkpointer:

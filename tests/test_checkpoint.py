@@ -314,21 +314,38 @@ def test_saving_replicated_arrays_on_many_devices_compiles_nothing(tmp_path):
             for i, shape in enumerate(shapes)}
     tree["sharded"] = jax.device_put(jax.random.normal(jax.random.key(9), (8, 23)), NamedSharding(mesh, P("d")))
     jax.block_until_ready(tree)
-    compiles = []
+    compiles = []  # fresh compiles, and programs the persistent compilation cache returns
 
-    def listener(event, duration, **kwargs):
+    def on_duration(event, duration, **kwargs):
         if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
+            compiles.append(event)
 
-    jax.monitoring.register_event_duration_secs_listener(listener)
+    def on_event(event, **kwargs):
+        if event == "/jax/compilation_cache/cache_hits":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
     try:
         with Checkpointer(tmp_path) as ckpt:
             assert ckpt.save(1, {"params": tree})
     finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+        jax.monitoring.unregister_event_listener(on_event)
     assert compiles == []
     with Checkpointer(tmp_path) as ckpt:
         restored, _ = ckpt.restore(target={"params": jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)})
     assert_same_tree(restored["params"], tree)
     assert restored["params"]["sharded"].sharding.spec == P("d")
+
+
+def test_prng_keys_restore_as_keys(tmp_path):
+    """The array handler this module registers keeps orbax's array metadata (a key's PRNG impl)."""
+    keys = {"key": jax.random.key(3), "split": jax.random.split(jax.random.key(4), 4)}
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.save(1, {"keys": keys})
+        restored, _ = ckpt.restore(target={"keys": jax.eval_shape(lambda: keys)})
+    for name, key in keys.items():
+        assert jax.dtypes.issubdtype(restored["keys"][name].dtype, jax.dtypes.prng_key), name
+        np.testing.assert_array_equal(jax.random.key_data(restored["keys"][name]), jax.random.key_data(key))

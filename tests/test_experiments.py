@@ -176,8 +176,10 @@ def test_layer_bench_tile_sizes_change_the_tiles_not_the_result():
     x = jax.random.normal(jax.random.key(0), (256, 16))
     params = bench.layer_params(jax.random.key(1), 4, 16, 32)
     results = {}
-    for path in ("dropless", "dropless@tile/1", "dropless@tile/8"):
+    for path, tile in (("dropless", 32), ("dropless@tile/1", 64), ("dropless@tile/8", 8)):
         calls = bench.moe_calls(path, x, params)
+        num_tiles = (256 + 4 * (tile - 1) + tile - 1) // tile  # experts.tile_layout's static bound
+        assert f"f32[{num_tiles},{tile},16]" in calls["fwd"][0].as_text(), path  # the tiles it compiled
         results[path] = [fn(*args) for fn, args in (calls["fwd"], calls["fwd+bwd"])]
     for path in ("dropless@tile/1", "dropless@tile/8"):
         for got, want in zip(jax.tree.leaves(results[path]), jax.tree.leaves(results["dropless"])):
