@@ -58,14 +58,3 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-
-# The modules whose tests start binaries or train for minutes, scheduled first (longest first, as
-# a scheduler packs jobs): pytest-xdist (--dist loadgroup) hands out xdist_group groups first, then
-# the other tests in collection order, and one of these left for the end keeps a single worker
-# busy while the other idles. Order within a module is kept.
-FIRST = ("test_experiments.py", "test_multiprocess.py", "test_distill.py", "test_routing_trace.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))
