@@ -79,8 +79,7 @@ def tile_divisor(divisor: int | None):
     """Traces inside pick dropless row tiles near mean group size / divisor (None: the default)."""
     saved = experts_lib.default_tile
     if divisor is not None:
-        experts_lib.default_tile = lambda rows, experts: int(
-            max(8, experts_lib.pl2(max(1, rows // max(1, experts))) // divisor))
+        experts_lib.default_tile = functools.partial(saved, divisor=divisor, smallest=8, largest=None)
     try:
         yield
     finally:

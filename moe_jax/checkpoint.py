@@ -75,15 +75,6 @@ CHECKPOINT_DIR = "checkpoints"  # a workdir's checkpoint directory
 COMMIT_MARKER = "commit_success.txt"
 
 
-class _DropMessages(std_logging.Filter):
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
-
-
 def _whole_shard_array_writes() -> None:
     """Has replica 0 of each shard write it whole (orbax's choice when JAX_PLATFORMS names a GPU),
     unless a custom array handler is registered already. Otherwise orbax saves replica-parallel: every
@@ -94,7 +85,8 @@ def _whole_shard_array_writes() -> None:
     restore either way."""
     current = ocp.type_handlers.get_type_handler(jax.Array)
     if type(current) is ocp.type_handlers.ArrayHandler and getattr(current, "_use_replica_parallel", False):
-        quiet = _DropMessages("overriding")  # orbax warns on every override, and this one is meant
+        # orbax warns on every override, and this one is meant
+        quiet = lambda record: "overriding" not in record.getMessage()  # noqa: E731
         std_logging.getLogger("absl").addFilter(quiet)
         try:
             ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
@@ -117,7 +109,7 @@ def _leaf_digests(tree) -> Optional[dict]:
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
             return None
-        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        if _is_prng_key(leaf):
             leaf = jax.random.key_data(leaf)  # a typed PRNG key: its raw bits
         value = np.ascontiguousarray(jax.device_get(leaf))
         out[_path_name(path)] = [str(value.dtype), hashlib.sha256(value.tobytes()).hexdigest()]
@@ -200,9 +192,14 @@ def _path_name(path) -> str:
     return "/".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
 
 
+def _is_prng_key(leaf) -> bool:
+    """A typed PRNG key array (or its abstract shape): stored on disk as its raw key data."""
+    return jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key)
+
+
 def _stored_shape(leaf) -> tuple:
     """The shape a leaf has on disk: a typed PRNG key array is stored as its raw key data."""
-    if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+    if _is_prng_key(leaf):
         return tuple(jax.eval_shape(jax.random.key_data, leaf).shape)
     return tuple(leaf.shape if hasattr(leaf, "shape") else np.shape(leaf))
 

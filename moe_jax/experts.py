@@ -84,11 +84,13 @@ def _tiled_matmul_bwd(residuals, d_out):
 tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
 
 
-def default_tile(num_rows: int, num_experts: int) -> int:
-    """Row tile: a power of two near half the mean group size, in [16, 256] (padding costs at most
-    E * (tile - 1) rows; small tiles make small matmuls)."""
+def default_tile(num_rows: int, num_experts: int, divisor: int = 2, smallest: int = 16,
+                 largest: int | None = 256) -> int:
+    """Row tile: a power of two near the mean group size / divisor, in [smallest, largest] (padding
+    costs at most E * (tile - 1) rows; small tiles make small matmuls)."""
     mean_group = max(1, num_rows // max(1, num_experts))
-    return int(min(256, max(16, pl2(mean_group) // 2)))
+    tile = max(smallest, pl2(mean_group) // divisor)
+    return int(tile if largest is None else min(largest, tile))
 
 
 def tile_layout(sorted_expert: jax.Array, group_sizes: jax.Array, tile: int):

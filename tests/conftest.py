@@ -57,4 +57,3 @@ if _CACHE:
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-
