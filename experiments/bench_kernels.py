@@ -21,7 +21,6 @@ that would start after --budget_s seconds (default 420) is skipped and marked so
 section stops measuring 45 s after that.
 """
 
-import dataclasses
 import os
 import sys
 import time
@@ -34,83 +33,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from moe_jax import moe as moe_lib  # noqa: E402
-from moe_jax.config import MoEConfig  # noqa: E402
 from moe_jax.kernels import bench_util, platform  # noqa: E402
 from moe_jax.kernels.dispatch import benchmark as dispatch_benchmark  # noqa: E402
 from moe_jax.kernels.gating import benchmark as gating_benchmark  # noqa: E402
 from moe_jax.kernels.grouped_matmul import benchmark as gmm_benchmark  # noqa: E402
+from experiments.moe_layer_timing import LAYERS, run_layers  # noqa: E402
 
 flags.DEFINE_string("out", None, "Write the markdown report to this file.", required=True)
 flags.DEFINE_bool("quick", False, "One shape per kernel and the smaller layer only.")
 flags.DEFINE_float("budget_s", 420.0, "Skip the sections that would start after this many seconds.")
-
-LAYERS = [("350M+MoE-128", 16384, 128, 1024, 4096), ("1.3B+MoE-128", 16384, 128, 2048, 8192)]
-LAYER_PATHS = ("einsum", "gather", "dropless", "kernel")
-
-
-def layer_params(num_experts, model_dim, ffn_dim):
-    keys = jax.random.split(jax.random.key(0), 3)
-    return {
-        "gate": {"kernel": jax.random.normal(keys[0], (model_dim, num_experts)) * 0.02},
-        "experts": {
-            "w1": (jax.random.normal(keys[1], (num_experts, model_dim, ffn_dim), jnp.bfloat16) * 0.02),
-            "b1": jnp.zeros((num_experts, ffn_dim), jnp.bfloat16),
-            "w2": (jax.random.normal(keys[2], (num_experts, ffn_dim, model_dim), jnp.bfloat16) * 0.02),
-            "b2": jnp.zeros((num_experts, model_dim), jnp.bfloat16),
-        },
-    }
-
-
-def run_layers(layers, deadline: float) -> list[bench_util.Record]:
-    """Measures each layer and path until time.perf_counter() passes `deadline`."""
-    records = []
-    for name, num_tokens, num_experts, model_dim, ffn_dim in layers:
-        params = layer_params(num_experts, model_dim, ffn_dim)
-        x = jax.random.normal(jax.random.key(1), (num_tokens, model_dim), jnp.bfloat16)
-        moe = MoEConfig(experts=num_experts, k=1, capacity_factor=1.0, min_capacity=4, use_rts=False)
-        shape = f"{name}: S={num_tokens} E={num_experts} M={model_dim} F={ffn_dim}"
-        # Useful FLOPs: one expert FFN per token (top-1); the weights are read at least once.
-        flops = 2 * 2 * num_tokens * model_dim * ffn_dim
-        weight_bytes = 2 * 2 * num_experts * model_dim * ffn_dim
-
-        def forward_fn(path):
-            # "kernel + fused gating": every step on the kernels (router_impl="kernel", dispatch "kernel")
-            layer_moe = dataclasses.replace(moe, router_impl="kernel") if path == "kernel + fused gating" else moe
-            layer_path = "kernel" if path == "kernel + fused gating" else path
-
-            def forward(params, x):
-                y, stats = moe_lib.moe_forward(params, x, moe=layer_moe, train=True, path=layer_path)
-                return y, stats["aux_loss"]
-            return forward
-
-        for direction in ("forward", "forward+backward"):
-            baseline = None
-            for path in (*LAYER_PATHS, "kernel + fused gating"):
-                if time.perf_counter() > deadline:
-                    print(f"{shape} {path} {direction}: skipped, out of time", file=sys.stderr)
-                    continue
-                forward = forward_fn(path)
-                if direction == "forward":
-                    fn = jax.jit(forward)
-                else:
-                    def loss(params, x, forward=forward):
-                        y, aux = forward(params, x)
-                        return jnp.mean(jnp.square(y.astype(jnp.float32))) + 0.01 * aux
-                    fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
-                try:
-                    ms = bench_util.time_ms(fn, params, x, repeats=5)
-                except Exception as error:
-                    print(f"{shape} {path} {direction}: failed: {type(error).__name__}: {str(error)[:300]}",
-                          file=sys.stderr)
-                    continue
-                baseline = baseline or ms
-                scale = 1 if direction == "forward" else 3  # backward: twice the forward's matmuls
-                records.append(bench_util.Record(f"MoE layer {direction}", shape, path, ms,
-                                                 bytes_moved=scale * weight_bytes, flops=scale * flops,
-                                                 baseline_ms=baseline))
-    return records
-
 
 def _find(records, op_prefix, shape_part, impl_prefix):
     return [r for r in records

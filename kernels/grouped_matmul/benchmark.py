@@ -29,24 +29,35 @@ TILES = [kernel.BlockSizes(),
          kernel.BlockSizes(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)]
 
 
-def _optional_baselines():
-    """Other grouped matmuls to compare with, where installed: name -> fn(lhs, rhs, group_sizes)."""
+def _optional_baselines(notes: list[str]):
+    """Other grouped matmuls to compare with, where installed: name -> fn(lhs, rhs, group_sizes).
+    Why one is left out goes to `notes`."""
     found = {}
     try:
         import tokamax  # not a dependency: compared with when present
 
         found["tokamax ragged_dot"] = lambda lhs, rhs, sizes: tokamax.ragged_dot(lhs, rhs, sizes)
-    except Exception:
-        pass
-    try:
-        from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+    except Exception as error:
+        notes.append(f"tokamax ragged_dot left out: import tokamax failed ({type(error).__name__}: {str(error)[:200]})")
+    if platform.on_gpu():
+        try:
+            from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
-        found["jax ragged_dot_mgpu (Mosaic GPU)"] = lambda lhs, rhs, sizes: ragged_dot_mgpu.ragged_dot(
-            lhs, rhs, group_sizes=sizes, block_m=128, block_n=128, block_k=64, max_concurrent_steps=4,
-            grid_block_n=1)
-    except Exception:
-        pass
+            found["jax ragged_dot_mgpu (Mosaic GPU)"] = lambda lhs, rhs, sizes: ragged_dot_mgpu.ragged_dot(
+                lhs, rhs, group_sizes=sizes, block_m=128, block_n=128, block_k=64, max_concurrent_steps=4,
+                grid_block_n=1)
+        except Exception as error:
+            notes.append(f"jax ragged_dot_mgpu left out: {type(error).__name__}: {str(error)[:200]}")
     return found
+
+
+def capacity_buffer_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """The capacity path's experts matmul on the same rows: a batched [G, C, K] x [G, K, Nout] with
+    C = N / G (every expert's buffer full at capacity factor 1.0; group_sizes are not looked at)."""
+    del group_sizes
+    groups = rhs.shape[0]
+    buffer = lhs.reshape(groups, lhs.shape[0] // groups, lhs.shape[1])
+    return jnp.einsum("gck,gkn->gcn", buffer, rhs).reshape(lhs.shape[0], rhs.shape[2])
 
 
 def group_sizes_for(num_rows: int, num_groups: int, seed: int = 0) -> jax.Array:
@@ -55,8 +66,11 @@ def group_sizes_for(num_rows: int, num_groups: int, seed: int = 0) -> jax.Array:
     return jnp.asarray(counts, jnp.int32)
 
 
-def run(shapes=SHAPES, tiles=TILES) -> list[bench_util.Record]:
-    records = []
+def run(shapes=SHAPES, tiles=TILES, notes: list[str] | None = None) -> list[bench_util.Record]:
+    """Times each implementation at each shape; `notes` (if given) collects why optional baselines
+    were left out. The capacity buffer's batched matmul runs where G divides N."""
+    records, notes = [], [] if notes is None else notes
+    baselines = _optional_baselines(notes)
     for num_rows, inner, cols, num_groups in shapes:
         keys = jax.random.split(jax.random.key(0), 2)
         lhs = jax.random.normal(keys[0], (num_rows, inner), jnp.bfloat16)
@@ -66,7 +80,9 @@ def run(shapes=SHAPES, tiles=TILES) -> list[bench_util.Record]:
         flops = 2.0 * num_rows * inner * cols
         bytes_moved = 2.0 * (num_rows * inner + num_rows * cols + int(jnp.sum(sizes > 0)) * inner * cols)
         impls = [("xla ragged_dot", jax.jit(reference.gmm))]
-        impls += [(name, jax.jit(fn)) for name, fn in _optional_baselines().items()]
+        if num_rows % num_groups == 0:
+            impls.append(("capacity buffer batched matmul", jax.jit(capacity_buffer_matmul)))
+        impls += [(name, jax.jit(fn)) for name, fn in baselines.items()]
         if platform.on_gpu():
             for tile in tiles:
                 name = (f"pallas kernel {tile.block_m}x{tile.block_n}x{tile.block_k} "
