@@ -137,6 +137,13 @@ def time_moe_layer(path, params, cfg, batch, f) -> float:
     return best_of(calls, f.repeats) * 1e3 / f.layer_calls
 
 
+def write_records(records, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as out:
+        json.dump(records, out, indent=1)
+    os.replace(tmp, path)
+
+
 def plot(records, path_png, title):
     fig, (ax_model, ax_layer) = plt.subplots(1, 2, figsize=(12, 4.5))
     styles = ["-", "--", ":", "-."]
@@ -213,6 +220,8 @@ def main(argv):
                           "tokens_per_s": batch * 1e3 / step_ms, "prefill_ms": prefill_ms,
                           "decode_capacity": capacity}
                 records.append(record)
+                if f.json:  # after every row: a run stopped early keeps what it measured
+                    write_records(records, f.json)
                 ratio = f"{einsum_layer / layer_ms:>14.2f}x" if einsum_layer else f"{'-':>15}"
                 print(f"{record['E']:>3} {path:>7} {batch:>5} {prompt_len:>4} "
                       f"{'-' if capacity is None else capacity:>4} {prefill_ms:>10.1f} {step_ms:>9.2f} "
@@ -227,8 +236,7 @@ def main(argv):
     plot(records, f.png, title)
     print(f"plot: {f.png}")
     if f.json:
-        with open(f.json, "w") as out:
-            json.dump(records, out, indent=1)
+        write_records(records, f.json)
         print(f"wrote {len(records)} records to {f.json}")
 
 

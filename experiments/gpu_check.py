@@ -57,6 +57,7 @@ flags.DEFINE_integer("train_layers", 12, "Layers of the 350M+PR-MoE-32/64 model 
 flags.DEFINE_integer("train_steps", 20, "Timed training steps.")
 flags.DEFINE_string("part", None, "Internal: run one part and write its JSON to --part_out.")
 flags.DEFINE_string("part_out", None, "Internal: the part's JSON file.")
+flags.DEFINE_float("part_limit_s", 600.0, "Internal: the part's time limit (its own children stop before it).")
 
 H200_BF16_PEAK_TFLOPS = 790.0  # measured dense bf16 matmul rate on this card (the device notes)
 
@@ -73,9 +74,9 @@ PARTS = (
     Part("env", "Environment", 30),
     Part("pytest", "pytest -m gpu", 100),
     Part("train", "Training steps (bfloat16)", 110),
-    Part("kernels", "Kernels at the paper's shapes (bfloat16)", 75),
-    Part("layer", "MoE layer per dispatch path, forward+backward (bfloat16)", 60),
-    Part("decode", "Decode latency per serving path", 60),
+    Part("kernels", "Kernels at the paper's shapes (bfloat16)", 80),
+    Part("layer", "MoE layer per dispatch path, forward+backward (bfloat16)", 80),
+    Part("decode", "Decode latency per serving path", 80),
 )
 PART_NAMES = tuple(p.name for p in PARTS)
 
@@ -168,7 +169,11 @@ def part_env(result: PartResult, dry_run: bool) -> None:
         raise SystemExit(f"no GPU: JAX's default backend is {jax.default_backend()!r}. Run with --dry_run on CPU.")
 
 
-def part_pytest(result: PartResult, dry_run: bool) -> None:
+def _text(output) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
+
+
+def part_pytest(result: PartResult, dry_run: bool, limit_s: float) -> None:
     """pytest -m gpu in a child process; the outcome of every test from its JUnit XML."""
     with tempfile.TemporaryDirectory() as tmp:
         junit = os.path.join(tmp, "junit.xml")
@@ -179,7 +184,11 @@ def part_pytest(result: PartResult, dry_run: bool) -> None:
         workers = ["-n", "4"] if not dry_run else []
         command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *workers,
                    "-rfEs", f"--junitxml={junit}", os.path.join(ROOT, "tests")]
-        proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit_s)
+        except subprocess.TimeoutExpired as expired:  # report the tests that finished
+            proc = subprocess.CompletedProcess(command, -9, _text(expired.stdout), _text(expired.stderr))
+            result.note(f"pytest stopped at its {limit_s:.0f} s limit")
         print(proc.stdout[-6000:], proc.stderr[-3000:], sep="\n", flush=True)
         if not os.path.exists(junit):
             raise RuntimeError(f"pytest wrote no report (exit {proc.returncode}): {proc.stdout[-1500:]}")
@@ -300,14 +309,12 @@ def part_kernels(result: PartResult, dry_run: bool) -> None:
         gmm_shapes = [(n, 2048, 8192, g) for n in (8192, 32768) for g in (64, 128)]
     if not _on_gpu():
         result.skip("Pallas and jax-triton kernels", "compiled kernels need a GPU (the references ran)")
-    for record in gating_benchmark.run(gating_shapes):
-        result.add(_record_dict(record))
-    notes = []
-    gmm_records = gmm_benchmark.run(gmm_shapes, tiles=gmm_benchmark.TILES[:2], notes=notes)
+    notes = []  # the grouped matmul first: the larger share of the part's time limit
+    gmm_benchmark.run(gmm_shapes, tiles=gmm_benchmark.TILES[:2], notes=notes,
+                      on_record=lambda r: result.add(_record_dict(r, peak=True)))
     for line in notes:
         result.note(line)
-    for record in gmm_records:
-        result.add(_record_dict(record, peak=True))
+    gating_benchmark.run(gating_shapes, on_record=lambda r: result.add(_record_dict(r)))
     print(bench_util.timers_used(), flush=True)
     result.set("timer", bench_util.timers_used())
 
@@ -326,13 +333,13 @@ def part_layer(result: PartResult, dry_run: bool) -> None:
 
     layers = [("tiny", 256, 8, 32, 64)] if dry_run else [moe_layer_timing.LAYERS[1]]
     deadline = time.perf_counter() + 3600  # the part's own time limit stops it
-    for record in moe_layer_timing.run_layers(layers, deadline, directions=("forward+backward",), with_dense=True):
-        result.add({**_record_dict(record), "vs_dense": record.note})
+    moe_layer_timing.run_layers(layers, deadline, directions=("forward+backward",), with_dense=True,
+                                on_record=lambda r: result.add({**_record_dict(r), "vs_dense": r.note}))
     if not _on_gpu():
         result.skip("kernel paths", "the compiled kernels need a GPU (off GPU they would time the references)")
 
 
-def part_decode(result: PartResult, dry_run: bool) -> None:
+def part_decode(result: PartResult, dry_run: bool, limit_s: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         records = os.path.join(tmp, "decode.json")
         if dry_run:
@@ -343,13 +350,18 @@ def part_decode(result: PartResult, dry_run: bool) -> None:
                      "--num_layers=4", "--new_tokens=16", "--repeats=3"]
         command = [sys.executable, os.path.join(ROOT, "experiments", "bench_inference.py"), *sizes,
                    f"--json={records}", f"--png={os.path.join(tmp, 'decode.png')}"]
-        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-        print(proc.stdout[-5000:], proc.stderr[-3000:], sep="\n", flush=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench_inference.py exited {proc.returncode}: {proc.stderr[-1500:]}")
-        with open(records) as f:
-            for record in json.load(f):
-                result.add(record)
+        try:  # its output streams into the log; its records are written after each measurement
+            proc = subprocess.run(command, cwd=ROOT, timeout=limit_s)
+            returncode = proc.returncode
+        except subprocess.TimeoutExpired:
+            returncode = None
+            result.note(f"bench_inference.py stopped at the part's {limit_s:.0f} s limit; the rows it finished:")
+        if os.path.exists(records):
+            with open(records) as f:
+                for record in json.load(f):
+                    result.add(record)
+        if returncode not in (0, None):
+            raise RuntimeError(f"bench_inference.py exited {returncode}")
     if not _on_gpu():
         result.skip("decode kernel path", "the compiled kernels need a GPU")
 
@@ -357,13 +369,14 @@ def part_decode(result: PartResult, dry_run: bool) -> None:
 def run_part(name: str, path: str) -> None:
     f = flags.FLAGS
     result = PartResult(path)
+    child_limit = max(5.0, f.part_limit_s - 15)  # a child process stops first, so the part can report
     runners = {
         "env": lambda: part_env(result, f.dry_run),
-        "pytest": lambda: part_pytest(result, f.dry_run),
+        "pytest": lambda: part_pytest(result, f.dry_run, child_limit),
         "train": lambda: part_train(result, f.dry_run, f.train_layers, f.train_steps),
         "kernels": lambda: part_kernels(result, f.dry_run),
         "layer": lambda: part_layer(result, f.dry_run),
-        "decode": lambda: part_decode(result, f.dry_run),
+        "decode": lambda: part_decode(result, f.dry_run, child_limit),
     }
     try:
         runners[name]()
@@ -396,7 +409,8 @@ def run_all(out_dir: str, parts: list[Part], dry_run: bool, budget_s: float) -> 
                 continue
             part_path = os.path.join(tmp, f"{part.name}.json")
             command = [sys.executable, os.path.abspath(__file__), f"--part={part.name}", f"--part_out={part_path}",
-                       f"--train_layers={flags.FLAGS.train_layers}", f"--train_steps={flags.FLAGS.train_steps}"]
+                       f"--train_layers={flags.FLAGS.train_layers}", f"--train_steps={flags.FLAGS.train_steps}",
+                       f"--part_limit_s={limit}"]
             command += ["--dry_run"] if dry_run else []
             log.write(f"\n===== {part.name} (limit {limit:.0f} s) =====\n")
             log.flush()

@@ -56,10 +56,11 @@ def _forward_fn(path: str, moe: MoEConfig):
 
 
 def run_layers(layers, deadline: float, *, paths=LAYER_PATHS, directions=("forward", "forward+backward"),
-               with_dense: bool = False) -> list[bench_util.Record]:
+               with_dense: bool = False, on_record=None) -> list[bench_util.Record]:
     """Measures each layer, direction and path until time.perf_counter() passes `deadline`. Off GPU
     the kernel paths are left out (they would time the kernels' jnp references). With with_dense,
-    each row's note gives its time over the dense FFN's (measured first)."""
+    each row's note gives its time over the dense FFN's (measured first). on_record(record) sees
+    each row as it is measured."""
     records = []
     on_gpu = jax.default_backend() == "gpu"
     paths = [p for p in paths if on_gpu or not p.startswith("kernel")]
@@ -102,4 +103,6 @@ def run_layers(layers, deadline: float, *, paths=LAYER_PATHS, directions=("forwa
                                                                       else weight_bytes / num_experts),
                                                  flops=scale * flops,
                                                  baseline_ms=None if path == DENSE else baseline, note=note))
+                if on_record:
+                    on_record(records[-1])
     return records

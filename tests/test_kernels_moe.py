@@ -99,8 +99,10 @@ def test_fused_layer_equals_gather_path_with_gradients(interpret, routing_option
     ((loss, (y, dropped)), grads), jaxpr = layer_loss_and_grads(kernel_layer, x, gate, experts, keys[3])
     ((loss_want, (y_want, _)), grads_want), _ = layer_loss_and_grads(gather_layer, x, gate, experts, keys[3])
     assert float(dropped) > 0.05, "the case should drop tokens"
-    for name in ("gating_route", "gather_rows", "combine_rows", "row_dots", "gmm", "tgmm"):
+    for name in ("gather_rows", "combine_rows", "row_dots", "gmm", "tgmm"):
         assert name in jaxpr, f"the kernel path should run the {name} kernel"
+    # the router: the Pallas kernel, or (on a GPU with jax-triton and without RTS) the jax-triton one
+    assert "gating_route" in jaxpr or (not routing_options.get("use_rts") and "triton_kernel_call" in jaxpr)
     if routing_options.get("use_rts"):
         assert "gating_rts_slots" in jaxpr
     assert_close_for_dtype(y, y_want, dtype)

@@ -24,7 +24,8 @@ SHAPES = [(4096, 64, 1), (16384, 128, 1), (16384, 128, 2), (65536, 128, 2), (163
 QUICK_SHAPES = [(16384, 128, 1), (16384, 128, 2)]
 
 
-def run(shapes=SHAPES) -> list[bench_util.Record]:
+def run(shapes=SHAPES, on_record=None) -> list[bench_util.Record]:
+    """Times each implementation at each (S, E, k); on_record(record) sees each row as it is measured."""
     records = []
     for num_tokens, num_experts, k in shapes:
         logits = jax.random.normal(jax.random.key(0), (num_tokens, num_experts), jnp.float32)
@@ -52,6 +53,8 @@ def run(shapes=SHAPES) -> list[bench_util.Record]:
             baseline = baseline or ms
             records.append(bench_util.Record("gating", shape, name, ms, bytes_moved=bytes_moved,
                                              baseline_ms=baseline))
+            if on_record:
+                on_record(records[-1])
     return records
 
 

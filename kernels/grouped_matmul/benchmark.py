@@ -66,9 +66,10 @@ def group_sizes_for(num_rows: int, num_groups: int, seed: int = 0) -> jax.Array:
     return jnp.asarray(counts, jnp.int32)
 
 
-def run(shapes=SHAPES, tiles=TILES, notes: list[str] | None = None) -> list[bench_util.Record]:
+def run(shapes=SHAPES, tiles=TILES, notes: list[str] | None = None, on_record=None) -> list[bench_util.Record]:
     """Times each implementation at each shape; `notes` (if given) collects why optional baselines
-    were left out. The capacity buffer's batched matmul runs where G divides N."""
+    were left out, on_record(record) sees each row as it is measured. The capacity buffer's batched
+    matmul runs where G divides N."""
     records, notes = [], [] if notes is None else notes
     baselines = _optional_baselines(notes)
     for num_rows, inner, cols, num_groups in shapes:
@@ -100,6 +101,8 @@ def run(shapes=SHAPES, tiles=TILES, notes: list[str] | None = None) -> list[benc
             records.append(bench_util.Record("grouped matmul", shape, name, ms, bytes_moved=bytes_moved,
                                              flops=flops, baseline_ms=baseline,
                                              note=f"{100 * peak_fraction:.0f}% of bf16 peak"))
+            if on_record:
+                on_record(records[-1])
     return records
 
 
