@@ -71,6 +71,7 @@ GMM_SETTINGS = {
 
 
 def main(argv):
+    jax.config.update("jax_default_matmul_precision", "highest")  # float32 dots in IEEE float32, as in the tests
     interpret = "--interpret" in argv
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, interpret={interpret}", flush=True)
     failures = 0

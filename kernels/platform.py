@@ -21,6 +21,7 @@ import functools
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 from jax.experimental.pallas import triton as pltriton
 
 # H200 ceilings used by the benchmarks' roofline columns (dense bf16 tensor-core peak, HBM3e).
@@ -72,3 +73,53 @@ def lower_for_gpu(fn, *args, device_kind: str = "NVIDIA H200", num_cores: int = 
         device_kind=device_kind, num_cores=num_cores, platform="gpu"))
     with jax.sharding.use_abstract_mesh(mesh):
         return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-int(n) // multiple) * multiple
+
+
+def pad_to(x: jax.Array, multiples: tuple[Optional[int], ...], value=0) -> jax.Array:
+    """x padded at the end of each axis to a multiple of multiples[axis] (None: that axis as it is);
+    x itself when nothing needs padding (no copy)."""
+    widths = [(0, 0 if m is None else -size % m) for size, m in zip(x.shape, multiples)]
+    widths += [(0, 0)] * (x.ndim - len(widths))
+    if not any(after for _, after in widths):
+        return x
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _sub_jaxprs(value):
+    if hasattr(value, "eqns"):
+        yield value
+    elif hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):
+        yield value.jaxpr
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _sub_jaxprs(item)
+
+
+def ragged_blocks(fn, *args) -> list[str]:
+    """Every pallas_call operand or result in jax.make_jaxpr(fn)(*args) whose BlockSpec block does
+    not divide the array (an edge block the Triton backend would not mask; module docstring), as
+    'kernel name: array shape / block shape' lines. Empty when every block fits whole."""
+    from jax._src.pallas import core as pallas_core
+
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                name = eqn.params.get("name") or getattr(eqn.params.get("name_and_src_info"), "name", "pallas_call")
+                for mapping in eqn.params["grid_mapping"].block_mappings:
+                    shape = mapping.array_aval.shape
+                    block = tuple(1 if b is None or isinstance(b, pallas_core.Squeezed)
+                                  else pallas_core.get_block_size(b) for b in mapping.block_shape)
+                    if any(size % b for size, b in zip(shape, block)):
+                        found.append(f"{name}: array {tuple(shape)} / block {block}")
+            for value in eqn.params.values():
+                for sub in _sub_jaxprs(value):
+                    walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found

@@ -8,8 +8,9 @@ spec of each). All three are pure data movement: each output row is read once an
   row_dots      one program per block of tokens, looping over the model dim: the combine weights'
                 gradient <dy[s], rows[position[s, j]]>.
 
-Gathered indices are clamped into range and masked, so out-of-range rows are never read; tiles
-that run past the array edge are masked by Pallas.
+Gathered indices are clamped into range and masked, so out-of-range rows are never read. The
+tiled operands and results are padded to whole tiles and the result sliced (platform.py: the
+Triton backend does not mask edge tiles): padded table rows are empty copies, padded columns zero.
 """
 
 from __future__ import annotations
@@ -117,19 +118,22 @@ def gather_rows(x: jax.Array, row_source: jax.Array, row_scale: Optional[jax.Arr
                 block_sizes: BlockSizes = BlockSizes(), interpret: bool = False) -> jax.Array:
     """x [S, M], row_source [R] int32, row_scale [R] or None -> [R, M] (reference.gather_rows)."""
     num_rows = row_source.shape[0]
-    model_dim = x.shape[1]
+    num_tokens, model_dim = x.shape
     block_rows, block_cols = block_sizes.fit(num_rows, model_dim)
     row_spec = pl.BlockSpec((block_rows,), lambda i, j: (i,))
-    inputs = [row_source] + ([] if row_scale is None else [row_scale]) + [x]
-    return pl.pallas_call(
+    inputs = [platform.pad_to(row_source, (block_rows,), num_tokens)]  # padded rows: empty (no source)
+    inputs += [] if row_scale is None else [platform.pad_to(row_scale, (block_rows,))]
+    padded_rows, padded_cols = inputs[0].shape[0], platform.round_up(model_dim, block_cols)
+    out = pl.pallas_call(
         functools.partial(_gather_rows_kernel, has_scale=row_scale is not None),
-        out_shape=jax.ShapeDtypeStruct((num_rows, model_dim), x.dtype),
-        grid=(pl.cdiv(num_rows, block_rows), pl.cdiv(model_dim, block_cols)),
-        in_specs=[row_spec] * (len(inputs) - 1) + [_ANY],
+        out_shape=jax.ShapeDtypeStruct((padded_rows, padded_cols), x.dtype),
+        grid=(padded_rows // block_rows, padded_cols // block_cols),
+        in_specs=[row_spec] * len(inputs) + [_ANY],
         out_specs=pl.BlockSpec((block_rows, block_cols), lambda i, j: (i, j)),
         compiler_params=platform.compiler_params(block_sizes.num_warps),
         interpret=interpret, name="gather_rows",
-    )(*inputs)
+    )(*inputs, x)
+    return out[:num_rows, :model_dim]
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
@@ -140,16 +144,19 @@ def combine_rows(rows: jax.Array, position: jax.Array, weight: Optional[jax.Arra
     model_dim = rows.shape[1]
     block_tokens, block_cols = block_sizes.fit(num_tokens, model_dim)
     copy_spec = pl.BlockSpec((block_tokens, k), lambda i, j: (i, 0))
-    inputs = [position] + ([] if weight is None else [weight]) + [rows]
-    return pl.pallas_call(
+    inputs = [platform.pad_to(position, (block_tokens, None), -1)]  # padded tokens: no copies
+    inputs += [] if weight is None else [platform.pad_to(weight, (block_tokens, None))]
+    padded_tokens, padded_cols = inputs[0].shape[0], platform.round_up(model_dim, block_cols)
+    out = pl.pallas_call(
         functools.partial(_combine_rows_kernel, has_weight=weight is not None),
-        out_shape=jax.ShapeDtypeStruct((num_tokens, model_dim), rows.dtype),
-        grid=(pl.cdiv(num_tokens, block_tokens), pl.cdiv(model_dim, block_cols)),
-        in_specs=[copy_spec] * (len(inputs) - 1) + [_ANY],
+        out_shape=jax.ShapeDtypeStruct((padded_tokens, padded_cols), rows.dtype),
+        grid=(padded_tokens // block_tokens, padded_cols // block_cols),
+        in_specs=[copy_spec] * len(inputs) + [_ANY],
         out_specs=pl.BlockSpec((block_tokens, block_cols), lambda i, j: (i, j)),
         compiler_params=platform.compiler_params(block_sizes.num_warps),
         interpret=interpret, name="combine_rows",
-    )(*inputs)
+    )(*inputs, rows)
+    return out[:num_tokens, :model_dim]
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
@@ -158,12 +165,15 @@ def row_dots(a: jax.Array, rows: jax.Array, position: jax.Array, *,
     """a [S, M], rows [R, M], position [S, k] -> [S, k] float32 (reference.row_dots)."""
     num_tokens, k = position.shape
     block_tokens, block_cols = block_sizes.fit(num_tokens, a.shape[1])
-    return pl.pallas_call(
+    position = platform.pad_to(position, (block_tokens, None), -1)  # padded tokens: no copies
+    padded_tokens = position.shape[0]
+    out = pl.pallas_call(
         functools.partial(_row_dots_kernel, block_cols=block_cols),
-        out_shape=jax.ShapeDtypeStruct((num_tokens, k), jnp.float32),
-        grid=(pl.cdiv(num_tokens, block_tokens),),
+        out_shape=jax.ShapeDtypeStruct((padded_tokens, k), jnp.float32),
+        grid=(padded_tokens // block_tokens,),
         in_specs=[pl.BlockSpec((block_tokens, k), lambda i: (i, 0)), _ANY, _ANY],
         out_specs=pl.BlockSpec((block_tokens, k), lambda i: (i, 0)),
         compiler_params=platform.compiler_params(block_sizes.num_warps),
         interpret=interpret, name="row_dots",
     )(position, a, rows)
+    return out[:num_tokens]

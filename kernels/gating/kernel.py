@@ -203,12 +203,16 @@ def fused_gating(logits: jax.Array, noise: Optional[jax.Array] = None, scores: O
     padded_experts = platform.next_power_of_2(num_experts)
     block = block_sizes.resolve(num_tokens, padded_experts)
     num_blocks = pl.cdiv(num_tokens, block)
+    # Every tiled array in whole blocks (platform.py: the Triton backend does not mask edge blocks);
+    # the kernel masks the padded tokens and experts, and the per-copy results are sliced to S.
+    padded_tokens = num_blocks * block
     params = platform.compiler_params(num_warps=block_sizes.num_warps)
     token_spec = pl.BlockSpec((block, padded_experts), lambda i: (i, 0))
     per_copy_spec = pl.BlockSpec((block, k), lambda i: (i, 0))
-    inputs = [array for array in (logits, noise, scores) if array is not None]
-    per_copy_i32 = jax.ShapeDtypeStruct((num_tokens, k), jnp.int32)
-    per_copy_f32 = jax.ShapeDtypeStruct((num_tokens, k), jnp.float32)
+    inputs = [platform.pad_to(array, (block, padded_experts)) for array in (logits, noise, scores)
+              if array is not None]
+    per_copy_i32 = jax.ShapeDtypeStruct((padded_tokens, k), jnp.int32)
+    per_copy_f32 = jax.ShapeDtypeStruct((padded_tokens, k), jnp.float32)
 
     expert, gate, rank, counts, gate_sum, z_sum, *priority = pl.pallas_call(
         functools.partial(_route_block_kernel, k=k, num_tokens=num_tokens, num_experts=num_experts,
@@ -233,7 +237,7 @@ def fused_gating(logits: jax.Array, noise: Optional[jax.Array] = None, scores: O
                        capacity=capacity)
 
     if scores is not None:
-        kept, offsets = rts_keep(expert[:, 0], priority[0][:, 0], num_experts=num_experts,
+        kept, offsets = rts_keep(expert[:num_tokens, 0], priority[0][:num_tokens, 0], num_experts=num_experts,
                                  padded_experts=padded_experts, capacity=capacity, block_tokens=block)
         slot, weight = pl.pallas_call(
             _rts_slot_kernel,
@@ -243,8 +247,8 @@ def fused_gating(logits: jax.Array, noise: Optional[jax.Array] = None, scores: O
                       pl.BlockSpec((1, 1, padded_experts), lambda i: (i, 0, 0))],
             out_specs=(per_copy_spec, per_copy_spec),
             compiler_params=params, interpret=interpret, name="gating_rts_slots",
-        )(expert, kept[:, None].astype(jnp.int32), gate, offsets)
-        return GatingOutputs(expert, slot, weight, kept[:, None], *stats)
+        )(expert, platform.pad_to(kept[:, None].astype(jnp.int32), (block, None)), gate, offsets)
+        return GatingOutputs(expert[:num_tokens], slot[:num_tokens], weight[:num_tokens], kept[:, None], *stats)
 
     slot, weight, kept = pl.pallas_call(
         functools.partial(_slot_kernel, k=k, capacity=capacity),
@@ -255,4 +259,5 @@ def fused_gating(logits: jax.Array, noise: Optional[jax.Array] = None, scores: O
         out_specs=(per_copy_spec, per_copy_spec, per_copy_spec),
         compiler_params=params, interpret=interpret, name="gating_slots",
     )(expert, rank, gate, block_offsets(counts))
-    return GatingOutputs(expert, slot, weight, kept > 0, *stats)
+    return GatingOutputs(expert[:num_tokens], slot[:num_tokens], weight[:num_tokens], kept[:num_tokens] > 0,
+                         *stats)

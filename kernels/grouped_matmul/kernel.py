@@ -14,7 +14,7 @@ column blocks before the next band starts, so a band's lhs tiles and its groups'
 stay in L2 while they are reused.
 
 tgmm (the weights' gradient): one program per (group, block_k, block_n) tile of the [G, K, Nout]
-output; it loops over its group's row tiles (a dynamic trip count) and accumulates lhs_tile.T @
+output (padded to whole tiles and sliced: the Triton backend does not mask edge tiles); it loops over its group's row tiles (a dynamic trip count) and accumulates lhs_tile.T @
 grad_tile in float32. Rows outside the group are masked to zero.
 """
 
@@ -185,12 +185,15 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *,
     block_m, block_k, block_n = block_sizes.fit(num_rows, inner, cols)
     ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), num_rows)
     starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
-    return pl.pallas_call(
+    # The output in whole tiles (platform.py: edge tiles are not masked); the loads mask K and Nout.
+    padded_inner, padded_cols = platform.round_up(inner, block_k), platform.round_up(cols, block_n)
+    out = pl.pallas_call(
         functools.partial(_tgmm_kernel, block_m=block_m),
-        out_shape=jax.ShapeDtypeStruct((num_groups, inner, cols), lhs.dtype),
-        grid=(num_groups, pl.cdiv(inner, block_k), pl.cdiv(cols, block_n)),
+        out_shape=jax.ShapeDtypeStruct((num_groups, padded_inner, padded_cols), lhs.dtype),
+        grid=(num_groups, padded_inner // block_k, padded_cols // block_n),
         in_specs=[_ANY] * 4,
         out_specs=pl.BlockSpec((None, block_k, block_n), lambda g, i, j: (g, i, j)),
         compiler_params=platform.compiler_params(block_sizes.num_warps, block_sizes.num_stages),
         interpret=interpret, name="tgmm",
     )(starts, ends, lhs, grad)
+    return out[:, :inner, :cols]
