@@ -9,13 +9,16 @@ devices, by its registry entry's `exchange`:
             function, the buffer goes through all_to_all over the expert group, each device runs
             its E / ep experts on [E / ep, ep * C, M], all_to_all back, the path unpacks.
   "rows"    (dropless, serve) only the token copies that exist cross: each device sends every
-            other device at most `bound = ceil(copies / ep * moe.row_exchange_factor)` rows (a
-            static bound, since XLA:CPU has no ragged all_to_all), the receiver runs its experts on
-            the received rows with a grouped matmul (row tiles on CPU, ragged_dot on GPU), and the
-            outputs go back the same way. A copy past its destination's bound is not processed:
-            its output is 0 (the weights of the token's other copies are not renormalised), it is
-            counted in `overflow_fraction` and in `dropped_fraction` / `kept_counts`. With
-            factor >= ep nothing can overflow.
+            other device at most `bound = ceil(copies / ep * moe.row_exchange_factor)` rows, the
+            receiver runs its experts on the received rows with a grouped matmul (row tiles on CPU,
+            ragged_dot on GPU), and the outputs go back the same way. A copy past its destination's
+            bound is not processed: its output is 0 (the weights of the token's other copies are
+            not renormalised), it is counted in `overflow_fraction` and in `dropped_fraction` /
+            `kept_counts`. With factor >= ep (serving: inf) nothing can overflow. Two forms
+            (`ParallelConfig.row_exchange`), equal in every number: "bounded" sends the [ep, bound]
+            padded buffer with all_to_all (the CPU form: XLA:CPU has no ragged collective);
+            "ragged" (GPU) sends exactly the rows that exist with jax.lax.ragged_all_to_all, after
+            one all_gather of the [ep] send counts.
   None      (kernel) no expert-parallel form: a mesh that splits such a layer's experts is an
             error that names the path.
 
@@ -153,6 +156,50 @@ def _grouped_rows(experts: dict, rows: jax.Array, row_expert: jax.Array, num_loc
     return jnp.zeros_like(out).at[order].set(out)
 
 
+# jax.lax.ragged_all_to_all's signature; the CPU tests put an emulation of its semantics here
+# (XLA:CPU cannot run the collective), so everything around it is the shipped code.
+_ragged_all_to_all = jax.lax.ragged_all_to_all
+
+
+def _ragged_round_trip(experts: dict, padded_tokens: jax.Array, expert: jax.Array, dest: jax.Array,
+                       rank: jax.Array, sent: jax.Array, counts: jax.Array, bound: int, k: int, num_local: int,
+                       axes: tuple[str, ...]) -> tuple[jax.Array, jax.Array]:
+    """The rows exchange with ragged_all_to_all: each copy that is sent (sent [N]; dest [N] its
+    device, rank [N] its place among this device's copies for dest; counts [ep] copies per dest)
+    crosses once, to its device and back. Returns (row [N]: each copy's row in `back`, N where
+    unsent; back [N, M]: the experts' outputs for this device's copies, in its send layout).
+
+    Send layout: the copies packed by destination, min(counts[j], bound) for device j. The [ep, ep]
+    matrix of those sizes (one all_gather) gives every offset: device i's rows land on device j
+    after the rows of devices 0..i-1 (receive buffer [ep * bound, M], packed by source), and come
+    back to where device i sent them from."""
+    num_copies = dest.shape[0]
+    model_dim = padded_tokens.shape[1]
+    ep = counts.shape[0]
+    send_sizes = jnp.minimum(counts, bound).astype(jnp.int32)
+    send_offsets = (jnp.cumsum(send_sizes) - send_sizes).astype(jnp.int32)
+    sizes = jax.lax.all_gather(send_sizes, axes)  # [ep, ep]: rows device i sends device j
+    me = jax.lax.axis_index(axes)
+    recv_sizes = sizes[:, me]
+    recv_offsets = (jnp.cumsum(recv_sizes) - recv_sizes).astype(jnp.int32)
+    landing = (jnp.cumsum(sizes, axis=0) - sizes)[me]  # where my rows for j start in j's buffer
+    sent_from = (jnp.cumsum(sizes, axis=1) - sizes)[:, me]  # where i's rows for me start in i's layout
+    row = jnp.where(sent, send_offsets[jnp.minimum(dest, ep - 1)] + rank, num_copies).astype(jnp.int32)
+    row_copy = jnp.full((num_copies,), num_copies, jnp.int32).at[row].set(
+        jnp.arange(num_copies, dtype=jnp.int32), mode="drop")
+    filled = row_copy < num_copies
+    send = padded_tokens[jnp.where(filled, row_copy // k, padded_tokens.shape[0] - 1)]
+    send_expert = jnp.where(filled, expert[jnp.minimum(row_copy, num_copies - 1)] % num_local, num_local)
+    received = _ragged_all_to_all(send, jnp.zeros((ep * bound, model_dim), send.dtype), send_offsets,
+                                  send_sizes, landing, recv_sizes, axis_name=axes)
+    received_expert = _ragged_all_to_all(send_expert.astype(jnp.int32), jnp.full((ep * bound,), num_local, jnp.int32),
+                                         send_offsets, send_sizes, landing, recv_sizes, axis_name=axes)
+    out = _grouped_rows(experts, received, received_expert, num_local)
+    back = _ragged_all_to_all(out, jnp.zeros((num_copies, model_dim), out.dtype), recv_offsets, recv_sizes,
+                              sent_from, send_sizes, axis_name=axes)
+    return row, back
+
+
 def rows_exchange(tokens: jax.Array, routing: Routing, experts: dict, par: ParallelConfig, factor: float,
                   axes: tuple[str, ...]) -> tuple[jax.Array, jax.Array]:
     """Local tokens [S, M] -> (y [S, M], overflow [S, k] bool) sending only the copies that exist
@@ -185,17 +232,21 @@ def rows_exchange(tokens: jax.Array, routing: Routing, experts: dict, par: Paral
     rank = jnp.zeros(num_copies, jnp.int32).at[order].set(rank_sorted)
     sent = valid & (rank < bound)
     overflow = valid & (rank >= bound)
-    row = jnp.where(sent, dest * bound + rank, ep * bound)  # the copy's row in the send buffer
-    row_copy = jnp.full((ep * bound,), num_copies, jnp.int32).at[row].set(
-        jnp.arange(num_copies, dtype=jnp.int32), mode="drop")
-    filled = row_copy < num_copies
     padded_tokens = jnp.concatenate([tokens, jnp.zeros((1, model_dim), tokens.dtype)])
-    send = padded_tokens[jnp.where(filled, row_copy // k, num_tokens)].reshape(ep, bound, model_dim)
-    send_expert = jnp.where(filled, expert[jnp.minimum(row_copy, num_copies - 1)] % num_local, num_local)
-    received = _all_to_all(send, par, axes).reshape(ep * bound, model_dim)
-    received_expert = _all_to_all(send_expert.reshape(ep, bound), par, axes).reshape(ep * bound)
-    out = _grouped_rows(experts, received, received_expert, num_local)
-    back = _all_to_all(out.reshape(ep, bound, model_dim), par, axes).reshape(ep * bound, model_dim)
+    if par.resolved_row_exchange == "ragged":
+        row, back = _ragged_round_trip(experts, padded_tokens, expert, dest, rank, sent, per_dest[:ep], bound,
+                                       k, num_local, axes)
+    else:
+        row = jnp.where(sent, dest * bound + rank, ep * bound)  # the copy's row in the send buffer
+        row_copy = jnp.full((ep * bound,), num_copies, jnp.int32).at[row].set(
+            jnp.arange(num_copies, dtype=jnp.int32), mode="drop")
+        filled = row_copy < num_copies
+        send = padded_tokens[jnp.where(filled, row_copy // k, num_tokens)].reshape(ep, bound, model_dim)
+        send_expert = jnp.where(filled, expert[jnp.minimum(row_copy, num_copies - 1)] % num_local, num_local)
+        received = _all_to_all(send, par, axes).reshape(ep * bound, model_dim)
+        received_expert = _all_to_all(send_expert.reshape(ep, bound), par, axes).reshape(ep * bound)
+        out = _grouped_rows(experts, received, received_expert, num_local)
+        back = _all_to_all(out.reshape(ep, bound, model_dim), par, axes).reshape(ep * bound, model_dim)
     per_copy = jnp.concatenate([back, jnp.zeros((1, model_dim), back.dtype)])[row]  # [N, M]; unsent: 0
     weight = routing.weight * sent.reshape(num_tokens, k)
     y = jnp.einsum("skm,sk->sm", per_copy.reshape(num_tokens, k, model_dim), weight.astype(tokens.dtype))

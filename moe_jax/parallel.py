@@ -64,15 +64,31 @@ EXPERT_AXES = ("expert_node", "expert_replica", "expert")
 INTRA_NODE_AXES = ("expert_replica", "expert")  # the first stage of the hierarchical exchange
 BATCH_AXES = ("data",) + EXPERT_AXES
 EXCHANGES = ("auto", "flat", "hierarchical", "coordinated")
+# How the rows exchange (dispatch paths "dropless", "serve") moves token copies: "bounded" sends
+# every device a fixed number of rows with all_to_all (XLA:CPU has no ragged collective); "ragged"
+# sends only the rows that exist with ragged_all_to_all (GPU); "auto": ragged on GPU meshes.
+ROW_EXCHANGES = ("auto", "bounded", "ragged")
+
+
+def mesh_platform(mesh) -> str:
+    """"gpu", "cpu", ... of a mesh's devices (an AbstractMesh: its abstract device's platform)."""
+    device = getattr(mesh, "abstract_device", None)
+    if device is not None:
+        return device.platform
+    devices = getattr(mesh, "devices", None)
+    if devices is not None and getattr(devices, "size", 0):
+        return devices.flat[0].platform
+    return jax.default_backend()
 
 
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
     """How the model is spread over a mesh. Hashable: it is part of the jitted step's closure."""
 
-    mesh: jax.sharding.Mesh
+    mesh: jax.sharding.Mesh  # or a jax.sharding.AbstractMesh, to lower a step for another platform
     exchange: str = "auto"
     expert_slicing: bool = False
+    row_exchange: str = "auto"  # ROW_EXCHANGES
 
     def __post_init__(self):
         if tuple(self.mesh.axis_names) != AXES:
@@ -84,6 +100,15 @@ class ParallelConfig:
                              "mesh.expert_slicing=True splits experts over them; choose one")
         if self.exchange == "hierarchical":
             _check_expert_axis_within_hosts(self.mesh)
+        if self.row_exchange not in ROW_EXCHANGES:
+            raise ValueError(f"mesh.row_exchange={self.row_exchange!r} is unknown; use one of {ROW_EXCHANGES}")
+
+    @property
+    def resolved_row_exchange(self) -> str:
+        """"ragged" or "bounded": "auto" is "ragged" on GPU meshes (XLA:CPU cannot run it)."""
+        if self.row_exchange != "auto":
+            return self.row_exchange
+        return "ragged" if mesh_platform(self.mesh) == "gpu" else "bounded"
 
     @property
     def resolved_exchange(self) -> str:
@@ -168,6 +193,25 @@ def make_mesh(data: int = -1, expert: int = 1, tensor: int = 1, expert_nodes: in
     node's expert devices) is the size of the innermost `expert` axis, the smallest group a Pyramid
     layer can be split over (`smallest_expert_group`)."""
     devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(data, expert, tensor, expert_nodes, len(devices), expert_group)
+    auto = (jax.sharding.AxisType.Auto,) * len(AXES)
+    return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
+
+
+def abstract_mesh(data: int, expert: int = 1, tensor: int = 1, expert_nodes: int = 1,
+                  expert_group: Optional[int] = None, device_kind: str = "NVIDIA H200",
+                  platform: str = "gpu") -> jax.sharding.AbstractMesh:
+    """The mesh make_mesh builds on data * expert * tensor devices of `platform`, without devices:
+    a step sharded over it lowers for that platform on any machine (lowering_platforms=("cuda",))."""
+    shape = mesh_shape(data, expert, tensor, expert_nodes, data * expert * tensor, expert_group)
+    device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=132, platform=platform)
+    return jax.sharding.AbstractMesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES),
+                                     abstract_device=device)
+
+
+def mesh_shape(data: int, expert: int, tensor: int, expert_nodes: int, num_devices: int,
+               expert_group: Optional[int] = None) -> tuple[int, ...]:
+    """The sizes of AXES for make_mesh's arguments on num_devices devices (errors name the bad size)."""
     sizes = {"data": data, "expert": expert, "tensor": tensor}
     unknown = [name for name, size in sizes.items() if size == -1]
     if len(unknown) > 1:
@@ -177,13 +221,13 @@ def make_mesh(data: int = -1, expert: int = 1, tensor: int = 1, expert_nodes: in
             raise ValueError(f"mesh.{name}={size} must be a positive size or -1")
     if unknown:
         known = math.prod(size for size in sizes.values() if size != -1)
-        if len(devices) % known:
-            raise ValueError(f"mesh sizes {sizes} cannot fill {len(devices)} devices; "
-                             f"make the product of the given sizes divide {len(devices)}")
-        sizes[unknown[0]] = len(devices) // known
-    if math.prod(sizes.values()) != len(devices):
+        if num_devices % known:
+            raise ValueError(f"mesh sizes {sizes} cannot fill {num_devices} devices; "
+                             f"make the product of the given sizes divide {num_devices}")
+        sizes[unknown[0]] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
         raise ValueError(f"mesh data x expert x tensor = {sizes['data']} x {sizes['expert']} x {sizes['tensor']} "
-                         f"= {math.prod(sizes.values())} != {len(devices)} devices; make the product equal "
+                         f"= {math.prod(sizes.values())} != {num_devices} devices; make the product equal "
                          "the device count or set one size to -1")
     if expert_nodes < 1 or sizes["expert"] % expert_nodes:
         raise ValueError(f"mesh.expert_nodes={expert_nodes} must divide mesh.expert={sizes['expert']}")
@@ -193,8 +237,7 @@ def make_mesh(data: int = -1, expert: int = 1, tensor: int = 1, expert_nodes: in
         raise ValueError(f"expert_group={expert_group} must divide the {per_node} expert devices of a node "
                          f"(mesh.expert={sizes['expert']} / mesh.expert_nodes={expert_nodes})")
     shape = (sizes["data"], expert_nodes, per_node // group, group, sizes["tensor"])
-    auto = (jax.sharding.AxisType.Auto,) * len(AXES)
-    return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
+    return shape
 
 
 # ----------------------------------------------------------------------------------------------

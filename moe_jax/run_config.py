@@ -218,7 +218,9 @@ def default_config(scale: str = "tiny", presets: Optional[Mapping[str, str]] = N
     # Device mesh (moe_jax.parallel): data x expert x tensor must equal the device count (-1 fills).
     # expert_nodes > 1 splits the expert axis into inter-node groups (hierarchical exchange).
     c.mesh = ml_collections.ConfigDict({"data": -1, "expert": 1, "tensor": 1, "expert_nodes": 1,
-                                        "exchange": "auto", "expert_slicing": False})
+                                        "exchange": "auto", "expert_slicing": False,
+                                        # rows exchange of dropless / serve: auto (ragged on GPU), bounded, ragged
+                                        "row_exchange": "auto"})
     return c
 
 
@@ -250,7 +252,8 @@ def parallel_config(config: ml_collections.ConfigDict) -> Optional[parallel_lib.
     group = parallel_lib.smallest_expert_group(model_config(config).layer_experts(), expert, nodes)
     mesh = parallel_lib.make_mesh(m.data, m.expert, m.tensor, nodes, expert_group=group)
     return parallel_lib.ParallelConfig(mesh, exchange=m.get("exchange", "auto"),
-                                       expert_slicing=m.get("expert_slicing", False))
+                                       expert_slicing=m.get("expert_slicing", False),
+                                       row_exchange=m.get("row_exchange", "auto"))
 
 
 def optim_config(config: ml_collections.ConfigDict) -> train_lib.OptimConfig:
