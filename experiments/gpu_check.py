@@ -11,6 +11,8 @@ part that fails or times out leaves the others' results standing):
   env      versions, devices, which optional packages import (jax-triton, tokamax)
   pytest   `pytest -m gpu`: every compiled kernel against its reference, float32 and bfloat16,
            forward and gradients
+  edges    experiments/kernel_edge_cases.py: the kernels at ragged shapes and several tilings
+           against NumPy (the sweep that found the unmasked edge blocks)
   train    20 bfloat16 training steps of the 350M+PR-MoE-32/64 preset cut to --train_layers
            layers: compile time, tokens/s, MFU, peak memory from the compiled step and the device
   kernels  at the paper's 1.3B shapes (M=2048, F=8192) in bfloat16: fused gating vs the XLA
@@ -73,6 +75,7 @@ class Part:
 PARTS = (
     Part("env", "Environment", 30),
     Part("pytest", "pytest -m gpu", 100),
+    Part("edges", "Kernels at ragged shapes against NumPy", 60),
     Part("train", "Training steps (bfloat16)", 110),
     Part("kernels", "Kernels at the paper's shapes (bfloat16)", 80),
     Part("layer", "MoE layer per dispatch path, forward+backward (bfloat16)", 80),
@@ -366,6 +369,28 @@ def part_decode(result: PartResult, dry_run: bool, limit_s: float) -> None:
         result.skip("decode kernel path", "the compiled kernels need a GPU")
 
 
+def part_edges(result: PartResult, dry_run: bool, limit_s: float) -> None:
+    """kernel_edge_cases.py in a child process (interpret mode in a dry run); its table into notes."""
+    command = [sys.executable, os.path.join(ROOT, "experiments", "kernel_edge_cases.py")]
+    command += ["--interpret"] if dry_run else []
+    try:
+        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=limit_s)
+        output, returncode = proc.stdout, proc.returncode
+    except subprocess.TimeoutExpired as expired:
+        output, returncode = _text(expired.stdout), None
+        result.note(f"kernel_edge_cases.py stopped at its {limit_s:.0f} s limit")
+    print(output[-8000:], flush=True)
+    rows = [line for line in output.splitlines() if line.count("|") >= 4]
+    for line in rows:
+        cells = [c.strip() for c in line.split("|")]
+        result.add({"op": cells[0], "case": cells[1], "setting": cells[2], "status": cells[3], "detail": cells[4]})
+    wrong = [line for line in rows if "WRONG" in line or "ERROR" in line]
+    result.set("counts", {"rows": len(rows), "wrong": len(wrong)})
+    if returncode is None or returncode != 0 or wrong:
+        raise RuntimeError(f"kernel_edge_cases.py: {len(wrong)} of {len(rows)} (case, setting) pairs wrong "
+                           f"(exit {returncode})")
+
+
 def run_part(name: str, path: str) -> None:
     f = flags.FLAGS
     result = PartResult(path)
@@ -373,6 +398,7 @@ def run_part(name: str, path: str) -> None:
     runners = {
         "env": lambda: part_env(result, f.dry_run),
         "pytest": lambda: part_pytest(result, f.dry_run, child_limit),
+        "edges": lambda: part_edges(result, f.dry_run, child_limit),
         "train": lambda: part_train(result, f.dry_run, f.train_layers, f.train_steps),
         "kernels": lambda: part_kernels(result, f.dry_run),
         "layer": lambda: part_layer(result, f.dry_run),
@@ -481,6 +507,11 @@ def markdown(report: dict) -> str:
             failed = [r for r in records if r["outcome"] == "failed"]
             lines += [f"{p.get('counts')}"]
             lines += _table(["failed test", "message"], [[r["test"], r["message"][:200]] for r in failed])
+        elif name == "edges" and records:
+            bad = [r for r in records if r["status"] != "ok"]
+            lines += [f"{len(records) - len(bad)} of {len(records)} (case, setting) pairs equal NumPy"]
+            lines += _table(["op", "case", "setting", "status", "detail"],
+                            [[r["op"], r["case"], r["setting"], r["status"], r["detail"]] for r in bad])
         elif name == "train" and records:
             lines += _table(["variant", "layers", "params", "batch x seq", "compile s", "ms/step", "tokens/s",
                              "MFU (989 TF datasheet)", "of 790 TF", "compiled peak GiB", "device peak GiB",

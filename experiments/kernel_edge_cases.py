@@ -142,7 +142,7 @@ def main(argv):
         failures += not report("to_buffer", f"S={num_tokens} E={num_experts} k={k}", "kernel 16x16",
                                got.reshape(-1, model_dim), want, 1e-6)
     print(f"{failures} failing (case, setting) pairs")
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

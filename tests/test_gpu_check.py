@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import binary_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ("env", "pytest", "train", "kernels", "layer", "decode")
+PARTS = ("env", "pytest", "edges", "train", "kernels", "layer", "decode")
 
 
 def run_check(out_dir, *args, site=None):
@@ -35,6 +35,8 @@ def test_dry_run_runs_every_part_and_writes_both_reports(tmp_path):
     parts = report["parts"]
     # every GPU test was collected and skipped (none failed, none ran without a GPU)
     assert parts["pytest"]["counts"]["failed"] == 0 and parts["pytest"]["counts"]["skipped"] >= 19
+    edges = parts["edges"]
+    assert edges["counts"]["wrong"] == 0 and edges["counts"]["rows"] >= 40  # every pair in interpret mode
     train = parts["train"]["records"][0]
     assert train["variant"] == "gather" and train["finite"] and train["tokens_per_s"] > 0
     assert train["last_loss"] < train["first_loss"]  # 3 steps on one repeated batch learn something
@@ -47,7 +49,7 @@ def test_dry_run_runs_every_part_and_writes_both_reports(tmp_path):
     decode = {(r["path"], r["batch"]) for r in parts["decode"]["records"]}
     assert {("serve", 1), ("serve", 2), ("dense", 1), ("einsum", 2)} <= decode
     markdown = (tmp_path / "out" / "gpu_check.md").read_text()
-    for title in ("pytest -m gpu", "Training steps", "Kernels at the paper's shapes", "MoE layer per dispatch path",
+    for title in ("pytest -m gpu", "Kernels at ragged shapes against NumPy", "Training steps", "Kernels at the paper's shapes", "MoE layer per dispatch path",
                   "Decode latency"):
         assert f"## {title}" in markdown
     assert (tmp_path / "out" / "gpu_check.log").stat().st_size > 0
