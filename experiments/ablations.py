@@ -231,7 +231,28 @@ def finished_run(workdir: str, variant: str, seed: int, total_steps: int) -> Opt
         return None
     with open(path) as f:
         summary = json.load(f)
-    return summary if summary.get("steps") == total_steps else None
+    if summary.get("steps") != total_steps:
+        return None
+    if "test_loss" not in summary:  # finished before the test split existed: evaluate it, train nothing
+        summary = _add_test_evaluation(run_dir(workdir, variant, seed), summary, path)
+    return summary
+
+
+def _add_test_evaluation(folder: str, summary: dict, path: str) -> dict:
+    """The run's summary with its whole-test-split evaluation (trainer.evaluate_run) added; the run
+    file rewritten. A run whose checkpoint is gone keeps its summary (it has no test loss)."""
+    try:
+        evaluated = trainer.evaluate_run(folder)
+    except (FileNotFoundError, ValueError) as error:
+        logging.warning("no test evaluation for %s: %s", folder, error)
+        return summary
+    summary = {**summary, **{k: v for k, v in evaluated.items() if k.startswith("test_")},
+               "corpus_identity": evaluated["corpus_identity"]}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as out:
+        json.dump(summary, out)
+    os.replace(tmp, path)
+    return summary
 
 
 def run_variant(variant: str, seed: int, f) -> Optional[dict]:
@@ -306,6 +327,10 @@ def summarise(runs: dict) -> dict:
             "seeds": len(seeds), "val_loss_by_seed": {str(seed): by_seed[seed]["val_loss"] for seed in sorted(by_seed)},
             "curves": [s["curve"] for s in seeds], "step_offset": first.get("step_offset", 0),
         }
+        if all("test_loss" in s for s in seeds):  # the claims are judged on test where every seed has it
+            test_mean, test_std = _mean_std([s["test_loss"] for s in seeds])
+            table[variant].update(test_loss=test_mean, test_loss_std=test_std,
+                                  test_loss_by_seed={str(seed): by_seed[seed]["test_loss"] for seed in sorted(by_seed)})
         routing = [s["curve"].get("routing") for s in seeds]
         if all(routing):
             table[variant]["routing"] = {name: _mean_std([r[name] for r in routing])[0] for name in routing[0]}
@@ -313,19 +338,21 @@ def summarise(runs: dict) -> dict:
 
 
 def judge_claims(table: dict, suites: list) -> list:
-    """Each claim of `suites` whose two variants are in the table: the paired difference of final
-    validation loss over their common seeds, its 95% interval and the verdict."""
+    """Each claim of `suites` whose two variants are in the table: the paired difference of the
+    final test loss (validation loss where a variant has no test evaluation, named in "split") over
+    their common seeds, its 95% interval and the verdict."""
     out = []
     for claim in CLAIMS:
         if claim.suite not in suites or claim.a not in table or claim.b not in table:
             continue
-        a, b = table[claim.a]["val_loss_by_seed"], table[claim.b]["val_loss_by_seed"]
+        split = "test" if "test_loss_by_seed" in table[claim.a] and "test_loss_by_seed" in table[claim.b] else "val"
+        a, b = table[claim.a][f"{split}_loss_by_seed"], table[claim.b][f"{split}_loss_by_seed"]
         common = sorted(set(a) & set(b), key=int)
         if not common:
             continue
         diff = paired_stats.paired_difference([a[s] for s in common], [b[s] for s in common])
         out.append({**dataclasses.asdict(claim), **diff.as_dict(), "seeds": [int(s) for s in common],
-                    "verdict": paired_stats.verdict(diff, claim.margin)})
+                    "split": split, "verdict": paired_stats.verdict(diff, claim.margin)})
     return out
 
 
@@ -342,9 +369,9 @@ def markdown(table: dict, claims: list, suite: str, scale: str, tokens_per_step:
              "run's steps too), same data order and seeds. Routing columns: the last logging step's load "
              "imbalance (max / mean tokens per expert, mean over MoE layers), dead experts (no token in the "
              "last logging window, summed over layers), tokens with no expert (mean over layers).\n",
-             "| variant | params total | active | steps | val loss | val bits/byte | load imbalance | dead experts | "
-             "unrouted | step ms | tokens/s | seeds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | params total | active | steps | test loss (whole split) | val loss | val bits/byte | "
+             "load imbalance | dead experts | unrouted | step ms | tokens/s | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant, r in table.items():
         pm = f" ± {r['val_loss_std']:.4f}" if r["seeds"] > 1 else ""
         offset = r.get("step_offset", 0)
@@ -352,18 +379,20 @@ def markdown(table: dict, claims: list, suite: str, scale: str, tokens_per_step:
         routing = r.get("routing")
         routing_cells = (f"{routing['load_imbalance']:.2f} | {routing['dead_experts']:.1f} | "
                          f"{routing['unrouted_fraction']:.3f}") if routing else "- | - | -"
-        lines.append(f"| {variant} | {r['params_total']:,} | {r['params_active']:,} | {run_steps} | "
+        test = (f"{r['test_loss']:.4f}" + (f" ± {r['test_loss_std']:.4f}" if r["seeds"] > 1 else "")
+                if "test_loss" in r else "-")
+        lines.append(f"| {variant} | {r['params_total']:,} | {r['params_active']:,} | {run_steps} | {test} | "
                      f"{r['val_loss']:.4f}{pm} | {r['val_bpb']:.4f} | {routing_cells} | {1e3 * r['step_time_s']:.0f} | "
                      f"{r['tokens_per_sec']:.0f} | {r['seeds']} |")
     if claims:
-        lines += ["", "The claims (the paper's, and for the routing suite the newer routers' papers): mean paired difference of final validation loss (a - b, nats) over the "
+        lines += ["", "The claims (the paper's, and for the routing suite the newer routers' papers): mean paired difference of the final test loss (a - b, nats; the split column says where a run has only validation) over the "
                   "seeds both variants have, 95% Student-t interval; \"holds\" when the interval lies below the "
                   "threshold (0, or the parity margin), \"contradicted\" when it lies above, else \"not resolved\".",
-                  "", "| claim | a - b | mean | 95% interval | threshold | seeds | verdict |",
-                  "|---|---|---|---|---|---|---|"]
+                  "", "| claim | a - b | split | mean | 95% interval | threshold | seeds | verdict |",
+                  "|---|---|---|---|---|---|---|---|"]
         for c in claims:
-            lines.append(f"| {c['text']} | {c['a']} - {c['b']} | {c['mean']:+.4f} | {_interval(c)} | "
-                         f"{c['margin']:+.3f} | {c['n']} | {c['verdict']} |")
+            lines.append(f"| {c['text']} | {c['a']} - {c['b']} | {c.get('split', 'val')} | {c['mean']:+.4f} | "
+                         f"{_interval(c)} | {c['margin']:+.3f} | {c['n']} | {c['verdict']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -444,12 +473,21 @@ def provenance() -> dict:
         commit += "+changes" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = None
+    import importlib.metadata
+
     import jax
 
+    versions = {}
+    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml_collections"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
     return {"commit": commit, "date": _now(),
             "command": " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv else "", *sys.argv[1:]]),
             "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
-            "jax": jax.__version__, "backend": jax.default_backend()}
+            "python": platform.python_version(), "jax": jax.__version__, "backend": jax.default_backend(),
+            "versions": versions}
 
 
 def write_results(runs: dict, f, variants: list) -> str:
@@ -488,9 +526,11 @@ def run_suite(f) -> Optional[str]:
     variants = suite_variants(f.suite, f.variants)
     runs: dict = {variant: {} for variant in variants}
     text = None
+    total, done, trained_s, trained = f.seeds * len(variants), 0, 0.0, 0
     for seed in range(f.seeds):
         for variant in variants:
             print(f"== {variant} seed {seed}", flush=True)
+            start = time.perf_counter()
             try:
                 summary = run_variant(variant, seed, f)
             except (ValueError, trainer.TrainingError) as error:
@@ -500,7 +540,22 @@ def run_suite(f) -> Optional[str]:
                 return None
             runs[variant][seed] = summary
             text = write_results(runs, f, variants)
+            done += 1
+            seconds = time.perf_counter() - start
+            if seconds > 30:  # trained (or evaluated) here, not read back from a finished run
+                trained_s, trained = trained_s + seconds, trained + 1
+            print(progress_line(variant, seed, summary, seconds, done, total, trained_s / max(trained, 1)), flush=True)
     return text
+
+
+def progress_line(variant: str, seed: int, summary: dict, seconds: float, done: int, total: int,
+                  mean_run_s: float) -> str:
+    """'done moe seed 2: test 2.6012  val 2.6235  3.9 min | 12/45 runs, ETA 2:09:00' (the ETA: the
+    runs left at the mean time of the runs trained by this process)."""
+    test = f"test {summary['test_loss']:.4f}  " if "test_loss" in summary else ""
+    eta = datetime.timedelta(seconds=round((total - done) * mean_run_s))
+    return (f"done {variant} seed {seed}: {test}val {summary['val_loss']:.4f}  {seconds / 60:.1f} min | "
+            f"{done}/{total} runs, ETA {eta}")
 
 
 def main(argv):

@@ -338,6 +338,11 @@ class Checkpointer:
         try:
             restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
         except Exception as error:  # noqa: BLE001  Orbax and TensorStore raise many types on bad files
+            if "Topology mismatch" in str(error):  # whole files, another device count: not corrupt, never set aside
+                raise ValueError(f"checkpoint step {step} in {self.directory} was saved on another device topology "
+                                 f"than this process's {jax.device_count()} {jax.default_backend()} device(s); run "
+                                 "with the device count it was saved on (on CPU: XLA_FLAGS="
+                                 "--xla_force_host_platform_device_count=N)") from error
             raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} cannot be read: "
                                          f"{type(error).__name__}: {str(error)[:300]}") from error
         extra = dict(restored[EXTRA_ITEM] or {}) if EXTRA_ITEM in args else {}

@@ -1,8 +1,9 @@
-"""Corpora for byte-level language modelling: sources and their train/validation split.
+"""Corpora for byte-level language modelling: sources and their train / validation / test split.
 
 Token streams are 1-D `uint16` arrays. One entry point, `load_corpus`,
-turns a `data.path` setting into a `Corpus` with a train and a
-validation split:
+turns a `data.path` setting into a `Corpus` with a train, a validation and
+a test split (validation: evaluations during training and development;
+test: the final evaluation that claims are judged on):
 
 * `None` / `""` / `"stdlib"`: the Python standard library's own `.py`
   sources, byte-tokenized (see `stdlib_corpus` for what is excluded).
@@ -14,11 +15,19 @@ validation split:
   `np.memmap` (read-only, never copied). `X/train.bin` is paired with
   `X/val.bin` when that exists.
 
-Text corpora are split into train/val *by file*, deterministically: a file is
-in validation iff `crc32(path) % 100 < val_percent`. A single file (or a
-single `.bin` without `val.bin`) is split by position instead: the last
-`val_percent` of its bytes/tokens is validation. Both splits are always
-non-empty. Multi-file corpora join files with a `b"\\n"` after each file.
+Text corpora are split *by file*, deterministically: a file is held out iff
+`crc32(path) % 100 < val_percent`, and a held-out file is in test iff
+`crc32("test:" + path)` is odd, else in validation. So the training files are
+those of the two-way split this replaced, and test was carved out of its
+validation files: runs trained before stay valid for the test split. A
+single file (or a single `.bin` without `val.bin`), or fewer than three
+files, is split by position instead: the last `val_percent` of the tokens is
+held out, its first half validation and its second half test. For
+`X/train.bin`, `X/val.bin` is validation and `X/test.bin` test; without a
+`test.bin`, the second half of `val.bin` is test. All three splits are
+always non-empty (a corpus too small for that is an error), and
+`Corpus.identity` names each split by its files (or positions) with a
+SHA-256. Multi-file corpora join files with a `b"\\n"` after each file.
 
 Batches over a corpus's splits come from :mod:`moe_jax.data`.
 """
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import math
 import os
 import pathlib
@@ -92,11 +102,12 @@ class ByteTokenizer:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Corpus:
-    """A token stream split for training and validation.
+    """A token stream split for training, validation and test.
 
     Attributes:
       train: `uint16 [N_train]` (an `np.memmap` for `.bin` sources).
       val: `uint16 [N_val]` (likewise).
+      test: `uint16 [N_test]` (likewise).
       source: where the tokens came from: the stdlib directory, the file path or
         glob as given, or the `.bin` path.
       description: one human-readable line for logs (sizes, file counts, and for
@@ -109,10 +120,24 @@ class Corpus:
 
     train: np.ndarray
     val: np.ndarray
+    test: np.ndarray
     source: str
     description: str
     vocab_size: int = ByteTokenizer.vocab_size
     tokens_are_bytes: bool = True
+    split_keys: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] = ((), (), ())  # files per split
+
+    @property
+    def identity(self) -> dict:
+        """What a reader needs to know it has the same data: the source, and per split its tokens,
+        files and the SHA-256 of its file list (or of its position in the source)."""
+        splits = {}
+        for name, tokens, keys in zip(("train", "val", "test"), (self.train, self.val, self.test), self.split_keys):
+            text = "\n".join(keys) if keys else f"{self.source}|{name}|{len(self.train)}|{len(self.val)}|{len(self.test)}"
+            splits[name] = {"tokens": int(len(tokens)), "files": len(keys) or None,
+                            "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+        return {"source": self.source, "description": self.description, "vocab_size": self.vocab_size,
+                "splits": splits}
 
     @property
     def bits_metric(self) -> str:
@@ -138,7 +163,7 @@ def load_corpus(
         order, the last one truncated); `None` for no cap. `.bin` files are
         memory-mapped and always used whole.
       val_percent: percentage (0 < p < 100) of files, or of the tail of a
-        single file, used for validation.
+        single file, held out (half validation, half test).
       vocab_size: `.bin` only (ignored for text, which is always 256). If
         omitted, it is `max token + 1`, found by scanning the file, which is
         allowed only up to `MAX_SCANNED_TOKENS` tokens. If given, it is
@@ -146,10 +171,11 @@ def load_corpus(
 
     Raises:
       DataError: the path is missing, matches nothing, is empty, is not a valid
-        `.bin` file, or the arguments cannot produce two non-empty splits.
+        `.bin` file, or the arguments cannot produce three non-empty splits.
     """
     if not 0 < val_percent < 100:
-        raise DataError(f"data.val_percent={val_percent!r} must be in (0, 100) so both splits are non-empty")
+        raise DataError(f"data.val_percent={val_percent!r} must be in (0, 100): the held-out share (validation "
+                        "and test) of the files or tokens")
     if max_bytes is not None and max_bytes < 2:
         raise DataError(f"data.max_bytes={max_bytes!r} must be >= 2 (or None for no cap)")
     if path is None or path in ("", "stdlib"):
@@ -270,41 +296,54 @@ def _split_files(
                 break
     if not chunks:
         return None
-    if len(chunks) == 1:
-        key, chunk = chunks[0]
-        return _split_single(chunk, source=source, label=f"{label} (1 file: {key})", val_percent=val_percent)
-    is_val = [zlib.crc32(key.encode("utf-8")) % 100 < val_percent for key, _ in chunks]
-    if not any(is_val):
-        is_val[-1] = True
-    if all(is_val):
-        is_val[0] = False
-    train = b"".join(c for (_, c), v in zip(chunks, is_val) if not v)
-    val = b"".join(c for (_, c), v in zip(chunks, is_val) if v)
-    n_val_files = sum(is_val)
+    if len(chunks) < 3:  # too few files for three splits by file: by position
+        keys = "+".join(key for key, _ in chunks)
+        return _split_single(b"".join(c for _, c in chunks), source=source,
+                             label=f"{label} ({len(chunks)} file{'s' if len(chunks) > 1 else ''}: {keys})",
+                             val_percent=val_percent)
+    held_out = [zlib.crc32(key.encode("utf-8")) % 100 < val_percent for key, _ in chunks]
+    for i in range(len(chunks) - 1, 0, -1):  # at least two held-out files (validation and test)
+        if sum(held_out) >= 2:
+            break
+        held_out[i] = True
+    is_test = [h and zlib.crc32(f"test:{key}".encode("utf-8")) % 2 == 1 for (key, _), h in zip(chunks, held_out)]
+    held = [i for i, h in enumerate(held_out) if h]
+    if not any(is_test):
+        is_test[held[-1]] = True
+    if all(is_test[i] for i in held):
+        is_test[held[0]] = False
+    sides = ["test" if t else "val" if h else "train" for h, t in zip(held_out, is_test)]
+    parts = {name: [(key, c) for (key, c), side in zip(chunks, sides) if side == name] for name in ("train", "val", "test")}
+    data = {name: b"".join(c for _, c in part) for name, part in parts.items()}
     description = (
-        f"{label}: {len(chunks)} files ({len(chunks) - n_val_files} train / {n_val_files} val), "
-        f"{_fmt_bytes(len(train) + len(val))} (train {_fmt_bytes(len(train))} / val {_fmt_bytes(len(val))})"
+        f"{label}: {len(chunks)} files ({len(parts['train'])} train / {len(parts['val'])} val / "
+        f"{len(parts['test'])} test), {_fmt_bytes(sum(len(d) for d in data.values()))} (train "
+        f"{_fmt_bytes(len(data['train']))} / val {_fmt_bytes(len(data['val']))} / test {_fmt_bytes(len(data['test']))})"
     )
-    return Corpus(_bytes_to_tokens(train), _bytes_to_tokens(val), source, description)
+    return Corpus(*(_bytes_to_tokens(data[name]) for name in ("train", "val", "test")), source, description,
+                  split_keys=tuple(tuple(key for key, _ in parts[name]) for name in ("train", "val", "test")))
 
 
 def _split_single(data: bytes, *, source: str, label: str, val_percent: float) -> Corpus:
-    """One byte string: the last `val_percent` of it is validation."""
-    n_train, n_val = _tail_split(len(data), val_percent, source)
+    """One byte string: the last `val_percent` of it is held out, its first half validation and
+    its second half test."""
+    n_train, n_val, n_test = _tail_split(len(data), val_percent, source)
     description = (
-        f"{label}: {_fmt_bytes(len(data))} (train {_fmt_bytes(n_train)} / "
-        f"val {_fmt_bytes(n_val)}, the last {val_percent:g}%)"
+        f"{label}: {_fmt_bytes(len(data))} (train {_fmt_bytes(n_train)} / val {_fmt_bytes(n_val)} / "
+        f"test {_fmt_bytes(n_test)}: the last {val_percent:g}% held out, halved)"
     )
     tokens = _bytes_to_tokens(data)
-    return Corpus(tokens[:n_train], tokens[n_train:], source, description)
+    return Corpus(tokens[:n_train], tokens[n_train:n_train + n_val], tokens[n_train + n_val:], source, description)
 
 
-def _tail_split(n: int, val_percent: float, source: str) -> tuple[int, int]:
-    """`(n_train, n_val)` with `n_val = ceil(n * val_percent / 100) >= 1`."""
-    if n < 2:
-        raise DataError(f"data.path={source!r} holds {n} token(s); at least 2 are needed for a train/val split")
-    n_val = min(n - 1, max(1, math.ceil(n * val_percent / 100)))
-    return n - n_val, n_val
+def _tail_split(n: int, val_percent: float, source: str) -> tuple[int, int, int]:
+    """`(n_train, n_val, n_test)`: the last `ceil(n * val_percent / 100)` (at least 2) tokens held
+    out and halved, validation first."""
+    if n < 3:
+        raise DataError(f"data.path={source!r} holds {n} token(s); at least 3 are needed for a "
+                        "train / validation / test split")
+    held = min(n - 1, max(2, math.ceil(n * val_percent / 100)))
+    return n - held, held // 2, held - held // 2
 
 
 def _bytes_to_tokens(data: bytes) -> np.ndarray:
@@ -329,34 +368,43 @@ def _open_bin(path: pathlib.Path) -> np.memmap:
 
 
 def _bin_corpus(path: pathlib.Path, *, val_percent: float, vocab_size: int | None) -> Corpus:
-    """A nanoGPT `.bin` file (paired with `val.bin` if it is `train.bin`)."""
+    """A nanoGPT `.bin` file (`train.bin` paired with `val.bin`, and `test.bin` if it exists)."""
     tokens = _open_bin(path)
-    val_path = path.with_name("val.bin")
+    val_path, test_path = path.with_name("val.bin"), path.with_name("test.bin")
     if path.name == "train.bin" and val_path.is_file():
         train, val = tokens, _open_bin(val_path)
-        split = f"val {val_path} ({_fmt_count(len(val))} tokens)"
+        if test_path.is_file():
+            test = _open_bin(test_path)
+            split = f"val {val_path} ({_fmt_count(len(val))} tokens), test {test_path} ({_fmt_count(len(test))} tokens)"
+        else:
+            if len(val) < 2:
+                raise DataError(f"{val_path} holds {len(val)} token(s); without a test.bin beside it, at least 2 are "
+                                "needed to halve it into validation and test")
+            val, test = val[:len(val) // 2], val[len(val) // 2:]
+            split = (f"val = first half of {val_path} ({_fmt_count(len(val))} tokens), test = its second half "
+                     f"({_fmt_count(len(test))} tokens)")
     else:
-        n_train, _ = _tail_split(len(tokens), val_percent, str(path))
-        train, val = tokens[:n_train], tokens[n_train:]
-        split = f"val = last {val_percent:g}% ({_fmt_count(len(val))} tokens)"
-    vocab_size = _bin_vocab_size(train, val, vocab_size, str(path))
+        n_train, n_val, _ = _tail_split(len(tokens), val_percent, str(path))
+        train, val, test = tokens[:n_train], tokens[n_train:n_train + n_val], tokens[n_train + n_val:]
+        split = f"the last {val_percent:g}% held out and halved: val {_fmt_count(len(val))}, test {_fmt_count(len(test))} tokens"
+    vocab_size = _bin_vocab_size(train, val, test, vocab_size, str(path))
     description = (
         f"nanoGPT uint16 tokens: train {path} ({_fmt_count(len(train))} tokens), {split}, vocab_size {vocab_size}"
     )
-    return Corpus(train, val, str(path), description, vocab_size, tokens_are_bytes=False)
+    return Corpus(train, val, test, str(path), description, vocab_size, tokens_are_bytes=False)
 
 
-def _bin_vocab_size(train: np.ndarray, val: np.ndarray, vocab_size: int | None, source: str) -> int:
+def _bin_vocab_size(train: np.ndarray, val: np.ndarray, test: np.ndarray, vocab_size: int | None, source: str) -> int:
     """The given `vocab_size` (checked when cheap) or `max token + 1` (scanned)."""
     if vocab_size is not None and not 1 <= vocab_size <= 2**16:
         raise DataError(f"data.vocab_size={vocab_size!r} must be in [1, 65536] for uint16 tokens in {source!r}")
-    if len(train) + len(val) > MAX_SCANNED_TOKENS:
+    if len(train) + len(val) + len(test) > MAX_SCANNED_TOKENS:
         if vocab_size is None:
-            raise DataError(f"data.path={source!r} has {_fmt_count(len(train) + len(val))} tokens, too many to scan "
+            raise DataError(f"data.path={source!r} has {_fmt_count(len(train) + len(val) + len(test))} tokens, too many to scan "
                             "for the largest id; set data.vocab_size explicitly (e.g. 50257 for GPT-2 tokens)")
         return vocab_size
     max_id = max(
-        int(arr[i:i + _SCAN_CHUNK].max()) for arr in (train, val) for i in range(0, len(arr), _SCAN_CHUNK)
+        int(arr[i:i + _SCAN_CHUNK].max()) for arr in (train, val, test) for i in range(0, len(arr), _SCAN_CHUNK)
     )
     if vocab_size is None:
         return max_id + 1

@@ -26,6 +26,7 @@ __all__ = [
     "Batch",
     "BatchIterator",
     "eval_batches",
+    "split_batches",
 ]
 
 Batch = dict[str, np.ndarray]
@@ -151,3 +152,49 @@ def eval_batches(
     local = batch_size // process_count
     rows = np.arange(local * process_index, local * (process_index + 1))
     return [_windows(tokens, (j * batch_size + rows) * seq_len, seq_len) for j in range(n_batches)]
+
+
+def split_batches(
+    tokens: np.ndarray,
+    *,
+    batch_size: int,
+    seq_len: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> list[Batch]:
+    """Every target of a split exactly once: the whole-split evaluation (the test split's).
+
+    Window `k` covers targets `tokens[k*T + 1 : (k+1)*T + 1]` (`T = seq_len`),
+    for `k = 0 .. ceil((N - 1) / T) - 1`: consecutive, not overlapping, the
+    last one partial. Each batch adds `"mask": float32 [B, T]`, 1 for a real
+    target and 0 for padding (the last window's tail, and the empty rows that
+    fill the last batch to B). So `sum(mask)` over all batches is `N - 1` and
+    the loss `sum(nll * mask) / sum(mask)` counts every target once. With
+    several processes each gets its contiguous block of rows, as in
+    `eval_batches`.
+
+    Raises:
+      DataError: the split has fewer than 2 tokens (no target).
+    """
+    _check_shape_args(batch_size, seq_len, process_index, process_count)
+    num_targets = len(tokens) - 1
+    if num_targets < 1:
+        raise DataError(f"the split has {len(tokens)} token(s); at least 2 are needed for one target")
+    num_windows = -(-num_targets // seq_len)
+    num_batches = -(-num_windows // batch_size)
+    padded = np.zeros(num_batches * batch_size * seq_len + 1, np.int32)
+    padded[:len(tokens)] = np.asarray(tokens, np.int32)
+    mask = np.zeros(num_batches * batch_size * seq_len, np.float32)
+    mask[:num_targets] = 1.0
+    local = batch_size // process_count
+    rows = slice(local * process_index, local * (process_index + 1))
+    batches = []
+    for j in range(num_batches):
+        start = j * batch_size * seq_len
+        window = padded[start:start + batch_size * seq_len + 1]
+        inputs = window[:-1].reshape(batch_size, seq_len)
+        targets = window[1:].reshape(batch_size, seq_len)
+        weights = mask[start:start + batch_size * seq_len].reshape(batch_size, seq_len)
+        batches.append({"inputs": np.ascontiguousarray(inputs[rows]), "targets": np.ascontiguousarray(targets[rows]),
+                        "mask": np.ascontiguousarray(weights[rows])})
+    return batches

@@ -153,7 +153,8 @@ def eval_step(params: dict, batch: dict, rng: jax.Array | None = None, *, model_
               parallel: ParallelConfig | None = None, router_state: dict | None = None,
               record_routing: bool = False) -> dict:
     """Summed cross-entropy and token count on one batch, at the eval capacity factor (with the
-    state's selection biases under aux-loss-free balancing: router_state).
+    state's selection biases under aux-loss-free balancing: router_state). A batch with a "mask"
+    [B, T] counts only the targets where it is 1.
 
     rng: the 'gating' key (eval_rng(i) in the trainer). As DeepSpeed evaluates, random token
     selection ranks an over-full expert's tokens by random scores and top-2 samples its second
@@ -165,7 +166,11 @@ def eval_step(params: dict, batch: dict, rng: jax.Array | None = None, *, model_
                                   record_routing=record_routing)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(log_probs, batch["targets"][..., None].astype(jnp.int32), axis=-1)[..., 0]
-    out = {"nll_sum": jnp.sum(nll), "tokens": jnp.asarray(nll.size, jnp.float32)}
+    if "mask" in batch:  # padded targets (moe_jax.data.split_batches) count for nothing
+        mask = batch["mask"].astype(jnp.float32)
+        out = {"nll_sum": jnp.sum(nll * mask), "tokens": jnp.sum(mask)}
+    else:
+        out = {"nll_sum": jnp.sum(nll), "tokens": jnp.asarray(nll.size, jnp.float32)}
     if record_routing:
         out["routing"] = aux["routing"]
     return out

@@ -97,9 +97,10 @@ def _add_window_counts(window_counts: Optional[dict], moe_layers: dict) -> dict:
 
 
 def evaluate(params, eval_data: list, eval_fn, bits_metric: str = "val_bpb", eval_keys: Optional[list] = None,
-             on_probe: Optional[Callable[[dict], None]] = None) -> dict:
-    """Validation loss over eval_data; eval_keys[i] is batch i's 'gating' key (None: deterministic).
-    on_probe receives batch 0's routing codes when eval_fn records them (the probe batch)."""
+             on_probe: Optional[Callable[[dict], None]] = None, prefix: str = "val") -> dict:
+    """Loss over eval_data as {prefix}_loss and bits_metric; eval_keys[i] is batch i's 'gating' key
+    (None: deterministic). on_probe receives batch 0's routing codes when eval_fn records them (the
+    probe batch)."""
     nll, tokens = 0.0, 0.0
     for i, batch in enumerate(eval_data):
         out = eval_fn(params, batch, None if eval_keys is None else eval_keys[i])
@@ -107,8 +108,27 @@ def evaluate(params, eval_data: list, eval_fn, bits_metric: str = "val_bpb", eva
             on_probe(out["routing"])
         nll += float(out["nll_sum"])
         tokens += float(out["tokens"])
-    val_loss = nll / tokens
-    return {"val_loss": val_loss, bits_metric: train_lib.bits_per_byte(val_loss)}
+    loss = nll / tokens
+    return {f"{prefix}_loss": loss, bits_metric: train_lib.bits_per_byte(loss), f"{prefix}_tokens": int(tokens)}
+
+
+def evaluate_test(params, corpus, config, eval_fn, place=lambda batch: batch) -> dict:
+    """The final evaluation: every target of the test split once (moe_jax.data.split_batches), the
+    same windows for every run of a corpus, batch i routed with the fixed key train_lib.eval_rng(i)
+    (DeepSpeed's eval routing; config.deterministic_eval: none). The last batch's padding rows
+    (masked out of the loss) are routed with the real tokens, as any batch's tokens are. Returns
+    test_loss, test bits, test_tokens, test_windows and test_eval_s (its cost)."""
+    start = time.perf_counter()
+    batches = data_lib.split_batches(corpus.test, batch_size=config.data.batch_size, seq_len=config.data.seq_len,
+                                     process_index=jax.process_index(), process_count=jax.process_count())
+    keys = None if config.get("deterministic_eval", False) else [train_lib.eval_rng(i) for i in range(len(batches))]
+    bits = corpus.bits_metric.replace("val_", "test_", 1)
+    metrics = evaluate(params, [place(batch) for batch in batches], eval_fn, bits, keys, prefix="test")
+    metrics["test_windows"] = -(-(len(corpus.test) - 1) // config.data.seq_len)
+    metrics["test_eval_s"] = time.perf_counter() - start
+    logging.info("test split: %d windows, %d targets, loss %.4f, %.1f s", metrics["test_windows"],
+                 metrics["test_tokens"], metrics["test_loss"], metrics["test_eval_s"])
+    return metrics
 
 
 def _replay_reader(config, model_cfg) -> Optional[routing_trace.TraceReader]:
@@ -367,10 +387,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if not eval_metrics:  # resumed at the end: evaluate the restored state
         eval_metrics = evaluate(state["params"], eval_data, _with_router_state(eval_fn, state), corpus.bits_metric,
                                 eval_keys)
+    test_metrics = {}
+    if int(jax.device_get(state["step"])) >= config.total_steps:  # a finished run: the whole test split, once
+        test_metrics = evaluate_test(state["params"], corpus, config, _with_router_state(eval_fn, state), place)
     summary = {
         "steps": int(jax.device_get(state["step"])), "params_total": counts.total, "params_active": counts.active,
-        "tokens_per_sec": tokens_per_sec, "step_time_s": step_time, **eval_metrics,
+        "tokens_per_sec": tokens_per_sec, "step_time_s": step_time, **eval_metrics, **test_metrics,
         "layer_experts": list(model_cfg.layer_experts()), "corpus": corpus.description,
+        "corpus_identity": corpus.identity,
     }
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -404,8 +428,32 @@ def format_summary(summary: dict) -> str:
         ("validation loss (nats/token)", f"{summary['val_loss']:.4f}"),
         ("validation bits per byte", f"{summary['val_bpb']:.4f}") if "val_bpb" in summary else
         ("validation bits per token", f"{summary['val_bits_per_token']:.4f}"),
+        *([("test loss (nats/token, whole split)", f"{summary['test_loss']:.4f}"),
+           ("test bits per byte", f"{summary['test_bpb']:.4f}") if "test_bpb" in summary else
+           ("test bits per token", f"{summary['test_bits_per_token']:.4f}")] if "test_loss" in summary else []),
         ("tokens / s", f"{summary['tokens_per_sec']:.0f}"),
         ("layer experts", " ".join(str(e) for e in summary["layer_experts"])),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def evaluate_run(workdir: str) -> dict:
+    """A finished run's validation and test losses, by evaluation alone: its config from
+    workdir/config.json, its last checkpoint restored, nothing trained (train_and_evaluate resumed
+    at its end). Rewrites workdir/results.json and returns the summary. A run that has not reached
+    its total_steps is refused: evaluating it would train it."""
+    config_path = os.path.join(workdir, metrics_lib.CONFIG_FILE)
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path} is missing: --workdir must be a training run's folder")
+    with open(config_path) as f:
+        config = ml_collections.ConfigDict(json.load(f)["config"])
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, checkpoint_lib.CHECKPOINT_DIR), read_only=True)
+    try:
+        step = ckpt.latest_step()
+    finally:
+        ckpt.close()
+    if step is None or step < config.total_steps:
+        raise ValueError(f"the run in {workdir} is at step {step or 0} of {config.total_steps}: finish it first "
+                         "(experiments/train.py with the same --config and --workdir), then evaluate it")
+    return train_and_evaluate(config, workdir)

@@ -42,13 +42,14 @@ def test_stdlib_corpus_loads_deterministically():
     a = load_corpus(None, max_bytes=SMALL)
     b = load_corpus("stdlib", max_bytes=SMALL)
     assert isinstance(a, Corpus)
-    assert a.train.dtype == np.uint16 and a.val.dtype == np.uint16
-    assert len(a.train) > 0 and len(a.val) > 0
-    assert len(a.train) + len(a.val) == SMALL
+    assert a.train.dtype == np.uint16 and a.val.dtype == np.uint16 and a.test.dtype == np.uint16
+    assert len(a.train) > 0 and len(a.val) > 0 and len(a.test) > 0
+    assert len(a.train) + len(a.val) + len(a.test) == SMALL
     assert a.vocab_size == 256
     np.testing.assert_array_equal(a.train, b.train)
     np.testing.assert_array_equal(a.val, b.val)
-    assert a.description == b.description
+    np.testing.assert_array_equal(a.test, b.test)
+    assert a.description == b.description and a.identity == b.identity
     assert f"Python {platform.python_version()}" in a.description
     assert "standard library" in a.description
     # It is Python source.
@@ -57,14 +58,18 @@ def test_stdlib_corpus_loads_deterministically():
 
 def test_stdlib_corpus_default_size_splits_by_file():
     c = load_corpus(None, max_bytes=2 * 2**20)
-    assert len(c.train) + len(c.val) == 2 * 2**20
-    assert 0 < len(c.val) < len(c.train)
+    assert len(c.train) + len(c.val) + len(c.test) == 2 * 2**20
+    assert 0 < len(c.val) < len(c.train) and 0 < len(c.test) < len(c.train)
     assert " files (" in c.description
+    files = c.identity["splits"]
+    assert files["train"]["files"] + files["val"]["files"] + files["test"]["files"] == sum(map(len, c.split_keys))
+    assert not set(c.split_keys[0]) & set(c.split_keys[1]) and not set(c.split_keys[1]) & set(c.split_keys[2])
+    assert not set(c.split_keys[0]) & set(c.split_keys[2])
 
 
 def test_stdlib_corpus_tiny_cap_still_has_both_splits():
     c = load_corpus(None, max_bytes=100)
-    assert len(c.train) == 95 and len(c.val) == 5
+    assert len(c.train) == 95 and len(c.val) == 2 and len(c.test) == 3
 
 
 # ---------------------------------------------------------------- text sources
@@ -78,11 +83,11 @@ def test_single_text_file_splits_by_tail(tmp_path):
     c = load_corpus(str(path), val_percent=10)
     assert c.source == str(path)
     assert c.vocab_size == 256
-    n_val = -(-len(data) // 10)
-    assert len(c.val) == n_val
-    assert np.concatenate([c.train, c.val]).astype(np.uint8).tobytes() == data
+    held_out = -(-len(data) // 10)
+    assert len(c.val) == held_out // 2 and len(c.test) == held_out - held_out // 2
+    assert np.concatenate([c.train, c.val, c.test]).astype(np.uint8).tobytes() == data
     capped = load_corpus(str(path), max_bytes=1000)
-    assert len(capped.train) + len(capped.val) == 1000
+    assert len(capped.train) + len(capped.val) + len(capped.test) == 1000
 
 
 def test_glob_of_text_files_splits_by_file(tmp_path):
@@ -95,22 +100,23 @@ def test_glob_of_text_files_splits_by_file(tmp_path):
     (tmp_path / "empty.md").write_bytes(b"")  # empty files in a glob are skipped
     (tmp_path / "other.txt").write_bytes(b"not matched")
     c = load_corpus(str(tmp_path / "*.md"), max_bytes=None, val_percent=20)
-    assert len(c.train) > 0 and len(c.val) > 0
-    train, val = c.train.astype(np.uint8).tobytes(), c.val.astype(np.uint8).tobytes()
+    assert len(c.train) > 0 and len(c.val) > 0 and len(c.test) > 0
+    splits = [a.astype(np.uint8).tobytes() for a in (c.train, c.val, c.test)]
     # Every file lands whole (plus its newline separator) in exactly one split.
-    assert len(train) + len(val) == sum(len(b) + 1 for b in contents.values())
+    assert sum(map(len, splits)) == sum(len(b) + 1 for b in contents.values())
     for body in contents.values():
-        assert (body + b"\n" in train) != (body + b"\n" in val)
-    assert b"not matched" not in train + val
+        assert sum(body + b"\n" in split for split in splits) == 1
+    assert b"not matched" not in b"".join(splits)
     again = load_corpus(str(tmp_path / "*.md"), max_bytes=None, val_percent=20)
     np.testing.assert_array_equal(c.val, again.val)
+    np.testing.assert_array_equal(c.test, again.test)
 
 
 def test_glob_recursive_and_single_match(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / "a" / "b" / "x.txt").write_bytes(b"0123456789" * 10)
     c = load_corpus(str(tmp_path / "**" / "*.txt"), val_percent=5)
-    assert len(c.train) == 95 and len(c.val) == 5
+    assert len(c.train) == 95 and len(c.val) == 2 and len(c.test) == 3
 
 
 # ---------------------------------------------------------------- .bin sources
@@ -121,9 +127,9 @@ def test_bin_memmap_tail_split(tmp_path):
     path = tmp_path / "tokens.bin"
     tokens.tofile(path)
     c = load_corpus(str(path), val_percent=5)
-    assert isinstance(c.train, np.memmap) and isinstance(c.val, np.memmap)
-    assert len(c.val) == 500
-    np.testing.assert_array_equal(np.concatenate([c.train, c.val]), tokens)
+    assert isinstance(c.train, np.memmap) and isinstance(c.val, np.memmap) and isinstance(c.test, np.memmap)
+    assert len(c.val) == 250 and len(c.test) == 250
+    np.testing.assert_array_equal(np.concatenate([c.train, c.val, c.test]), tokens)
     assert c.vocab_size == int(tokens.max()) + 1
     assert load_corpus(str(path), vocab_size=50304).vocab_size == 50304
 
@@ -135,9 +141,38 @@ def test_bin_train_val_pairing(tmp_path):
     c = load_corpus(str(tmp_path / "train.bin"))
     assert isinstance(c.train, np.memmap) and isinstance(c.val, np.memmap)
     np.testing.assert_array_equal(c.train, train)
-    np.testing.assert_array_equal(c.val, val)
+    np.testing.assert_array_equal(np.concatenate([c.val, c.test]), val)  # no test.bin: val.bin halved
+    assert len(c.val) == 350
     assert c.vocab_size == max(int(train.max()), int(val.max())) + 1
     assert str(tmp_path / "val.bin") in c.description
+    test = random_tokens(300, vocab=3000, seed=6)
+    test.tofile(tmp_path / "test.bin")
+    with_test = load_corpus(str(tmp_path / "train.bin"))
+    np.testing.assert_array_equal(with_test.val, val)
+    np.testing.assert_array_equal(with_test.test, test)
+    assert with_test.vocab_size == max(int(train.max()), int(val.max()), int(test.max())) + 1
+
+
+def test_test_split_is_carved_from_the_old_validation_files():
+    """Training files are those of the two-way split by crc32(path) % 100 < val_percent; the
+    held-out files are divided between validation and test, disjointly and stably."""
+    import zlib
+
+    c = load_corpus(None)
+    train, val, test = (set(keys) for keys in c.split_keys)
+    held_out = {key for key in train | val | test if zlib.crc32(key.encode()) % 100 < 5.0}
+    assert val | test == held_out and not val & test and not train & held_out
+    assert len(val) >= 10 and len(test) >= 10  # the default corpus: enough files on each side
+    again = load_corpus(None)
+    assert again.identity == c.identity
+    assert c.identity["splits"]["test"]["sha256"] != c.identity["splits"]["val"]["sha256"]
+
+
+def test_corpus_too_small_for_three_splits_raises(tmp_path):
+    path = tmp_path / "two.txt"
+    path.write_bytes(b"ab")
+    with pytest.raises(DataError, match="at least 3 are needed for a train / validation / test split"):
+        load_corpus(str(path))
 
 
 def test_bin_vocab_size_too_small_raises(tmp_path):

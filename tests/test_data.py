@@ -121,3 +121,37 @@ def test_eval_batches_sharded_and_too_short():
             np.concatenate([halves[0][j]["inputs"], halves[1][j]["inputs"]]), batch["inputs"])
     with pytest.raises(DataError, match="33"):
         eval_batches(tokens[:20], batch_size=4, seq_len=8, max_batches=1)
+
+
+@pytest.mark.parametrize("length,batch_size,seq_len", [(1001, 4, 16), (50, 3, 7), (2, 2, 4), (65, 2, 8)])
+def test_split_batches_visit_every_target_once(length, batch_size, seq_len):
+    from moe_jax.data import split_batches
+
+    tokens = np.random.default_rng(length).integers(0, 65535, length).astype(np.uint16)
+    batches = split_batches(tokens, batch_size=batch_size, seq_len=seq_len)
+    masks = np.concatenate([b["mask"].reshape(-1) for b in batches])
+    targets = np.concatenate([b["targets"].reshape(-1) for b in batches])
+    inputs = np.concatenate([b["inputs"].reshape(-1) for b in batches])
+    assert masks.sum() == length - 1  # every target counted once
+    real = masks > 0
+    np.testing.assert_array_equal(targets[real], tokens[1:])  # in order, none twice, none missing
+    np.testing.assert_array_equal(inputs[real], tokens[:-1])
+    assert np.all(real[:length - 1]) and not np.any(real[length - 1:])  # padding only at the very end
+    for b in batches:
+        assert b["inputs"].shape == b["targets"].shape == b["mask"].shape == (batch_size, seq_len)
+    # the same windows on every call; a process takes its rows of each batch
+    again = split_batches(tokens, batch_size=batch_size, seq_len=seq_len)
+    for a, b in zip(batches, again):
+        np.testing.assert_array_equal(a["targets"], b["targets"])
+    if batch_size % 2 == 0:
+        halves = [split_batches(tokens, batch_size=batch_size, seq_len=seq_len, process_index=i, process_count=2)
+                  for i in range(2)]
+        for whole, first, second in zip(batches, *halves):
+            np.testing.assert_array_equal(np.concatenate([first["mask"], second["mask"]]), whole["mask"])
+
+
+def test_split_batches_refuse_a_split_without_a_target():
+    from moe_jax.data import split_batches
+
+    with pytest.raises(DataError, match="at least 2 are needed"):
+        split_batches(np.zeros(1, np.uint16), batch_size=2, seq_len=4)
