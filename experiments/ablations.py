@@ -411,9 +411,9 @@ def markdown(table: dict, claims: list, suite: str, scale: str, tokens_per_step:
              "run's steps too), same data order and seeds. Routing columns: the last logging step's load "
              "imbalance (max / mean tokens per expert, mean over MoE layers), dead experts (no token in the "
              "last logging window, summed over layers), tokens with no expert (mean over layers).\n",
-             "| variant | params total | active | steps | test loss (whole split) | val loss | val bits/byte | "
-             "load imbalance | dead experts | unrouted | step ms | tokens/s | seeds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | params total | active | train FLOPs/token | tokens seen | steps | test loss (whole split) | "
+             "val loss | val bits/byte | load imbalance | dead experts | unrouted | step ms | tokens/s | wall min | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant, r in table.items():
         pm = f" ± {r['val_loss_std']:.4f}" if r["seeds"] > 1 else ""
         offset = r.get("step_offset", 0)
@@ -423,9 +423,12 @@ def markdown(table: dict, claims: list, suite: str, scale: str, tokens_per_step:
                          f"{routing['unrouted_fraction']:.3f}") if routing else "- | - | -"
         test = (f"{r['test_loss']:.4f}" + (f" ± {r['test_loss_std']:.4f}" if r["seeds"] > 1 else "")
                 if "test_loss" in r else "-")
-        lines.append(f"| {variant} | {r['params_total']:,} | {r['params_active']:,} | {run_steps} | {test} | "
-                     f"{r['val_loss']:.4f}{pm} | {r['val_bpb']:.4f} | {routing_cells} | {1e3 * r['step_time_s']:.0f} | "
-                     f"{r['tokens_per_sec']:.0f} | {r['seeds']} |")
+        flops = f"{r['train_flops_per_token']:.3g}" if "train_flops_per_token" in r else "-"
+        seen = f"{r['tokens_seen']:,}" if r.get("tokens_seen") else "-"
+        wall = f"{r['wall_s'] / 60:.1f}" if "wall_s" in r else "-"
+        lines.append(f"| {variant} | {r['params_total']:,} | {r['params_active']:,} | {flops} | {seen} | {run_steps} | "
+                     f"{test} | {r['val_loss']:.4f}{pm} | {r['val_bpb']:.4f} | {routing_cells} | "
+                     f"{1e3 * r['step_time_s']:.0f} | {r['tokens_per_sec']:.0f} | {wall} | {r['seeds']} |")
     if claims:
         lines += ["", "The claims (the paper's, and for the routing suite the newer routers' papers): mean paired difference of the final test loss (a - b, nats; the split column says where a run has only validation) over the "
                   "seeds both variants have, 95% Student-t interval; \"holds\" when the interval lies below the "
@@ -661,7 +664,7 @@ def run_suite(f) -> Optional[str]:
             text = write_results(runs, f, variants)
             done += 1
             seconds = time.perf_counter() - start
-            if seconds > 30:  # trained (or evaluated) here, not read back from a finished run
+            if seconds > 2:  # trained (or evaluated) here, not read back from a finished run
                 trained_s, trained = trained_s + seconds, trained + 1
             print(progress_line(variant, seed, summary, seconds, done, total, trained_s / max(trained, 1)), flush=True)
     return text
