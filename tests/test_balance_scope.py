@@ -61,3 +61,30 @@ def test_scopes_on_a_mesh():
 def test_bad_scope_is_named():
     with pytest.raises(ValueError, match="balance_loss_scope='batch' is unknown"):
         config.MoEConfig(balance_loss_scope="batch")
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("scope", ["global", "sequence"])
+def test_kernel_router_gives_the_jnp_routers_statistics(k, scope):
+    """moe.router_impl='kernel' (its jnp spec off GPU) reports the per-token terms too: the sequence
+    scope's loss and its gradient, and the router entropy, equal the jnp router's (they were NaN or
+    raised before)."""
+    import dataclasses
+
+    params = _params()
+    x = jax.random.normal(jax.random.key(2), (3, 8, 16))
+    moe = _moe(scope, k)
+
+    def run(impl):
+        def loss(params):
+            _, stats = moe_lib.moe_forward(params, x, moe=dataclasses.replace(moe, router_impl=impl), train=True)
+            return stats["aux_loss"], stats
+        (aux, stats), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return aux, stats, grads["gate"]["kernel"]
+
+    aux, stats, grad = run("kernel")
+    aux_want, stats_want, grad_want = run("jnp")
+    np.testing.assert_allclose(aux, aux_want, rtol=1e-5)
+    np.testing.assert_allclose(grad, grad_want, rtol=1e-4, atol=1e-7)
+    assert np.isfinite(float(stats["router_entropy"]))
+    np.testing.assert_allclose(stats["router_entropy"], stats_want["router_entropy"], rtol=1e-5)

@@ -144,4 +144,8 @@ def top_k_gating(
         aux_loss=outputs.aux_loss, z_loss=outputs.z_loss, expert_counts=outputs.expert_counts,
         dropped_fraction=outputs.dropped_fraction, gate_fraction=outputs.gate_fraction,
         token_fraction=outputs.token_fraction, capacity=capacity, num_experts=num_experts,
-        aux_scale=float(num_experts), renormalized=k > 1)
+        aux_scale=float(num_experts), renormalized=k > 1,
+        # the per-token terms of the two fractions, as moe_jax.gating.top_k_gating defines them (the
+        # sequence-level balance loss and the router entropy read them): the softmax, and the first choice
+        token_gates=jax.nn.softmax(logits, axis=-1),
+        token_choices=jax.nn.one_hot(outputs.expert_index[:, 0], num_experts, dtype=jnp.float32))
