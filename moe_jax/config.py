@@ -150,6 +150,9 @@ class MoEConfig:
                              "moe.router='topk' with router_impl='jnp', or bias_update_rate=0")
         if self.router_impl not in ROUTER_IMPLS:
             raise ValueError(f"moe.router_impl={self.router_impl!r} is unknown; use one of {ROUTER_IMPLS}")
+        if self.router in gating.ROUTER_IMPLS and self.router_impl not in gating.ROUTER_IMPLS[self.router]:
+            raise ValueError(f"moe.router={self.router!r} has no {self.router_impl!r} implementation (it runs "
+                             f"{gating.ROUTER_IMPLS[self.router]}); set moe.router_impl='jnp' or moe.router='topk'")
         if self.dispatch not in dispatch.PATHS:
             raise ValueError(f"moe.dispatch={self.dispatch!r} is unknown; use one of {tuple(dispatch.PATHS)}")
         if not self.row_exchange_factor > 0:

@@ -361,17 +361,20 @@ def top_k_gating(
 Router = Callable[..., Routing]
 ROUTERS: dict[str, Router] = {}
 NON_CAUSAL_ROUTERS: set[str] = set()  # routers whose choice for a token reads later tokens
+ROUTER_IMPLS: dict[str, tuple[str, ...]] = {}  # router -> the MoEConfig.router_impl values it implements
 
 
-def register_router(name: str, *, causal: bool = True) -> Callable[[Router], Router]:
+def register_router(name: str, *, causal: bool = True, impls: tuple[str, ...] = ("jnp",)) -> Callable[[Router], Router]:
     """Adds a router to ROUTERS under `name` (the value of MoEConfig.router that selects it).
     causal=False: a token's routing depends on other tokens of its group, later ones included, so
-    the router cannot decode token by token (moe_jax.inference refuses it)."""
+    the router cannot decode token by token (moe_jax.inference refuses it). impls: the values of
+    MoEConfig.router_impl it runs (the config refuses the others rather than ignore them)."""
 
     def add(fn: Router) -> Router:
         if name in ROUTERS:
             raise ValueError(f"router {name!r} is registered twice")
         ROUTERS[name] = fn
+        ROUTER_IMPLS[name] = tuple(impls)
         if not causal:
             NON_CAUSAL_ROUTERS.add(name)
         return fn
@@ -379,7 +382,7 @@ def register_router(name: str, *, causal: bool = True) -> Callable[[Router], Rou
     return add
 
 
-@register_router("topk")
+@register_router("topk", impls=("jnp", "kernel"))
 def topk_router(logits: jax.Array, *, moe, train: bool, rng: Optional[jax.Array], drop_tokens: bool,
                 selection_bias: Optional[jax.Array] = None) -> Routing:
     """DeepSpeed's top-k gating (`top_k_gating`) with the RSample policy's Gumbel noise on the top-1
