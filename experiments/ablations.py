@@ -323,6 +323,7 @@ def run_variant(variant: str, seed: int, f) -> Optional[dict]:
     summary["seed"] = seed
     summary["step_offset"] = step_offset  # steps of the run it started from (counted in its curve)
     summary["commit"] = provenance()["commit"]  # a suite accumulates across sessions, maybe across commits
+    summary["python"], summary["versions"] = provenance()["python"], provenance()["versions"]
     summary["train_flops_per_token"] = _compiled_flops(variant, f.scale, f.data_path, f.steps)
     summary["tokens_seen"] = config.total_steps * config.data.batch_size * config.data.seq_len
     summary["curve"] = read_curve(workdir)

@@ -94,3 +94,15 @@ def test_evaluate_on_another_device_count_says_so_and_keeps_the_checkpoints(micr
     assert proc.returncode != 0
     assert "saved on another device topology" in proc.stderr and "device_count=N" in proc.stderr
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints
+
+
+def test_a_run_reruns_bit_for_bit_from_its_recorded_config(micro_run, tmp_path):
+    """The resolved config a run wrote (config.json) trains the same model to the same losses, to
+    the last bit, in a fresh folder; the corpus is the same, split for split."""
+    import ml_collections
+
+    workdir, _, summary = micro_run
+    recorded = json.loads(open(os.path.join(workdir, "config.json")).read())
+    again = trainer.train_and_evaluate(ml_collections.ConfigDict(recorded["config"]), str(tmp_path))
+    assert again["corpus_identity"] == summary["corpus_identity"]
+    assert again["val_loss"] == summary["val_loss"] and again["test_loss"] == summary["test_loss"]

@@ -25,7 +25,8 @@ def test_variant_table_builds_every_run(scale):
     models = {variant: run_config.model_config(config) for variant, config in configs.items()}
     for variant, config in configs.items():
         run_config.validate(config)
-        assert models[variant].hidden_size == models["dense"].hidden_size
+        if ablations.VARIANTS[variant].grow is None:  # the dense ladder's rungs are grown on purpose
+            assert models[variant].hidden_size == models["dense"].hidden_size
         fraction = ablations.VARIANTS[variant].step_fraction
         assert config.total_steps == max(1, round(configs["dense"].total_steps * fraction))
         if ablations.VARIANTS[variant].kd not in (None, "none"):
@@ -40,6 +41,12 @@ def test_variant_table_builds_every_run(scale):
     assert models["pr_moe_upcycled"] == models["pr_moe"]
     assert models["top1_loss_free"].moe.bias_update_rate > 0 and models["top1_loss_free"].moe.aux_loss_coef == 0
     assert models["expert_choice"].moe.router == "expert_choice"
+    # the ladder: wider, then wider and deeper, FFN kept at the dense model's ratio; the expert counts
+    rungs = [models[v] for v in ablations.LADDER]
+    assert [m.hidden_size for m in rungs] == sorted({m.hidden_size for m in rungs})
+    assert rungs[-1].num_layers > rungs[0].num_layers and all(m.moe is None for m in rungs)
+    assert all(m.ffn_size * rungs[0].hidden_size == rungs[0].ffn_size * m.hidden_size for m in rungs)
+    assert [models[v].moe.experts for v in ("moe", "moe_2x", "moe_e32", "moe_e64")] == [8, 16, 32, 64]
 
 
 @pytest.mark.slow  # the default suite runs a micro suite end to end in the kill-and-resume test
@@ -52,7 +59,8 @@ def test_every_ablation_suite_runs_at_micro_scale(tmp_path):
     assert set(results["variants"]) == {"dense", "moe", "first_half", "second_half", "top2", "residual", "moe_2x",
                                         "pyramid", "pr_moe", "teacher", "student_no_kd", "student_full_kd",
                                         "student_staged_kd", "top1_loss_free", "expert_choice", "dense_half",
-                                        "pr_moe_upcycled", "first_half_no_drop"}
+                                        "pr_moe_upcycled", "first_half_no_drop", "dense_x2", "dense_x4",
+                                        "dense_x8", "moe_e32", "moe_e64"}
     for name, row in results["variants"].items():
         assert row["steps"] + row["step_offset"] == (3 if name == "dense_half" else 6)
         assert row["val_loss"] > 0 and row["curves"][0]["val_loss"]
