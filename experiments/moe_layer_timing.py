@@ -2,8 +2,9 @@
 active FLOPs: the layer section of experiments/bench_kernels.py and of experiments/gpu_check.py.
 
 Top-1, capacity factor 1.0, bfloat16. Paths: einsum (DeepSpeed's one-hot), gather (the mapping
-table), dropless (ragged_dot), kernel (Pallas permute + grouped matmul) and "kernel + fused gating"
-(the kernel path with the fused gating kernel as its router). "dense FFN" is one FFN of the
+table), kernel (Pallas permute + grouped matmul), "kernel + fused gating" (the kernel path with the
+fused gating kernel as its router), "dropless + Pallas gmm" (dispatch_dropless(impl="pallas")) and
+dropless (ragged_dot). "dense FFN" is one FFN of the
 expert's size per token: the FLOPs a top-1 layer must do, with no routing and no data movement.
 """
 
@@ -16,6 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from moe_jax import dispatch as dispatch_lib
 from moe_jax import moe as moe_lib
 from moe_jax.config import MoEConfig
 from moe_jax.kernels import bench_util
@@ -23,7 +25,7 @@ from moe_jax.kernels import bench_util
 # (name, tokens S, experts E, model dim M, FFN dim F)
 LAYERS = [("350M+MoE-128", 16384, 128, 1024, 4096), ("1.3B+MoE-128", 16384, 128, 2048, 8192)]
 # dropless last: on an H200 (jax 0.11.2) its jax.lax.ragged_dot ran at 2% of the bf16 peak
-LAYER_PATHS = ("einsum", "gather", "kernel", "kernel + fused gating", "dropless")
+LAYER_PATHS = ("einsum", "gather", "kernel", "kernel + fused gating", "dropless + Pallas gmm", "dropless")
 DENSE = "dense FFN"
 
 
@@ -46,6 +48,11 @@ def _forward_fn(path: str, moe: MoEConfig):
             mlp = {name: w[0] for name, w in params["experts"].items()}
             return moe_lib.dense_mlp(mlp, x), jnp.float32(0)
         return dense
+    if path == "dropless + Pallas gmm":  # the dropless path with dispatch_dropless(impl="pallas")
+        def dropless_pallas(params, x):
+            routing = moe_lib.route(params["gate"], x, moe=moe, train=True, rng=None, drop_tokens=False)
+            return dispatch_lib.dispatch_dropless(x, routing, params["experts"], impl="pallas"), routing.aux_loss
+        return dropless_pallas
     fused = path == "kernel + fused gating"
     layer_moe = dataclasses.replace(moe, router_impl="kernel") if fused else moe
     layer_path = "kernel" if fused else path
@@ -64,6 +71,8 @@ def run_layers(layers, deadline: float, *, paths=LAYER_PATHS, directions=("forwa
     each row as it is measured."""
     records = []
     on_gpu = jax.default_backend() == "gpu"
+    # off GPU the kernel paths would time the kernels' references ("dropless + Pallas gmm" runs them
+    # too: a rehearsal of its wiring in the GPU check's dry run, not a measurement)
     paths = [p for p in paths if on_gpu or not p.startswith("kernel")]
     for name, num_tokens, num_experts, model_dim, ffn_dim in layers:
         params = layer_params(num_experts, model_dim, ffn_dim)

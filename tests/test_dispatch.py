@@ -52,7 +52,7 @@ def test_paths_equal_loop_without_drops(S, E, k):
     for path in dispatch_lib.PATHS:
         np.testing.assert_allclose(dispatch_lib.dispatch(path, x, routing, experts), want, rtol=1e-4, atol=1e-5,
                                    err_msg=path)
-    for impl in ("ragged", "tiles"):
+    for impl in dispatch_lib.DROPLESS_IMPLS:
         np.testing.assert_allclose(dispatch_lib.dispatch_dropless(x, routing, experts, impl=impl), want,
                                    rtol=1e-4, atol=1e-5, err_msg=impl)
 
@@ -136,3 +136,23 @@ def test_unknown_path():
     x, routing, experts = setup(8, 2, 1)
     with pytest.raises(ValueError, match="'fancy'"):
         dispatch_lib.dispatch("fancy", x, routing, experts)
+
+
+def test_pallas_grouped_ffn_in_interpret_mode_equals_ragged_dot_with_gradients():
+    """The dropless path's "pallas" experts FFN: the Pallas grouped matmul (interpret mode here)
+    against jax.lax.ragged_dot, forward and gradients, ragged groups (one empty)."""
+    from moe_jax import experts as experts_lib
+
+    keys = jax.random.split(jax.random.key(7), 3)
+    group_sizes = jnp.asarray([9, 0, 17, 6], jnp.int32)
+    rows = jax.random.normal(keys[0], (32, 24))  # 32 = the groups' total
+    sorted_expert = jnp.repeat(jnp.arange(4), group_sizes, total_repeat_length=32)
+    experts = make_experts(keys[1], 4, 24, 40)
+
+    def loss(fn):
+        return jax.value_and_grad(lambda r, e: jnp.sum(jnp.sin(fn(e, r, sorted_expert, group_sizes))), argnums=(0, 1))
+
+    got, got_grads = loss(lambda *a: experts_lib.grouped_ffn_pallas(*a, interpret=True))(rows, experts)
+    want, want_grads = loss(experts_lib.grouped_ffn_ragged)(rows, experts)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got_grads, want_grads)

@@ -44,7 +44,7 @@ def test_dry_run_runs_every_part_and_writes_both_reports(tmp_path):
     assert ("grouped matmul", "capacity buffer batched matmul") in kernels
     assert ("gating", "xla reference (moe_jax.gating)") in kernels
     layer = {r["impl"]: r for r in parts["layer"]["records"]}
-    assert set(layer) == {"dense FFN", "einsum", "gather", "dropless"}
+    assert set(layer) == {"dense FFN", "einsum", "gather", "dropless + Pallas gmm", "dropless"}
     assert "the dense FFN" in layer["gather"]["vs_dense"]
     decode = {(r["path"], r["batch"]) for r in parts["decode"]["records"]}
     assert {("serve", 1), ("serve", 2), ("dense", 1), ("einsum", 2)} <= decode
