@@ -57,6 +57,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+# the one definition of a copy's rank among its expert's copies (also the fused kernel's spec)
+from moe_jax.kernels.gating.reference import rank_within_expert  # noqa: F401  (routing_trace uses it too)
+
 
 
 @struct.dataclass
@@ -206,18 +209,6 @@ def _slots_in_token_order(mask: jax.Array) -> jax.Array:
     return jnp.cumsum(mask, axis=0) - 1
 
 
-def _rank_within_expert(expert: jax.Array, priority: jax.Array, num_experts: int) -> jax.Array:
-    """For copies [N] with expert ids and priorities, each copy's rank among copies of the same
-    expert by decreasing priority (ties: earlier copy first). O(N log N): no [E, N] top-k."""
-    n = expert.shape[0]
-    order = jnp.arange(n, dtype=jnp.int32)
-    sorted_expert, _, sorted_order = jax.lax.sort((expert, -priority, order), num_keys=2, is_stable=True)
-    counts = jnp.zeros(num_experts, jnp.int32).at[expert].add(1)
-    group_start = jnp.cumsum(counts) - counts
-    rank_sorted = jnp.arange(n, dtype=jnp.int32) - group_start[sorted_expert]
-    return jnp.zeros(n, jnp.int32).at[sorted_order].set(rank_sorted)
-
-
 def _take(matrix: jax.Array, index: jax.Array) -> jax.Array:
     """matrix [S, E], index [S, k] -> matrix[s, index[s, i]]."""
     return jnp.take_along_axis(matrix, index, axis=1)
@@ -293,7 +284,7 @@ def top_k_gating(
             kept_mask = mask
         elif use_rts and rts_scores is not None:
             priority = _take(rts_scores.astype(jnp.float32), expert_index)[:, 0]
-            rank = _rank_within_expert(expert_index[:, 0], priority, num_experts)
+            rank = rank_within_expert(expert_index[:, 0], priority, num_experts)
             kept_mask = mask * (rank < capacity)[:, None]
         else:
             kept_mask = mask * (_slots_in_token_order(mask) < capacity)
@@ -331,7 +322,7 @@ def top_k_gating(
             kept_mask = mask
         elif drop_policy == "probs":
             flat_expert = expert_index.reshape(-1)
-            rank = _rank_within_expert(flat_expert, _take(gates, expert_index).reshape(-1), num_experts)
+            rank = rank_within_expert(flat_expert, _take(gates, expert_index).reshape(-1), num_experts)
             kept_copy = (rank < capacity).reshape(num_tokens, k)
             kept_mask = jnp.zeros_like(mask).at[jnp.arange(num_tokens)[:, None], expert_index].set(
                 kept_copy.astype(jnp.int32))

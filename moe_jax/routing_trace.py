@@ -74,7 +74,7 @@ def replay(routing: Routing, code: jax.Array, logits: jax.Array) -> Routing:
     expert_index = jnp.clip(expert_index, 0, num_experts - 1)
     # each processed copy's rank among its expert's copies, in (column, token) order
     flat = jnp.where(recorded, expert_index, num_experts).T.reshape(-1)
-    rank = gating_lib._rank_within_expert(flat, jnp.zeros(flat.shape, jnp.float32), num_experts + 1)
+    rank = gating_lib.rank_within_expert(flat, jnp.zeros(flat.shape, jnp.float32), num_experts + 1)
     slot = rank.reshape(k, num_tokens).T
     kept = recorded & (slot < capacity)
     gates = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
