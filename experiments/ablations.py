@@ -166,6 +166,9 @@ flags.DEFINE_string("workdir", None, "Output folder.")
 flags.DEFINE_string("data_path", "", "Corpus (default: the Python standard library's source).")
 flags.DEFINE_integer("seeds", 3, "Seeds per variant (0 .. seeds-1); paired statistics need at least 2.")
 flags.DEFINE_integer("steps", 0, "Override the scale's step count (0: the scale's).")
+flags.DEFINE_string("runs_from", "", "A folder of finished run files (<variant>/seed<k>/ablation_run.json, e.g. "
+                    "committed under results/) to take into --workdir before running: those runs are not trained "
+                    "again. A run already in --workdir is kept.")
 flags.DEFINE_list("variants", [], "Only these variants of the suite (default: all of them); the claims "
                   "between two of them are still judged.")
 
@@ -629,6 +632,26 @@ def plot_loss_vs_compute(table: dict, multipliers: dict, workdir: str) -> str:
     return path
 
 
+def import_runs(source: str, workdir: str) -> int:
+    """Copies every <variant>/seed<k>/RUN_FILE under `source` into `workdir` where that run has no
+    file yet; returns how many. Sessions accumulate a long suite this way: finished runs' files are
+    committed, and the next session's suite starts from them."""
+    if not os.path.isdir(source):
+        cli.fail(f"--runs_from={source} is not a folder of run files (<variant>/seed<k>/{RUN_FILE})")
+    taken = 0
+    for variant in sorted(os.listdir(source)):
+        for seed_dir in sorted(os.listdir(os.path.join(source, variant))):
+            path = os.path.join(source, variant, seed_dir, RUN_FILE)
+            target = os.path.join(workdir, variant, seed_dir, RUN_FILE)
+            if os.path.isfile(path) and not os.path.exists(target):
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(path) as src, open(target + ".tmp", "w") as out:
+                    out.write(src.read())
+                os.replace(target + ".tmp", target)
+                taken += 1
+    return taken
+
+
 def suite_variants(suite: str, only: list) -> list:
     """The suite's variants, or those of `only` (which must belong to it), in the suite's order."""
     unknown = [v for v in only if v not in SUITES[suite]]
@@ -694,6 +717,8 @@ def main(argv):
     except ValueError as error:
         cli.fail(str(error))
     os.makedirs(f.workdir, exist_ok=True)
+    if f.runs_from:
+        print(f"took {import_runs(f.runs_from, f.workdir)} finished run(s) from {f.runs_from}")
     provenance()  # before anything trains: the commit of the code this process imported
     text = run_suite(f)
     if text is not None:

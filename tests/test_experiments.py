@@ -192,3 +192,25 @@ def test_layer_bench_tile_sizes_change_the_tiles_not_the_result():
     for path in ("dropless@tile/1", "dropless@tile/8"):
         for got, want in zip(jax.tree.leaves(results[path]), jax.tree.leaves(results["dropless"])):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_finished_run_files_from_another_folder_are_not_trained_again(tmp_path):
+    """--runs_from: committed run files seed a new workdir; the suite reads them instead of training."""
+    source = tmp_path / "committed" / "dense" / "seed0"
+    source.mkdir(parents=True)
+    steps = ablations.variant_config("dense", "micro", 0, "", 0).total_steps
+    curve = {"step": [steps], "train_ce": [4.0], "val_step": [steps], "val_loss": [4.5], "step_time_s": [0.1]}
+    fake = {"steps": steps, "params_total": 10, "params_active": 10, "val_loss": 4.5, "val_bpb": 6.5,
+            "test_loss": 4.25, "test_bpb": 6.1, "step_time_s": 0.1, "tokens_per_sec": 2560.0, "curve": curve}
+    (source / ablations.RUN_FILE).write_text(json.dumps(fake))
+    workdir = tmp_path / "work"
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "ablations.py"), "--scale=micro",
+                           "--suite=placement", "--variants=dense", "--seeds=1", f"--workdir={workdir}",
+                           f"--runs_from={tmp_path / 'committed'}"], env=binary_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "took 1 finished run(s)" in proc.stdout
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["variants"]["dense"]["test_loss"] == 4.25  # read, not trained
+    assert not (workdir / "dense" / "seed0" / "checkpoints").exists()
+    assert ablations.import_runs(str(tmp_path / "committed"), str(workdir)) == 0  # already there: kept
