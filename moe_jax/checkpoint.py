@@ -96,8 +96,6 @@ def _whole_shard_array_writes() -> None:
             std_logging.getLogger("absl").removeFilter(quiet)
 
 
-_whole_shard_array_writes()
-
 
 class CorruptCheckpointError(ValueError):
     """A committed step whose files cannot be read or whose arrays differ from their checksums."""
@@ -227,6 +225,8 @@ class Checkpointer:
     def __init__(self, directory, *, keep: Optional[int] = 3, read_only: bool = False):
         if keep is not None and keep < 1:
             raise ValueError(f"keep must be >= 1 or None, got {keep}")
+        if not read_only:  # where saves happen, not at import: importing this module changes nothing
+            _whole_shard_array_writes()
         directory = epath.Path(directory)
         if "://" not in str(directory):
             directory = directory.expanduser().resolve()

@@ -349,3 +349,21 @@ def test_prng_keys_restore_as_keys(tmp_path):
     for name, key in keys.items():
         assert jax.dtypes.issubdtype(restored["keys"][name].dtype, jax.dtypes.prng_key), name
         np.testing.assert_array_equal(jax.random.key_data(restored["keys"][name]), jax.random.key_data(key))
+
+
+def test_importing_the_module_leaves_orbax_as_it_was():
+    """The whole-shard array handler is registered where a writing Checkpointer is made, not at import."""
+    import subprocess
+    import sys
+
+    code = ("import jax, orbax.checkpoint as ocp\n"
+            "before = ocp.type_handlers.get_type_handler(jax.Array)\n"
+            "import moe_jax.checkpoint\n"
+            "assert ocp.type_handlers.get_type_handler(jax.Array) is before, 'import changed the handler'\n"
+            "import tempfile\n"
+            "moe_jax.checkpoint.Checkpointer(tempfile.mkdtemp()).close()\n"
+            "after = ocp.type_handlers.get_type_handler(jax.Array)\n"
+            "assert not getattr(after, '_use_replica_parallel', True), 'a writing Checkpointer registers it'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
