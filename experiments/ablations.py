@@ -591,6 +591,12 @@ def multiplier_markdown(table: dict, multipliers: dict) -> str:
              "per seed, mean and 95% interval. Beyond the ladder: a bound, never an extrapolation. Every "
              "comparison through it is iso-compute.", "",
              "| variant | train FLOPs/token | vs dense | test loss | multiplier | per seed |", "|---|---|---|---|---|---|"]
+    ladder = {v: table[v]["test_loss_by_seed"] for v in LADDER if "test_loss_by_seed" in table.get(v, {})}
+    cut = compute_multiplier.rungs_cut(ladder, {v: table[v]["train_flops_per_token"] for v in ladder})
+    if cut:
+        lines[1:1] = ["", "Rungs that did not improve on the rung below them, so that seed's ladder ends below "
+                      "them (its bounds are at the last falling rung): "
+                      + "; ".join(f"seed {s}: {', '.join(r)}" for s, r in cut.items()) + "."]
     for variant, m in multipliers.items():
         r = table[variant]
         lines.append(f"| {variant} | {r['train_flops_per_token']:.3g} | {r['train_flops_per_token'] / base:.2f}x | "

@@ -7,6 +7,11 @@ around it (the same seed's ladder), over the variant's own training FLOPs per to
 compiled step). Beyond the ladder it is never extrapolated: a loss below the top rung's is
 "> top / own" ("above"), one above the bottom rung's "< bottom / own" ("below").
 
+A rung that does not improve on the rung below it (at a fixed token budget a much larger model can
+train worse: too few steps for its depth, a learning rate tuned for the small one) ends the ladder
+for that seed: the rungs used are the falling prefix (`falling_prefix`), and a loss better than its
+top is a bound at that top. The ladder is never bent to fit, and the rungs cut are reported.
+
 The paper (Rajbhandari et al., 2022, Table 1): 350M+MoE-128 reaches 1.3B dense quality at the
 350M's compute, about 5x (1.3B / 350M FLOPs per token ~ 3.7x); 1.3B+MoE-128 matches 6.7B dense, 5x.
 """
@@ -37,6 +42,18 @@ class Multiplier:
         return f"{'>' if self.side == 'above' else '<'} {self.bound:.2f}x"
 
 
+def falling_prefix(ladder: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The rungs (flops, loss), sorted by FLOPs, up to the first one whose loss does not fall below
+    the previous rung's (module docstring). At least the bottom rung."""
+    rungs = sorted(ladder)
+    kept = rungs[:1]
+    for rung in rungs[1:]:
+        if rung[1] >= kept[-1][1]:
+            break
+        kept.append(rung)
+    return kept
+
+
 def dense_compute_at(loss: float, ladder: Sequence[tuple[float, float]]) -> tuple[Optional[float], str]:
     """The dense FLOPs per token whose test loss equals `loss`, interpolated linearly in log FLOPs
     between the ladder rungs (flops, loss) around it. Returns (flops, "within"), or (None, "above")
@@ -61,9 +78,14 @@ def dense_compute_at(loss: float, ladder: Sequence[tuple[float, float]]) -> tupl
 
 
 def multiplier(loss: float, own_flops: float, ladder: Sequence[tuple[float, float]]) -> Multiplier:
-    """One seed: the dense compute reaching `loss`, over `own_flops` (module docstring)."""
-    flops, side = dense_compute_at(loss, ladder)
-    rungs = sorted(ladder)
+    """One seed: the dense compute reaching `loss`, over `own_flops`, along the ladder's falling
+    prefix (module docstring); a ladder whose second rung already fails is refused."""
+    rungs = falling_prefix(ladder)
+    if len(rungs) < 2:
+        raise ValueError(f"the ladder's test losses must fall as its compute grows; its second rung does not: "
+                         f"{[l for _, l in sorted(ladder)]} at {[f for f, _ in sorted(ladder)]} FLOPs per token "
+                         "(more seeds or steps, or fewer rungs)")
+    flops, side = dense_compute_at(loss, rungs)
     if side == "within":
         return Multiplier(flops / own_flops, side)
     edge = rungs[-1][0] if side == "above" else rungs[0][0]
@@ -99,6 +121,18 @@ def summarise(values: Sequence[Multiplier]) -> Summary:
                        f"{len(outside)} of {len(values)} seeds beyond the ladder ({'/'.join(sides)}: {bounds})")
     diff = paired_stats.paired_difference([v.value for v in values], [0.0] * len(values))
     return Summary(len(values), diff.mean, diff.low, diff.high, per_seed, "")
+
+
+def rungs_cut(ladder_runs: dict, flops: dict) -> dict:
+    """seed -> the rung variants beyond that seed's falling prefix (only seeds with a cut)."""
+    out = {}
+    seeds = sorted(set.intersection(*(set(r) for r in ladder_runs.values())), key=int) if ladder_runs else []
+    for seed in seeds:
+        kept = {f for f, _ in falling_prefix([(flops[r], runs[seed]) for r, runs in ladder_runs.items()])}
+        cut = [r for r in sorted(ladder_runs, key=lambda r: flops[r]) if flops[r] not in kept]
+        if cut:
+            out[seed] = cut
+    return out
 
 
 def variant_multipliers(ladder_runs: dict, variant_runs: dict, flops: dict) -> dict:

@@ -47,6 +47,18 @@ def test_per_seed_ladders_pair_with_the_variant_seeds():
 def test_a_ladder_that_does_not_fall_is_refused():
     with pytest.raises(ValueError, match="must fall as its compute grows"):
         cm.dense_compute_at(2.9, [(F, 3.0), (2 * F, 3.1)])
+    with pytest.raises(ValueError, match="second rung does not"):
+        cm.multiplier(2.9, F, [(F, 3.0), (2 * F, 3.1), (4 * F, 2.5)])
+
+
+def test_a_top_rung_that_does_not_improve_ends_the_ladder_there():
+    ladder = [(F, 3.0), (2 * F, 2.9), (4 * F, 2.8), (8 * F, 2.85)]  # the 8x rung trains worse than 4x
+    assert cm.falling_prefix(ladder) == ladder[:3]
+    assert cm.multiplier(2.85, F, ladder).value == pytest.approx(2 ** 1.5)  # between 2x and 4x, not near 8x
+    beyond = cm.multiplier(2.7, F, ladder)  # better than the 4x rung: a bound at 4x, never at the cut 8x
+    assert (beyond.side, beyond.bound) == ("above", pytest.approx(4.0))
+    runs = {f"x{2 ** i}": {"0": l, "1": 3.0 - 0.1 * i} for i, (_, l) in enumerate(ladder)}
+    assert cm.rungs_cut(runs, {f"x{2 ** i}": F * 2 ** i for i in range(4)}) == {"0": ["x8"]}
 
 
 def _row(losses, flops):
