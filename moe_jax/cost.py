@@ -359,7 +359,7 @@ def train_step_cost(config, mesh_shape: Optional[str | Sequence[int]] = None, *,
     config.mesh's sizes; None or one device: the single-device step (no mesh, no shard_map). A mesh
     of all jax's devices is built by run_config.parallel_config, as the trainer builds it (a smaller
     one by parallel.make_mesh on the first devices). Jitted as the trainer jits it: state donated
-    and sharded by parallel.param_specs, the batch sharded over the batch axes."""
+    and sharded by parallel.state_specs, the batch sharded over the batch axes."""
     from moe_jax import parallel as parallel_lib  # here: the HLO walk needs no model code
     from moe_jax import run_config, train_lib
 
@@ -387,10 +387,11 @@ def train_step_cost(config, mesh_shape: Optional[str | Sequence[int]] = None, *,
                             (data, expert, tensor, nodes), num_devices, jax.device_count())
             mesh = parallel_lib.make_mesh(data, expert, tensor, nodes, devices=jax.devices()[:num_devices])
             par = parallel_lib.ParallelConfig(mesh, run.mesh.exchange, run.mesh.expert_slicing,
-                                              run.mesh.get("row_exchange", "auto"))
+                                              run.mesh.get("row_exchange", "auto"),
+                                              run.mesh.get("shard_optimizer", True))
         parallel_lib.validate(model_cfg, par, config.data.batch_size)
         step_fn = functools.partial(step_fn, parallel=par)
-        out_shardings = parallel_lib.shardings(parallel_lib.param_specs(state, par), par.mesh)
+        out_shardings = parallel_lib.shardings(parallel_lib.state_specs(state, par, optimizer), par.mesh)
         shardings = (out_shardings, {name: parallel_lib.batch_sharding(par) for name in batch},
                      jax.sharding.NamedSharding(par.mesh, jax.sharding.PartitionSpec()))
         state, batch, key = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -39,6 +39,16 @@ from the model's smallest MoE layer, `smallest_expert_group`); a layer whose gro
 from the axes keeps all its experts on every device (logged). A layer with at least ep experts must
 have a multiple of ep.
 
+Optimizer state (`shard_optimizer`, ZeRO stage 1): every parameter's AdamW moments are split further
+over the batch axes its gradient is reduced over (`optimizer_specs`): all of (data, expert axes) for
+a replicated parameter, `data` and the expert axes outside its layer's group for an expert matrix.
+The train step constrains the gradients to that layout (XLA reduces them into shards: an all-reduce
+and a slice on CPU, one reduce-scatter on GPU, whose pipeline fuses the two), updates its shard of
+the moments and the parameters, and all-gathers the updated parameters: the bytes of one all-reduce,
+and the optimizer memory per device divided by the data-parallel degree. The arithmetic of the
+update is elementwise, so only the gradient norm's summation order differs from the replicated
+optimizer (float32 rounding).
+
 Load-balancing loss: the per-expert gate and token fractions are averaged over the whole batch
 (all shards) before their product is taken, so the loss equals the single-device loss exactly.
 (DeepSpeed averages per-shard losses instead.) Capacity, dropping and random token selection stay
@@ -56,6 +66,7 @@ from absl import logging
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 
@@ -89,6 +100,7 @@ class ParallelConfig:
     exchange: str = "auto"
     expert_slicing: bool = False
     row_exchange: str = "auto"  # ROW_EXCHANGES
+    shard_optimizer: bool = False  # ZeRO-1: optimizer state split over the batch axes (module docstring)
 
     def __post_init__(self):
         if tuple(self.mesh.axis_names) != AXES:
@@ -300,6 +312,51 @@ def _fit(spec: P, shape, mesh, name: str) -> P:
                             "it is replicated there instead of split", name, dim_index, dim, names, size)
         out.append(axes if fits else None)
     return P(*out)
+
+
+def _axes_of(spec: P) -> set:
+    return {a for entry in spec if entry for a in (entry if isinstance(entry, tuple) else (entry,))}
+
+
+def _zero_spec(spec: P, shape, mesh) -> P:
+    """`spec` with the batch axes it is replicated over (size > 1) added to one dimension that
+    divides: the first unsplit one, else the first split one (the new axes after its own). All of
+    them when a dimension takes them, else `data` alone, else the spec unchanged."""
+    spare = tuple(a for a in BATCH_AXES if a not in _axes_of(spec) and mesh.shape[a] > 1)
+    entries = list(tuple(spec) + (None,) * (len(shape) - len(spec)))
+    for axes in (spare, tuple(a for a in spare if a == "data")):
+        if not axes:
+            continue
+        size = math.prod(mesh.shape[a] for a in axes)
+        order = [i for i, e in enumerate(entries) if e is None] + [i for i, e in enumerate(entries) if e is not None]
+        for i in order:
+            own = () if entries[i] is None else entries[i] if isinstance(entries[i], tuple) else (entries[i],)
+            if shape[i] % (size * math.prod(mesh.shape[a] for a in own)) == 0:
+                entries[i] = own + axes if own else (axes if len(axes) > 1 else axes[0])
+                return P(*entries)
+    return P(*entries)
+
+
+def optimizer_specs(params, par: ParallelConfig):
+    """The layout of each parameter's optimizer moments under ZeRO-1 (module docstring): its
+    param_specs spec, split further over the batch axes it is replicated over. Where
+    par.shard_optimizer is off: param_specs."""
+    specs = param_specs(params, par)
+    if not par.shard_optimizer:
+        return specs
+    return jax.tree.map(lambda spec, leaf: _zero_spec(spec, leaf.shape, par.mesh), specs, params,
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def state_specs(state, par: ParallelConfig, optimizer):
+    """PartitionSpecs of a train state {"params", "opt_state", "step"[, "router_state"]} (state may be
+    abstract): parameters by param_specs, the optimizer's per-parameter leaves (AdamW's moments) by
+    optimizer_specs, everything else (counts, the step, selection biases) replicated."""
+    moment_specs = optimizer_specs(state["params"], par)
+    opt = optax.tree_map_params(optimizer, lambda leaf, spec: spec, state["opt_state"], moment_specs,
+                                transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
+    out = {name: jax.tree.map(lambda _: P(), value) for name, value in state.items()}
+    return {**out, "params": param_specs(state["params"], par), "opt_state": opt}
 
 
 def shardings(tree_specs, mesh):

@@ -220,7 +220,9 @@ def default_config(scale: str = "tiny", presets: Optional[Mapping[str, str]] = N
     c.mesh = ml_collections.ConfigDict({"data": -1, "expert": 1, "tensor": 1, "expert_nodes": 1,
                                         "exchange": "auto", "expert_slicing": False,
                                         # rows exchange of dropless / serve: auto (ragged on GPU), bounded, ragged
-                                        "row_exchange": "auto"})
+                                        "row_exchange": "auto",
+                                        # ZeRO-1: AdamW moments split over the data-parallel axes
+                                        "shard_optimizer": True})
     return c
 
 
@@ -253,7 +255,8 @@ def parallel_config(config: ml_collections.ConfigDict) -> Optional[parallel_lib.
     mesh = parallel_lib.make_mesh(m.data, m.expert, m.tensor, nodes, expert_group=group)
     return parallel_lib.ParallelConfig(mesh, exchange=m.get("exchange", "auto"),
                                        expert_slicing=m.get("expert_slicing", False),
-                                       row_exchange=m.get("row_exchange", "auto"))
+                                       row_exchange=m.get("row_exchange", "auto"),
+                                       shard_optimizer=m.get("shard_optimizer", True))
 
 
 def optim_config(config: ml_collections.ConfigDict) -> train_lib.OptimConfig:

@@ -18,6 +18,7 @@ import optax
 from moe_jax import balancing
 from moe_jax import model as model_lib
 from moe_jax.config import ModelConfig
+from moe_jax import parallel as parallel_lib
 from moe_jax.parallel import ParallelConfig
 
 
@@ -127,8 +128,14 @@ def train_step(state: dict, batch: dict, rng: jax.Array, hook_inputs: Any = None
     (_, metrics), grads = grad_fn(state["params"], batch, model_cfg, rngs=rngs, train=True, step=state["step"],
                                   loss_hook=loss_hook, hook_inputs=hook_inputs, parallel=parallel,
                                   router_state=state.get("router_state"), record_routing=record_routing)
+    if parallel is not None and parallel.shard_optimizer:  # ZeRO-1: reduced into shards (moe_jax.parallel)
+        grads = jax.lax.with_sharding_constraint(
+            grads, parallel_lib.shardings(parallel_lib.optimizer_specs(grads, parallel), parallel.mesh))
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    if parallel is not None and parallel.shard_optimizer:  # the updated shards gathered whole again
+        params = jax.lax.with_sharding_constraint(
+            params, parallel_lib.shardings(parallel_lib.param_specs(params, parallel), parallel.mesh))
     metrics["grad_norm"] = optax.tree.norm(grads)
     if schedule is not None:
         metrics["lr"] = schedule(state["step"])

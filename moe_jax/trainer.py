@@ -262,9 +262,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state_shardings = None
     if par is not None:
         parallel_lib.validate(model_cfg, par, config.data.batch_size)
-        state_shardings = parallel_lib.shardings(parallel_lib.param_specs(abstract, par), par.mesh)
-        logging.info("mesh %s, exchange %s, expert slicing %s", dict(par.mesh.shape), par.exchange,
-                     par.expert_slicing)
+        state_shardings = parallel_lib.shardings(parallel_lib.state_specs(abstract, par, optimizer), par.mesh)
+        logging.info("mesh %s, exchange %s, expert slicing %s, optimizer state sharded %s", dict(par.mesh.shape),
+                     par.exchange, par.expert_slicing, par.shard_optimizer)
     # routing traces (moe_jax.routing_trace): the probe batch at evaluations, every training step
     # with config.record_routing, a recorded run's codes with config.replay_routing
     is_moe = any(model_cfg.layer_experts())

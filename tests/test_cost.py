@@ -123,7 +123,9 @@ def _flops_ratio(record) -> float:
 
 
 def test_gather_on_expert_mesh_does_an_eighth_of_the_work():
-    record = _step("1,8,1")
+    # the expert exchange alone: with the optimizer state sharded, XLA also reshards the embedding
+    # lookup's gradient into its shards with one all-to-all (tests/test_zero.py)
+    record = _step("1,8,1", **{"mesh.shard_optimizer": False})
     assert record.num_devices == 8
     assert _flops_ratio(record) <= 1.25
     # 4 all-to-alls (dispatch and return, forward and backward) of the [E, C, M] float32 buffer:
