@@ -50,9 +50,10 @@ from absl import app, flags, logging
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from moe_jax import host_memory  # noqa: E402
+from moe_jax import host_memory, xla_flags  # noqa: E402
 
 host_memory.reuse_freed_memory()  # before jax starts its threads
+xla_flags.add_gpu_overlap_flags()  # collectives overlapped with compute on GPU; before jax starts
 
 from experiments import compute_multiplier, paired_stats  # noqa: E402
 from experiments.configs import load_config_file  # noqa: E402

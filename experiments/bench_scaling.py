@@ -40,6 +40,17 @@ expert_nodes > 1 the devices that share a (data, expert_node) coordinate. Per de
             gradients stay float32)
   step      compute + a2a + others (no overlap: the all-to-alls sit between the gate and the
             experts); the fully overlapped bound max(compute, communication) is printed beside it.
+  overlap   a model of what XLA's latency-hiding scheduler can hide (the flags of moe_jax.xla_flags),
+            per (dense, MoE) pair of layers in model order, from the compiled per-pair FLOPs and
+            bytes (--extrapolate_layers; without it the step is split evenly over the pairs).
+            Backward: the rest of the model's backward first (logits), then the pairs from the last
+            to the first, each a third of its compute forward and two thirds backward; a pair's
+            gradient reduction (its all-reduce / reduce-scatter) is issued when its backward ends
+            and runs on the link in order, behind the backward of the pairs before it; the rest's
+            reduction (embedding, final LayerNorm) is issued last and is exposed. Forward (ZeRO-1's
+            all-gather of updated parameters): each pair's gather must finish before its forward
+            starts, the rest's first. The all-to-alls are never hidden. Exposed time = when the
+            link finishes minus when the compute finishes.
 HBM time (XLA:CPU's bytes accessed / HBM bandwidth) is printed but not counted: the CPU compile
 fuses differently and upcasts bf16, so it overstates what a GPU moves.
 """
@@ -148,7 +159,8 @@ def summarize(record: cost.CostRecord, factor: int, split_nodes: bool, assume: A
     """Scalar per-device numbers of a record (all linear in the model's layers) and its link times."""
     geometry, gpu = Geometry.of(record, factor, split_nodes), assume.gpu
     out = {"flops": record.flops, "xla_flops": record.xla_flops, "bytes_accessed": record.bytes_accessed,
-           "peak_memory": record.peak_memory, "a2a_intra": 0.0, "a2a_inter": 0.0, "a2a_s": 0.0, "other_s": 0.0}
+           "peak_memory": record.peak_memory, "a2a_intra": 0.0, "a2a_inter": 0.0, "a2a_s": 0.0, "other_s": 0.0,
+           "gather_s": 0.0}
     out.update({kind: float(record.collective_bytes(kind)) for kind in KINDS})
     for c in record.collectives:
         if c.kind == "collective-permute":
@@ -164,7 +176,9 @@ def summarize(record: cost.CostRecord, factor: int, split_nodes: bool, assume: A
             out["a2a_s"] += max(intra / gpu.nvlink, inter / gpu.inter)
             continue
         traffic = {"all-reduce": 2 * (g - 1) / g, "all-gather": (g - 1) / g, "reduce-scatter": g - 1}[c.kind]
-        out["other_s"] += traffic * c.bytes / (gpu.inter if g > g_in else gpu.nvlink)
+        seconds = traffic * c.bytes / (gpu.inter if g > g_in else gpu.nvlink)
+        out["other_s"] += seconds
+        out["gather_s"] += seconds if c.kind == "all-gather" else 0.0
     out["compute_s"] = record.flops * (4 / 3 if assume.recompute else 1) / (gpu.flops * assume.flop_efficiency)
     return out
 
@@ -185,12 +199,21 @@ def _pairs(model_cfg) -> dict[int, int]:
 
 def measure(config, mesh, factor: int, assume: Assumptions, extrapolate: bool) -> dict:
     """summarize() of the config's train step on `mesh` (None: one device), extrapolated in depth when asked."""
+    base, pairs = measure_parts(config, mesh, factor, assume, extrapolate)
+    return _combine([(1, base)] + [(1, pair) for pair in pairs])
+
+
+def measure_parts(config, mesh, factor: int, assume: Assumptions, extrapolate: bool) -> tuple[dict, list[dict]]:
+    """(the rest of the model, [each (dense, MoE) pair of layers in model order]) as summarize() dicts;
+    without extrapolation the whole step is the rest and no pair (overlap_step splits it)."""
     def one(cfg):
         return summarize(cost.train_step_cost(cfg, mesh), factor, cost.parse_mesh(mesh or "1,1,1")[3] > 1, assume)
 
     if not extrapolate:
-        return one(config)
-    pairs = _pairs(run_config.model_config(config))
+        return one(config), []
+    model_cfg = run_config.model_config(config)
+    pairs = _pairs(model_cfg)
+    order = model_cfg.layer_experts()[1::2]
 
     def variant(experts):
         cfg = config.copy_and_resolve_references()
@@ -203,10 +226,38 @@ def measure(config, mesh, factor: int, assume: Assumptions, extrapolate: bool) -
     if len(counts) == 1:
         pair = _combine([(1, every), (-1, single[counts[0]])])
         base = _combine([(1, single[counts[0]]), (-1, pair)])
-        return _combine([(1, base), (pairs[counts[0]], pair)])
+        return base, [pair] * len(order)
     base = _combine([(1, s) for s in single.values()] + [(-1, every)])
     base = _combine([(1 / (len(counts) - 1), base)])
-    return _combine([(1, base)] + [(n, _combine([(1, single[e]), (-1, base)])) for e, n in pairs.items()])
+    per_count = {e: _combine([(1, single[e]), (-1, base)]) for e in pairs}
+    return base, [per_count[e] for e in order]
+
+
+def overlap_step(base: dict, pairs: list[dict], num_pairs: int) -> dict:
+    """The step with gradient reductions and parameter gathers hidden where the model in the module
+    docstring lets them be: {"compute_s", "a2a_s", "reduce_exposed_s", "gather_exposed_s", "step_s"}."""
+    if not pairs:  # one compiled step: split evenly over the model's pairs, nothing left over
+        share = _combine([(1 / max(num_pairs, 1), base)])
+        base, pairs = {key: 0.0 for key in base}, [share] * max(num_pairs, 1)
+    reduce_s = lambda part: part["other_s"] - part["gather_s"]  # noqa: E731
+    clock = base["compute_s"] * 2 / 3  # the rest's backward (the logits) first
+    link = clock
+    for pair in reversed(pairs):
+        clock += pair["compute_s"] * 2 / 3
+        link = max(link, clock) + reduce_s(pair)
+    link = max(link, clock) + reduce_s(base)
+    reduce_exposed = link - clock
+    gathered = base["gather_s"]  # the rest's parameters (embedding) first, then its forward
+    clock = gathered + base["compute_s"] / 3
+    for pair in pairs:
+        gathered += pair["gather_s"]
+        clock = max(clock, gathered) + pair["compute_s"] / 3
+    forward = sum(p["compute_s"] for p in [base] + pairs) / 3
+    gather_exposed = clock - forward
+    compute = base["compute_s"] + sum(p["compute_s"] for p in pairs)
+    a2a = base["a2a_s"] + sum(p["a2a_s"] for p in pairs)
+    return {"compute_s": compute, "a2a_s": a2a, "reduce_exposed_s": reduce_exposed,
+            "gather_exposed_s": gather_exposed, "step_s": compute + a2a + reduce_exposed + gather_exposed}
 
 
 def scale_config(config, factor: int):
@@ -253,7 +304,7 @@ def _ms(seconds: float) -> str:
     return f"{1e3 * seconds:.3g} ms"
 
 
-def projection(s: dict, assume: Assumptions, devices: int, global_batch: int) -> str:
+def projection(s: dict, assume: Assumptions, devices: int, global_batch: int, overlap: dict | None = None) -> str:
     gpu, comm = assume.gpu, s["a2a_s"] + s["other_s"]
     serial, overlapped = s["compute_s"] + comm, max(s["compute_s"], comm)
     return "\n".join([
@@ -267,7 +318,12 @@ def projection(s: dict, assume: Assumptions, devices: int, global_batch: int) ->
         "per element)",
         f"  other collectives {_ms(s['other_s'])}",
         f"  step {_ms(serial)} = {global_batch / serial:.4g} samples/s "
-        f"(fully overlapped: {_ms(overlapped)} = {global_batch / overlapped:.4g} samples/s)"])
+        f"(fully overlapped: {_ms(overlapped)} = {global_batch / overlapped:.4g} samples/s)"]
+        + ([f"  with overlap (a model, module docstring): {_ms(overlap['compute_s'])} compute + "
+            f"{_ms(overlap['a2a_s'])} all-to-all + {_ms(overlap['reduce_exposed_s'])} exposed gradient reduction + "
+            f"{_ms(overlap['gather_exposed_s'])} exposed parameter gather = {_ms(overlap['step_s'])} = "
+            f"{global_batch / overlap['step_s']:.4g} samples/s, {overlap['step_s'] / overlap['compute_s']:.2f}x "
+            "the compute-only time"] if overlap else []))
 
 
 def main(argv):
@@ -288,7 +344,9 @@ def main(argv):
         config = scale_config(f.config, factor)
         itemsize = config_dtype(run_config.model_config(config).compute_dtype).itemsize
         assume = Assumptions(GPUS[f.gpu], f.flop_efficiency, f.recompute, min(1.0, itemsize / 4))
-        mine = measure(config, f.mesh, factor, assume, f.extrapolate_layers)
+        base, pairs = measure_parts(config, f.mesh, factor, assume, f.extrapolate_layers)
+        mine = _combine([(1, base)] + [(1, pair) for pair in pairs])
+        overlap = overlap_step(base, pairs, run_config.model_config(config).num_layers // 2)
         ideal = measure(config, None, factor, assume, f.extrapolate_layers) if f.ideal else None
     except ValueError as error:
         cli.fail(str(error))
@@ -301,7 +359,7 @@ def main(argv):
           + (f"; standing for {target} devices (experts and batch compiled at 1/{factor})" if factor > 1 else "")
           + ("; depth extrapolated from 2-layer variants" if f.extrapolate_layers else ""))
     print(table(mine, ideal, n))
-    print(projection(mine, assume, target, f.config.data.batch_size))
+    print(projection(mine, assume, target, f.config.data.batch_size, overlap))
     if f.residual_vs_top2 and n != 8:
         print("Residual-MoE vs Top2-MoE is compared on (1,8,1): run with an 8-device --mesh to see it")
     elif f.residual_vs_top2:

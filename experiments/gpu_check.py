@@ -13,7 +13,7 @@ part that fails or times out leaves the others' results standing):
            forward and gradients
   edges    experiments/kernel_edge_cases.py: the kernels at ragged shapes and several tilings
            against NumPy (the sweep that found the unmasked edge blocks)
-  train    20 bfloat16 training steps of the 350M+PR-MoE-32/64 preset cut to --train_layers
+  train    (with the XLA flags experiments/train.py adds: moe_jax.xla_flags) 20 bfloat16 training steps of the 350M+PR-MoE-32/64 preset cut to --train_layers
            layers: compile time, tokens/s, MFU, peak memory from the compiled step and the device
   kernels  at the paper's 1.3B shapes (M=2048, F=8192) in bfloat16: fused gating vs the XLA
            router (E 64 and 128, 8k and 32k tokens); the Pallas grouped matmul vs jax.lax.ragged_dot
@@ -140,6 +140,9 @@ def part_env(result: PartResult, dry_run: bool) -> None:
 
     import jax
 
+    from moe_jax import xla_flags
+    training_flags = xla_flags.with_gpu_overlap_flags("")
+
     versions = {}
     for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "absl-py", "ml_collections", "numpy",
                  "tensorboardX", "chex", "triton", "jax-triton", "tokamax", "pytest", "pytest-xdist"):
@@ -165,6 +168,7 @@ def part_env(result: PartResult, dry_run: bool) -> None:
         "python": host_platform.python_version(), "backend": jax.default_backend(),
         "device_kind": device.device_kind, "device_count": jax.device_count(), "memory": memory,
         "versions": versions, "imports": imports, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "training_xla_flags": training_flags,  # what experiments/train.py adds (moe_jax.xla_flags)
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
     })
     from moe_jax.kernels import platform
@@ -552,6 +556,9 @@ def main(argv):
     if f.part:
         if f.part not in PART_NAMES or not f.part_out:
             raise app.UsageError(f"--part must be one of {PART_NAMES}, with --part_out")
+        if f.part == "train":  # trained as experiments/train.py trains: its XLA flags (moe_jax.xla_flags)
+            from moe_jax import xla_flags
+            xla_flags.add_gpu_overlap_flags()
         run_part(f.part, f.part_out)
         return
     if not f.out:

@@ -20,9 +20,10 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moe_jax import host_memory  # noqa: E402
+from moe_jax import host_memory, xla_flags  # noqa: E402
 
 host_memory.reuse_freed_memory()  # before jax starts its threads
+xla_flags.add_gpu_overlap_flags()  # collectives overlapped with compute on GPU; before jax starts
 
 from moe_jax import cli  # noqa: E402
 from moe_jax import corpus as corpus_lib  # noqa: E402
