@@ -93,6 +93,9 @@ class Routing:
     # combine weights: the kept copies' gate probabilities renormalised to sum to 1 per token (True),
     # or the raw gate probabilities (False); routing replay (moe_jax.routing_trace) follows the rule
     renormalized: bool = struct.field(pytree_node=False, default=False)
+    # the function of the gate logits whose values the combine weights are ("softmax"; "sigmoid":
+    # each expert's own score, DeepSeek-V3); routing replay recomputes the weights with it
+    score_fn: str = struct.field(pytree_node=False, default="softmax")
     # column e stands for expert e and a column not kept is no copy at all (expert-choice), rather
     # than a routed copy that was dropped (token-major routers)
     column_per_expert: bool = struct.field(pytree_node=False, default=False)

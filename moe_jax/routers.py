@@ -3,6 +3,8 @@
 moe_jax.gating imports this module at its end, so the registry is complete wherever it is read.
 Each router here has the registry's signature (moe_jax.gating) and returns the same `Routing`.
 
+  * "sigmoid" (DeepSeek-V3): sigmoid affinities, top-k on affinity + selection bias, weights
+    normalised over the chosen experts (`sigmoid_gating`).
   * "expert_choice" (Zhou et al., 2022, "Mixture-of-Experts with Expert Choice Routing"): each
     expert takes the C tokens of the group with the highest gate probability for it, so a token
     gets 0..E experts and every expert is exactly full. The group is all the tokens routed together
@@ -79,3 +81,62 @@ def expert_choice_router(logits: jax.Array, *, moe, train: bool, rng: Optional[j
     return expert_choice_gating(
         logits, capacity_factor=moe.capacity_factor if train else moe.eval_capacity_factor,
         min_capacity=moe.min_capacity)
+
+
+def sigmoid_gating(logits: jax.Array, *, k: int, capacity_factor: float, min_capacity: int = 0,
+                   drop_tokens: bool = True, selection_bias: Optional[jax.Array] = None) -> Routing:
+    """DeepSeek-V3's routing (Liu et al., 2024, "DeepSeek-V3 Technical Report", section 2.1.2): each
+    expert's affinity is its own sigmoid score s = sigmoid(logit), not a softmax share; a token's k
+    experts are the top-k of s + selection_bias (the bias of aux-loss-free balancing chooses, never
+    weighs); the combine weights are the chosen scores normalised to sum to 1 over the token's kept
+    copies.
+
+    Capacity as DeepSpeed's top-k (`gating.compute_capacity` with k): copies take slots in (choice,
+    token) order, all first choices before any second choice, and a copy beyond capacity is dropped
+    (drop_tokens=False: capacity S, nothing dropped, DeepSeek-V3's own setting). The balance loss is
+    the Switch form on the normalised affinities: aux = E / k * sum_e P_e f_e, with P_e the mean of
+    s_e / sum(s) and f_e the fraction of tokens choosing e (1 at perfect balance); DeepSeek-V3 keeps
+    only a tiny sequence-level one (balance_loss_scope="sequence" with a small aux_loss_coef).
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be [S, E]; got shape {logits.shape}")
+    num_tokens, num_experts = logits.shape
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"moe.k={k} must be in [1, {num_experts}] (the layer's expert count)")
+    logits = logits.astype(jnp.float32)
+    scores = jax.nn.sigmoid(logits)
+    selection = scores if selection_bias is None else scores + selection_bias.astype(jnp.float32)
+    _, expert_index = jax.lax.top_k(jax.lax.stop_gradient(selection), k)  # [S, k], best first
+    expert_index = expert_index.astype(jnp.int32)
+    capacity = gating.compute_capacity(num_tokens, num_experts, capacity_factor, min_capacity, k) \
+        if drop_tokens else num_tokens
+    # slots in (choice, token) order: each copy's rank among its expert's copies
+    flat = expert_index.T.reshape(-1)
+    rank = gating.rank_within_expert(flat, jnp.zeros(flat.shape, jnp.float32), num_experts)
+    slot = rank.reshape(k, num_tokens).T
+    kept = slot < capacity
+    chosen = jnp.take_along_axis(scores, expert_index, axis=1) * kept
+    weight = chosen / jnp.maximum(jnp.sum(chosen, axis=1, keepdims=True), jnp.finfo(jnp.float32).eps)
+    choices = jnp.sum(jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32), axis=1)  # [S, E]
+    affinity = scores / jnp.sum(scores, axis=-1, keepdims=True)
+    gate_fraction, token_fraction = jnp.mean(affinity, axis=0), jnp.mean(choices, axis=0)
+    aux_scale = num_experts / k
+    return Routing(
+        expert_index=expert_index, slot=jnp.where(kept, slot, 0).astype(jnp.int32), weight=weight, kept=kept,
+        aux_loss=aux_scale * jnp.sum(gate_fraction * token_fraction),
+        z_loss=jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2),
+        expert_counts=jnp.sum(choices, axis=0).astype(jnp.int32),
+        dropped_fraction=1.0 - jnp.mean(kept.astype(jnp.float32)), gate_fraction=gate_fraction,
+        token_fraction=token_fraction, capacity=capacity, num_experts=num_experts, aux_scale=aux_scale,
+        renormalized=True, score_fn="sigmoid", token_gates=affinity, token_choices=choices)
+
+
+@gating.register_router("sigmoid")
+def sigmoid_router(logits: jax.Array, *, moe, train: bool, rng: Optional[jax.Array], drop_tokens: bool,
+                   selection_bias: Optional[jax.Array] = None) -> Routing:
+    """`sigmoid_gating` with moe.k, the training or eval capacity factor and moe.min_capacity;
+    deterministic (no jitter, no random token selection). With moe.bias_update_rate > 0 the
+    selection bias is aux-loss-free balancing's (moe_jax.balancing)."""
+    del rng
+    return sigmoid_gating(logits, k=moe.k, capacity_factor=moe.capacity_factor if train else moe.eval_capacity_factor,
+                          min_capacity=moe.min_capacity, drop_tokens=drop_tokens, selection_bias=selection_bias)

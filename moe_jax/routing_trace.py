@@ -62,8 +62,8 @@ def decode(code) -> tuple:
 
 def replay(routing: Routing, code: jax.Array, logits: jax.Array) -> Routing:
     """The gate's own `routing` of S tokens with the assignment replaced by a recorded `code`
-    [S, k] (module docstring). logits [S, E]: the gate's logits, whose softmax gives the combine
-    weights."""
+    [S, k] (module docstring). logits [S, E]: the gate's logits, whose softmax (or the router's
+    Routing.score_fn) gives the combine weights."""
     if tuple(code.shape) != tuple(routing.expert_index.shape):
         raise ValueError(f"the replayed routing has shape {tuple(code.shape)} (tokens, copies) but this layer routes "
                          f"{tuple(routing.expert_index.shape)}: the trace comes from another batch shape, k or "
@@ -77,7 +77,8 @@ def replay(routing: Routing, code: jax.Array, logits: jax.Array) -> Routing:
     rank = gating_lib.rank_within_expert(flat, jnp.zeros(flat.shape, jnp.float32), num_experts + 1)
     slot = rank.reshape(k, num_tokens).T
     kept = recorded & (slot < capacity)
-    gates = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    score = {"softmax": lambda x: jax.nn.softmax(x, axis=-1), "sigmoid": jax.nn.sigmoid}[routing.score_fn]
+    gates = score(logits.astype(jnp.float32))
     weight = jnp.take_along_axis(gates, expert_index, axis=1) * kept
     if routing.renormalized:
         weight = weight / jnp.maximum(jnp.sum(weight, axis=1, keepdims=True), jnp.finfo(jnp.float32).eps)
