@@ -40,6 +40,10 @@ expert_nodes > 1 the devices that share a (data, expert_node) coordinate. Per de
             gradients stay float32)
   step      compute + a2a + others (no overlap: the all-to-alls sit between the gate and the
             experts); the fully overlapped bound max(compute, communication) is printed beside it.
+            With ZeRO-1 (mesh.shard_optimizer) the CPU step holds the gradient all-reduce and a
+            slice where a GPU runs a reduce-scatter: for every all-gather of updated parameters the
+            same bytes of all-reduce are counted at reduce-scatter's traffic (half), so gradient
+            reduction + gather cost one all-reduce, as they do on GPU.
   overlap   a model of what XLA's latency-hiding scheduler can hide (the flags of moe_jax.xla_flags),
             per (dense, MoE) pair of layers in model order, from the compiled per-pair FLOPs and
             bytes (--extrapolate_layers; without it the step is split evenly over the pairs).
@@ -178,7 +182,12 @@ def summarize(record: cost.CostRecord, factor: int, split_nodes: bool, assume: A
         traffic = {"all-reduce": 2 * (g - 1) / g, "all-gather": (g - 1) / g, "reduce-scatter": g - 1}[c.kind]
         seconds = traffic * c.bytes / (gpu.inter if g > g_in else gpu.nvlink)
         out["other_s"] += seconds
-        out["gather_s"] += seconds if c.kind == "all-gather" else 0.0
+        if c.kind == "all-gather":
+            out["gather_s"] += seconds
+            # ZeRO-1 on a GPU: the gradient of each gathered parameter was reduced into shards, the
+            # all-reduce + slice that XLA:CPU keeps fused into one reduce-scatter by GPU's pipeline
+            # (ReduceScatterCreator): half an all-reduce's traffic for those bytes
+            out["other_s"] -= seconds
     out["compute_s"] = record.flops * (4 / 3 if assume.recompute else 1) / (gpu.flops * assume.flop_efficiency)
     return out
 
@@ -246,14 +255,14 @@ def overlap_step(base: dict, pairs: list[dict], num_pairs: int) -> dict:
         clock += pair["compute_s"] * 2 / 3
         link = max(link, clock) + reduce_s(pair)
     link = max(link, clock) + reduce_s(base)
-    reduce_exposed = link - clock
+    reduce_exposed = max(0.0, link - clock)
     gathered = base["gather_s"]  # the rest's parameters (embedding) first, then its forward
     clock = gathered + base["compute_s"] / 3
     for pair in pairs:
         gathered += pair["gather_s"]
         clock = max(clock, gathered) + pair["compute_s"] / 3
     forward = sum(p["compute_s"] for p in [base] + pairs) / 3
-    gather_exposed = clock - forward
+    gather_exposed = max(0.0, clock - forward)
     compute = base["compute_s"] + sum(p["compute_s"] for p in pairs)
     a2a = base["a2a_s"] + sum(p["a2a_s"] for p in pairs)
     return {"compute_s": compute, "a2a_s": a2a, "reduce_exposed_s": reduce_exposed,
