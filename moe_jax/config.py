@@ -104,6 +104,11 @@ class MoEConfig:
     # as overflow). ep (the expert group size) or more: nothing can overflow.
     row_exchange_factor: float = 2.0
     expert_ffn_size: Optional[int] = None  # None: the model's ffn_size
+    # DeepSeekMoE's shared experts: n always-on experts of the routed experts' FFN size, their sum
+    # added to the routed output (one dense MLP of n x that width: the same function). Dense:
+    # data / tensor parallel, never exchanged. With expert_ffn_size below ffn_size (fine-grained
+    # experts, more of them and a larger k) the active compute stays the dense FFN's.
+    shared_experts: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "experts", parse_expert_list(self.experts))
@@ -118,6 +123,8 @@ class MoEConfig:
             raise ValueError(f"moe.layers={self.layers} is only read with moe.placement='explicit'")
         if self.k < 1:
             raise ValueError(f"moe.k={self.k} must be >= 1")
+        if self.shared_experts < 0:
+            raise ValueError(f"moe.shared_experts={self.shared_experts} must be >= 0 (0: none)")
         if self.residual and self.k != 1:
             raise ValueError(f"moe.residual=True uses one routed expert; set moe.k=1 (got {self.k})")
         for name in ("capacity_factor", "eval_capacity_factor"):
@@ -301,6 +308,10 @@ def _presets() -> dict[str, ModelConfig]:
     p["tiny-mos"] = ModelConfig(
         **{**_TINY, "num_layers": 7},
         moe=MoEConfig(experts="4x2,8x1", residual=True, **_PAPER_MOE))
+    # DeepSeekMoE-style at the tiny MoE's active compute: each of the 8 experts cut into 4 (FFN 128,
+    # 32 routed experts), 3 routed + 1 shared per token: 4 x 128 = the dense FFN's 512
+    p["tiny+shared-fine"] = ModelConfig(**_TINY, moe=MoEConfig(
+        experts=32, shared_experts=1, expert_ffn_size=128, **{**_PAPER_MOE, "k": 3}))
     p["tiny+first-half"] = ModelConfig(**_TINY, moe=MoEConfig(experts=8, placement="first_half", **_PAPER_MOE))
     p["tiny+second-half"] = ModelConfig(**_TINY, moe=MoEConfig(experts=8, placement="second_half", **_PAPER_MOE))
     return p

@@ -7,6 +7,7 @@ Parameters of one layer (E experts, model dim M, expert FFN dim F):
   gate     {kernel [M, E]}                      bias-free, logits in float32
   experts  {w1 [E, M, F], b1 [E, F], w2 [E, F, M], b2 [E, M]}
   residual {mlp: {w1 [M, F], b1 [F], w2 [F, M], b2 [M]}, coef: {kernel [M, 2], bias [2]}}  (Residual-MoE)
+  shared   {w1 [M, n F], b1 [n F], w2 [n F, M], b2 [M]}  (n = moe.shared_experts, DeepSeekMoE)
 
 Residual-MoE (DeepSpeed's use_residual): y = moe(x) * c[..., 0] + mlp(x) * c[..., 1] with
 c = softmax(x @ coef.kernel + coef.bias, axis=-1), the per-token mixing coefficient.
@@ -115,6 +116,8 @@ def moe_forward(params: dict, x: jax.Array, *, moe: MoEConfig, train: bool,
     if moe.residual:
         coef = residual_coefficient(params["residual"]["coef"], x).astype(y.dtype)
         y = y * coef[..., :1] + dense_mlp(params["residual"]["mlp"], x) * coef[..., 1:]
+    if moe.shared_experts:  # always-on experts: y + sum of n experts' FFNs = one MLP n times as wide
+        y = y + dense_mlp(params["shared"], x)
     return y, stats
 
 
@@ -208,6 +211,9 @@ class MoELayer(nn.Module):
         if self.moe.residual:
             params["residual"] = self.param("residual", init_residual, model_dim, self.ffn_size, self.init_std,
                                             self.out_std, self.param_dtype)
+        if self.moe.shared_experts:
+            params["shared"] = self.param("shared", init_mlp, model_dim, self.moe.shared_experts * self.ffn_size,
+                                          self.init_std, self.out_std, self.param_dtype)
         rng = self.make_rng("gating") if self.has_rng("gating") else None
         bias = None
         if self.moe.bias_update_rate > 0:

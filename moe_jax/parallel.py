@@ -13,7 +13,7 @@ just more data parallelism.
 
 Parameters (partition rules by name, `param_specs`):
   attention qkv [M, 3M] column-parallel (None, tensor); out [M, M] row-parallel (tensor, None)
-  dense MLP w1 [M, F] (None, tensor), w2 [F, M] (tensor, None); residual MLP likewise
+  dense MLP w1 [M, F] (None, tensor), w2 [F, M] (tensor, None); residual MLP and shared experts likewise
   experts w1 [E, M, F] (EP, None, tensor if expert_slicing), w2 [E, F, M] (EP, tensor if slicing, None)
   everything else (embeddings, LayerNorm, gates, coefficients) replicated.
 The dense part runs under GSPMD (jit with these shardings); each MoE layer runs under
@@ -267,6 +267,9 @@ def _rules(slicing: bool):
         (r"mlp/w1$", P(None, "tensor")),
         (r"mlp/b1$", P("tensor")),
         (r"mlp/w2$", P("tensor", None)),
+        (r"shared/w1$", P(None, "tensor")),  # shared experts: a dense MLP
+        (r"shared/b1$", P("tensor")),
+        (r"shared/w2$", P("tensor", None)),
         (r"experts/w1$", P(ep, None, t_expert)),
         (r"experts/b1$", P(ep, t_expert)),
         (r"experts/w2$", P(ep, t_expert, None)),
