@@ -2,8 +2,8 @@
 
 A run config has groups model, moe, data, optim, mesh and top-level seed, total_steps,
 log_every_steps, eval_every_steps, checkpoint_every_steps, keep_checkpoints, eval_batches,
-deterministic_eval, stop_after_steps, init_from, init_from_noise, routing_probe, record_routing and
-replay_routing (`default_config(scale)` builds one).
+deterministic_eval, stop_after_steps, init_from, init_from_noise, routing_probe, router_diagnostics,
+record_routing and replay_routing (`default_config(scale)` builds one).
 
 The model, moe and optim groups are derived from the dataclasses `moe_jax.config.ModelConfig`,
 `moe_jax.config.MoEConfig` and `moe_jax.train_lib.OptimConfig`: every dataclass field is a config
@@ -201,6 +201,7 @@ def default_config(scale: str = "tiny", presets: Optional[Mapping[str, str]] = N
     c.init_from_noise = 0.0  # upcycling: noise std on each expert's copy, as a fraction of the matrix's std
     # routing traces (moe_jax.routing_trace, under workdir/routing/)
     c.routing_probe = True  # record the probe batch's expert choices at every evaluation
+    c.router_diagnostics = True  # per MoE layer, LM vs balance gradient on the gate at each evaluation
     c.record_routing = False  # record every training step's expert choices (for replay)
     c.replay_routing = ""  # a run recorded with record_routing: route every step with its recorded choices
     model_group, moe_group = model_groups(model)

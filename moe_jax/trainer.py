@@ -49,6 +49,7 @@ from moe_jax import balancing
 from moe_jax import checkpoint as checkpoint_lib
 from moe_jax import corpus as corpus_lib
 from moe_jax import data as data_lib
+from moe_jax import diagnostics
 from moe_jax import load_stats
 from moe_jax import metrics as metrics_lib
 from moe_jax import model as model_lib
@@ -280,6 +281,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                          donate_argnums=(0,), out_shardings=(state_shardings, None) if par else None)
     eval_fn = jax.jit(functools.partial(train_lib.eval_step, model_cfg=model_cfg, parallel=par,
                                         record_routing=record_probe))
+    diagnose = None  # router gradient diagnostics at each evaluation (moe_jax.diagnostics)
+    if is_moe and config.get("router_diagnostics", True):
+        diagnose = jax.jit(functools.partial(diagnostics.router_gradients, model_cfg=model_cfg, parallel=par))
     place = (lambda batch: parallel_lib.device_put_batch(batch, par)) if par else (lambda batch: batch)
     if par is not None and hook_inputs is not None:  # e.g. a teacher's parameters: placed by the same rules
         hook_inputs = jax.device_put(hook_inputs, parallel_lib.shardings(parallel_lib.param_specs(hook_inputs, par),
@@ -368,6 +372,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     eval_metrics = evaluate(state["params"], eval_data, _with_router_state(eval_fn, state),
                                             corpus.bits_metric, eval_keys, on_probe=probe_writer(step))
                     record.update(eval_metrics)
+                    if diagnose is not None:
+                        grads = jax.device_get(diagnose(state["params"], eval_data[0], rng=train_lib.eval_rng(0),
+                                                        router_state=state.get("router_state")))
+                        record["router_grad"] = {f"layer{layer}": stats for layer, stats in grads.items()}
                 writer.write(step, record)
                 if jax.process_index() == 0:
                     logging.info("%s", progress_line(step, config.total_steps, last_step, record["loss"],
