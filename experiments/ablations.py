@@ -108,6 +108,13 @@ VARIANTS = {
     # top-1 MoE toward the paper's 128 experts (moe_2x is E=16)
     "moe_e32": Variant("moe", overrides={"moe.experts": "32"}, max_seeds=3),
     "moe_e64": Variant("moe", overrides={"moe.experts": "64"}, max_seeds=3),
+    # today's designs beside the paper's, at the top-1 MoE's active compute (the `modern` suite):
+    # DeepSeekMoE's shared + fine-grained experts, then DeepSeek-V3's sigmoid router with loss-free
+    # balancing and no token dropped
+    "shared_fine": Variant("shared_fine", max_seeds=3),
+    "sigmoid_bias": Variant("shared_fine", overrides={
+        "moe.router": "sigmoid", "moe.bias_update_rate": 0.01, "moe.aux_loss_coef": 0.0,
+        "moe.drop_tokens": False, "moe.dispatch": "dropless"}, max_seeds=3),
 }
 LADDER = ["dense", "dense_x2", "dense_x4", "dense_x8"]
 TEACHER = "teacher"
@@ -119,6 +126,7 @@ SUITES = {
     "routing": ["moe", "top1_loss_free", "top2", "expert_choice", "dense_half", "pr_moe_upcycled", "pr_moe"],
     "ladder": LADDER,
     "experts": ["moe", "moe_2x", "moe_e32", "moe_e64"],
+    "modern": ["moe", "residual", "shared_fine", "sigmoid_bias"],
 }
 SUITES["all"] = list(dict.fromkeys(v for suite in SUITES.values() for v in suite))
 SCALES = ["micro", "tiny", "small"]  # config arguments (moe_jax.run_config.SCALES)

@@ -47,6 +47,11 @@ def test_variant_table_builds_every_run(scale):
     assert rungs[-1].num_layers > rungs[0].num_layers and all(m.moe is None for m in rungs)
     assert all(m.ffn_size * rungs[0].hidden_size == rungs[0].ffn_size * m.hidden_size for m in rungs)
     assert [models[v].moe.experts for v in ("moe", "moe_2x", "moe_e32", "moe_e64")] == [8, 16, 32, 64]
+    # the modern suite at the top-1 MoE's active compute
+    for name in ("shared_fine", "sigmoid_bias"):
+        m = models[name].moe
+        assert (m.k + m.shared_experts) * models[name].expert_ffn_size == models["moe"].expert_ffn_size
+    assert models["sigmoid_bias"].moe.router == "sigmoid" and models["sigmoid_bias"].moe.bias_update_rate > 0
 
 
 @pytest.mark.slow  # the default suite runs a micro suite end to end in the kill-and-resume test
@@ -60,7 +65,7 @@ def test_every_ablation_suite_runs_at_micro_scale(tmp_path):
                                         "pyramid", "pr_moe", "teacher", "student_no_kd", "student_full_kd",
                                         "student_staged_kd", "top1_loss_free", "expert_choice", "dense_half",
                                         "pr_moe_upcycled", "first_half_no_drop", "dense_x2", "dense_x4",
-                                        "dense_x8", "moe_e32", "moe_e64"}
+                                        "dense_x8", "moe_e32", "moe_e64", "shared_fine", "sigmoid_bias"}
     for name, row in results["variants"].items():
         assert row["steps"] + row["step_offset"] == (3 if name == "dense_half" else 6)
         assert row["val_loss"] > 0 and row["curves"][0]["val_loss"]

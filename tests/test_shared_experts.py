@@ -139,3 +139,12 @@ def test_the_tiny_preset_keeps_the_tiny_moe_active_compute():
 def test_a_negative_count_is_refused():
     with pytest.raises(ValueError, match="shared_experts=-1"):
         dataclasses.replace(config.MoEConfig(), shared_experts=-1)
+
+
+def test_the_config_file_builds_the_preset_at_tiny():
+    from experiments.configs import load_config_file
+    from moe_jax import run_config
+
+    built = run_config.model_config(load_config_file("shared_fine", "tiny"))
+    want = config.preset("tiny+shared-fine")
+    assert built.moe == want.moe and built.expert_ffn_size == want.expert_ffn_size == 128
