@@ -178,6 +178,8 @@ flags.DEFINE_integer("steps", 0, "Override the scale's step count (0: the scale'
 flags.DEFINE_string("runs_from", "", "A folder of finished run files (<variant>/seed<k>/ablation_run.json, e.g. "
                     "committed under results/) to take into --workdir before running: those runs are not trained "
                     "again. A run already in --workdir is kept.")
+flags.DEFINE_bool("report_only", False, "Write results.json / results.md / plots from the runs already finished "
+                  "in --workdir (and --runs_from), training nothing: the state of a suite still running.")
 flags.DEFINE_list("variants", [], "Only these variants of the suite (default: all of them); the claims "
                   "between two of them are still judged.")
 
@@ -686,6 +688,19 @@ def run_suite(f) -> Optional[str]:
         return min(f.seeds, VARIANTS[variant].max_seeds or f.seeds)
 
     total, done, trained_s, trained = sum(seeds_of(v) for v in variants), 0, 0.0, 0
+    if f.report_only:  # what has finished, nothing trained
+        for variant in variants:
+            for seed in range(seeds_of(variant)):
+                steps = variant_config(variant, f.scale, seed, f.data_path, f.steps).total_steps
+                summary = finished_run(f.workdir, variant, seed, steps)
+                if summary is not None:
+                    runs[variant][seed] = summary
+        runs = {variant: by_seed for variant, by_seed in runs.items() if by_seed}
+        if not runs:
+            cli.fail(f"no finished run of suite {f.suite!r} in {f.workdir}")
+        done = sum(len(by_seed) for by_seed in runs.values())
+        print(f"{done} of {total} runs finished", flush=True)
+        return write_results(runs, f, [v for v in variants if v in runs])
     for seed in range(f.seeds):
         for variant in variants:
             if seed >= seeds_of(variant):

@@ -150,6 +150,10 @@ def test_suite_killed_midway_resumes_and_grows_to_the_uninterrupted_results(tmp_
     assert (killed / "dense" / "seed0" / ablations.RUN_FILE).exists()
     assert not (killed / "moe" / "seed0" / ablations.RUN_FILE).exists()
     dense_mtime = (killed / "dense" / "seed0" / ablations.RUN_FILE).stat().st_mtime_ns
+    # the state of the interrupted suite, training nothing: the finished run only
+    subprocess.run([*_ablation_cmd(killed, 2), "--report_only"], check=True, env=env, capture_output=True)
+    assert set(json.loads((killed / "results.json").read_text())["variants"]) == {"dense"}
+    assert not (killed / "moe" / "seed0" / ablations.RUN_FILE).exists()
 
     subprocess.run(_ablation_cmd(killed, 1), check=True, env=env, capture_output=True)  # resume seed 0
     one_seed = json.loads((killed / "results.json").read_text())
