@@ -1,4 +1,5 @@
-"""Model and MoE configuration: frozen dataclasses, validation, paper presets.
+"""Model and MoE configuration: frozen dataclasses, validation, paper presets (what a model is;
+how a run is configured around it, `--config`, is moe_jax.run_config).
 
 A model is a `ModelConfig`; its optional `moe` field (a `MoEConfig`) says which layers are MoE,
 how many experts each has and how tokens are routed. Everything is validated on construction:

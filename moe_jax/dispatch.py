@@ -25,7 +25,7 @@ a function with the signature above, a `register_path(...)` line and its test ag
   * "kernel": the Pallas kernels' path (moe_jax.kernels.moe_layer; their jnp references off GPU).
 
 Under expert parallelism (moe_jax.exchange) a path's registry entry says how its tokens cross
-devices (`DispatchPath.exchange`): the capacity buffer, only the rows that exist, or not at all
+devices (`DispatchPath.payload`): the capacity buffer, only the rows that exist, or not at all
 (then a mesh that splits the layer's experts is an error naming the path).
 """
 
@@ -277,7 +277,7 @@ class DispatchPath:
 
     uses_capacity: False when the path has no capacity buffer; the layer then routes with
       drop_tokens=False, so no token is dropped.
-    exchange: how the path crosses devices when a layer's experts are split over the expert group
+    payload: what the path sends across devices when a layer's experts are split over the expert group
       (moe_jax.exchange): "buffer" packs the [E, C, M] capacity buffer with `pack` (x, routing)
       -> [E, C, M], exchanges it and unpacks the experts' outputs with `unpack` (out [E, C, M],
       routing) -> y [S, M]; "rows" sends only the token copies that exist (the dropless exchange);
@@ -285,31 +285,31 @@ class DispatchPath:
 
     fn: DispatchFn
     uses_capacity: bool = True
-    exchange: Optional[str] = None
+    payload: Optional[str] = None  # PAYLOADS (the mesh's own `exchange` is the topology that carries it)
     pack: Optional[Callable] = None
     unpack: Optional[Callable] = None
 
 
-EXCHANGES = ("buffer", "rows", None)
+PAYLOADS = ("buffer", "rows", None)
 PATHS: dict[str, DispatchPath] = {}
 
 
-def register_path(name: str, fn: DispatchFn, *, uses_capacity: bool = True, exchange: Optional[str] = None,
+def register_path(name: str, fn: DispatchFn, *, uses_capacity: bool = True, payload: Optional[str] = None,
                   pack: Optional[Callable] = None, unpack: Optional[Callable] = None) -> None:
     """Adds a dispatch path under `name` (the value of MoEConfig.dispatch that selects it)."""
     if name in PATHS:
         raise ValueError(f"dispatch path {name!r} is registered twice")
-    if exchange not in EXCHANGES:
-        raise ValueError(f"exchange={exchange!r} is unknown; use one of {EXCHANGES}")
-    if exchange == "buffer" and (pack is None or unpack is None):
+    if payload not in PAYLOADS:
+        raise ValueError(f"payload={payload!r} is unknown; use one of {PAYLOADS}")
+    if payload == "buffer" and (pack is None or unpack is None):
         raise ValueError(f"dispatch path {name!r}: the buffer exchange needs pack and unpack functions")
-    PATHS[name] = DispatchPath(fn, uses_capacity, exchange, pack, unpack)
+    PATHS[name] = DispatchPath(fn, uses_capacity, payload, pack, unpack)
 
 
-register_path("einsum", dispatch_einsum, exchange="buffer", pack=einsum_to_buffer, unpack=einsum_from_buffer)
-register_path("gather", dispatch_gather, exchange="buffer", pack=gather_to_buffer, unpack=combine_from_buffer)
-register_path("dropless", dispatch_dropless, uses_capacity=False, exchange="rows")
-register_path("serve", dispatch_serving, uses_capacity=False, exchange="rows")
+register_path("einsum", dispatch_einsum, payload="buffer", pack=einsum_to_buffer, unpack=einsum_from_buffer)
+register_path("gather", dispatch_gather, payload="buffer", pack=gather_to_buffer, unpack=combine_from_buffer)
+register_path("dropless", dispatch_dropless, uses_capacity=False, payload="rows")
+register_path("serve", dispatch_serving, uses_capacity=False, payload="rows")
 register_path("kernel", dispatch_kernel)
 
 

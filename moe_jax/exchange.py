@@ -270,13 +270,13 @@ def local_layer(tokens: jax.Array, routing: Routing, experts: dict, par: Paralle
                 path_name: str) -> jax.Array:
     """A layer whose experts are not split over the expert group, on this shard's tokens."""
     if _sliced(par):
-        if path.exchange != "buffer":
+        if path.payload != "buffer":
             raise ValueError(f"mesh.expert_slicing=True needs a capacity-buffer dispatch path (einsum or gather); "
                              f"moe.dispatch={path_name!r} has none")
         return path.unpack(_expert_ffn(experts, path.pack(tokens, routing), par), routing)
-    if not _split_over_tensor(par) or path.exchange is None:
+    if not _split_over_tensor(par) or path.payload is None:
         return path.fn(tokens, routing, experts)
-    if path.exchange == "buffer":  # each tensor rank runs its 1/tp of the slots
+    if path.payload == "buffer":  # each tensor rank runs its 1/tp of the slots
         buffer = path.pack(tokens, routing)
         out = _expert_ffn(experts, _my_share(buffer, par, axis=1)[0], par)
         return path.unpack(_all_shares(out, par, axis=1, size=buffer.shape[1]), routing)
@@ -294,8 +294,8 @@ def sharded_moe(params: dict, tokens: jax.Array, *, moe, train: bool, rng, par: 
     axes = par.layer_axes(num_experts)
     sharded = bool(axes)
     path = dispatch_lib.get_path(moe.dispatch)
-    if sharded and path.exchange is None:
-        usable = tuple(name for name, p in dispatch_lib.PATHS.items() if p.exchange is not None)
+    if sharded and path.payload is None:
+        usable = tuple(name for name, p in dispatch_lib.PATHS.items() if p.payload is not None)
         raise ValueError(f"moe.dispatch={moe.dispatch!r} has no expert-parallel exchange, and this mesh splits "
                          f"the {num_experts} experts of a layer over {par.group_size(num_experts)} devices; use one of "
                          f"{usable}, or mesh.expert=1")
@@ -315,7 +315,7 @@ def sharded_moe(params: dict, tokens: jax.Array, *, moe, train: bool, rng, par: 
         overflow = jnp.zeros(routing.kept.shape, bool)
         if not sharded:
             y = local_layer(flat, routing, experts, par, path, moe.dispatch)
-        elif path.exchange == "buffer":
+        elif path.payload == "buffer":
             y = buffer_exchange(flat, routing, experts, par, path, axes)
         else:
             y, overflow = rows_exchange(flat, routing, experts, par, moe.row_exchange_factor, axes)

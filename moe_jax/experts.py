@@ -17,6 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moe_jax.kernels.platform import next_power_of_2
+
 
 def gelu(x: jax.Array) -> jax.Array:
     """GPT-2/3's tanh approximation of GELU."""
@@ -104,7 +106,7 @@ def default_tile(num_rows: int, num_experts: int, divisor: int = 2, smallest: in
     """Row tile: a power of two near the mean group size / divisor, in [smallest, largest] (padding
     costs at most E * (tile - 1) rows; small tiles make small matmuls)."""
     mean_group = max(1, num_rows // max(1, num_experts))
-    tile = max(smallest, pl2(mean_group) // divisor)
+    tile = max(smallest, next_power_of_2(mean_group) // divisor)
     return int(tile if largest is None else min(largest, tile))
 
 
@@ -150,7 +152,3 @@ def grouped_ffn_tiles(experts: dict, rows: jax.Array, sorted_expert: jax.Array,
     out = tiled_ffn(experts, tiles, tile_expert, used_tiles)
     return out.reshape(-1, model_dim)[destination]
 
-
-def pl2(n: int) -> int:
-    """Smallest power of two >= n."""
-    return 1 << max(0, (n - 1).bit_length())

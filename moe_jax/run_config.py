@@ -1,4 +1,5 @@
-"""Run configs: the ml_collections.ConfigDict behind `--config`, and the library objects built from it.
+"""Run configs: the ml_collections.ConfigDict behind `--config`, and the library objects built from it
+(the model inside a run is a moe_jax.config.ModelConfig).
 
 A run config has groups model, moe, data, optim, mesh and top-level seed, total_steps,
 log_every_steps, eval_every_steps, checkpoint_every_steps, keep_checkpoints, eval_batches,

@@ -1,4 +1,5 @@
-"""Pure, jit-ready training pieces: optimizer, state, loss, train_step, eval_step.
+"""Pure, jit-ready training pieces: optimizer, state, loss, train_step, eval_step (no files, no
+loop: the loop that runs them is moe_jax.trainer).
 
 State is a plain dict {"params", "opt_state", "step"}. Randomness is a function of (seed, step):
 the gating and dropout keys of step n are fold_in(rng, n), so a resumed run repeats an
@@ -183,8 +184,9 @@ def eval_step(params: dict, batch: dict, rng: jax.Array | None = None, *, model_
     return out
 
 
-def bits_per_byte(loss_nats: float) -> float:
-    """Bits per token; with the byte tokenizer a token is a byte."""
+def nats_to_bits(loss_nats: float) -> float:
+    """A loss in nats per token as bits per token (bits per byte on the byte corpora, where a token
+    is a byte; the corpus names the metric: Corpus.bits_metric)."""
     return loss_nats / math.log(2)
 
 

@@ -1,4 +1,5 @@
-"""The training loop behind experiments/train.py: `train_and_evaluate(config, workdir)`.
+"""The training loop behind experiments/train.py: `train_and_evaluate(config, workdir)` (files, data,
+checkpoints, logging; the pure, jitted step functions it runs are moe_jax.train_lib).
 
 `config` is an ml_collections.ConfigDict with groups model, moe, data, optim, mesh and top-level
 seed, total_steps, log_every_steps, eval_every_steps, checkpoint_every_steps, keep_checkpoints,
@@ -110,7 +111,7 @@ def evaluate(params, eval_data: list, eval_fn, bits_metric: str = "val_bpb", eva
         nll += float(out["nll_sum"])
         tokens += float(out["tokens"])
     loss = nll / tokens
-    return {f"{prefix}_loss": loss, bits_metric: train_lib.bits_per_byte(loss), f"{prefix}_tokens": int(tokens)}
+    return {f"{prefix}_loss": loss, bits_metric: train_lib.nats_to_bits(loss), f"{prefix}_tokens": int(tokens)}
 
 
 def evaluate_test(params, corpus, config, eval_fn, place=lambda batch: batch) -> dict:

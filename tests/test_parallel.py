@@ -132,7 +132,7 @@ def _layer_params(num_experts=8, model_dim=16, ffn_dim=32, seed=5):
     return moe_layer_params(num_experts, model_dim, ffn_dim, seed)
 
 
-EP_PATHS = [name for name, path in dispatch_lib.PATHS.items() if path.exchange is not None]
+EP_PATHS = [name for name, path in dispatch_lib.PATHS.items() if path.payload is not None]
 
 
 @pytest.mark.parametrize("path", EP_PATHS)

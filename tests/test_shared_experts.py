@@ -81,7 +81,7 @@ def test_gradients_equal_the_loop_reference_in_jax():
     assert float(jnp.abs(got[0]["shared"]["w1"]).max()) > 0.01  # the shared experts learn
 
 
-EP_PATHS = [name for name, path in dispatch_lib.PATHS.items() if path.exchange is not None]
+EP_PATHS = [name for name, path in dispatch_lib.PATHS.items() if path.payload is not None]
 
 
 @pytest.mark.parametrize("mesh", [(1, 8, 1), (2, 2, 2)])
