@@ -582,8 +582,11 @@ def multiplier_table(table: dict) -> dict:
     rungs = {v: table[v] for v in LADDER if v in table}
     if len(rungs) < 2 or not all("test_loss_by_seed" in r and "train_flops_per_token" in r for r in rungs.values()):
         return {}
+    # the ladder's token budget: a run of fewer steps (dense_half, the upcycling source) is no point
+    # on it; an upcycled run counts its source's steps and is one
     others = {v: r["test_loss_by_seed"] for v, r in table.items()
-              if v not in rungs and "test_loss_by_seed" in r and "train_flops_per_token" in r}
+              if v not in rungs and "test_loss_by_seed" in r and "train_flops_per_token" in r
+              and (VARIANTS[v].step_fraction == 1.0 or VARIANTS[v].init_from)}
     flops = {v: r["train_flops_per_token"] for v, r in table.items() if "train_flops_per_token" in r}
     try:
         return compute_multiplier.variant_multipliers({v: r["test_loss_by_seed"] for v, r in rungs.items()},
@@ -605,9 +608,9 @@ def multiplier_markdown(table: dict, multipliers: dict) -> str:
     ladder = {v: table[v]["test_loss_by_seed"] for v in LADDER if "test_loss_by_seed" in table.get(v, {})}
     cut = compute_multiplier.rungs_cut(ladder, {v: table[v]["train_flops_per_token"] for v in ladder})
     if cut:
-        lines[1:1] = ["", "Rungs that did not improve on the rung below them, so that seed's ladder ends below "
+        lines[3:3] = ["Rungs that did not improve on the rung below them, so that seed's ladder ends below "
                       "them (its bounds are at the last falling rung): "
-                      + "; ".join(f"seed {s}: {', '.join(r)}" for s, r in cut.items()) + "."]
+                      + "; ".join(f"seed {s}: {', '.join(r)}" for s, r in cut.items()) + ".", ""]
     for variant, m in multipliers.items():
         r = table[variant]
         lines.append(f"| {variant} | {r['train_flops_per_token']:.3g} | {r['train_flops_per_token'] / base:.2f}x | "
@@ -652,11 +655,14 @@ def plot_loss_vs_compute(table: dict, multipliers: dict, workdir: str) -> str:
 def import_runs(source: str, workdir: str) -> int:
     """Copies every <variant>/seed<k>/RUN_FILE under `source` into `workdir` where that run has no
     file yet; returns how many. Sessions accumulate a long suite this way: finished runs' files are
-    committed, and the next session's suite starts from them."""
+    committed, and the next session's suite starts from them. `source` may be another suite's
+    workdir (its files other than run folders are passed over)."""
     if not os.path.isdir(source):
         cli.fail(f"--runs_from={source} is not a folder of run files (<variant>/seed<k>/{RUN_FILE})")
     taken = 0
     for variant in sorted(os.listdir(source)):
+        if not os.path.isdir(os.path.join(source, variant)):  # a suite's own workdir: its tables and plots
+            continue
         for seed_dir in sorted(os.listdir(os.path.join(source, variant))):
             path = os.path.join(source, variant, seed_dir, RUN_FILE)
             target = os.path.join(workdir, variant, seed_dir, RUN_FILE)
