@@ -176,6 +176,9 @@ class MoEConfig:
                 raise ValueError(f"moe.k={self.k} exceeds a layer's expert count ({e}); lower k or add experts")
 
 
+REMAT = ("none", "block", "moe")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A GPT-3-style decoder (pre-LN, learned positions, GELU, tied embeddings)."""
@@ -191,8 +194,15 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     moe: Optional[MoEConfig] = None
+    # Rematerialisation in training (REMAT): "none" keeps every activation for the backward pass;
+    # "block" recomputes each block from its input (the least memory, one more forward pass);
+    # "moe" recomputes only the experts' hidden activations, keeping the routing and the exchanged
+    # tokens, so nothing is routed or exchanged twice (moe_jax.experts.EXPERT_ACTIVATION)
+    remat: str = "none"
 
     def __post_init__(self):
+        if self.remat not in REMAT:
+            raise ValueError(f"model.remat={self.remat!r} is unknown; use one of {REMAT}")
         if self.ffn_size is None:
             object.__setattr__(self, "ffn_size", 4 * self.hidden_size)
         for name in ("vocab_size", "num_layers", "hidden_size", "num_heads", "ffn_size", "max_seq_len"):

@@ -85,7 +85,7 @@ def _expert_ffn(experts: dict, buffer: jax.Array, par: ParallelConfig) -> jax.Ar
         return experts_lib.expert_ffn(experts, buffer)
     dtype = buffer.dtype
     hidden = jnp.einsum("ecm,emf->ecf", buffer, experts["w1"].astype(dtype)) + experts["b1"][:, None, :].astype(dtype)
-    partial = jnp.einsum("ecf,efm->ecm", experts_lib.gelu(hidden), experts["w2"].astype(dtype))
+    partial = jnp.einsum("ecf,efm->ecm", experts_lib.activation(hidden), experts["w2"].astype(dtype))
     return jax.lax.psum(partial, "tensor") + experts["b2"][:, None, :].astype(dtype)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from moe_jax.kernels.platform import next_power_of_2
 
@@ -25,11 +26,32 @@ def gelu(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=True)
 
 
+# The name of the experts' hidden activations (before and after the GELU), the [rows, F] values
+# model.remat="moe" recomputes in the backward pass instead of keeping (jax.ad_checkpoint names)
+EXPERT_ACTIVATION = "moe_expert_activation"
+
+
+# The experts' inputs (the exchanged tokens: capacity buffer, sorted rows or row tiles) and the
+# routing table: what model.remat="moe" keeps for the backward pass (moe_jax.model)
+EXPERT_INPUT = "moe_expert_input"
+ROUTING = "moe_routing"
+
+
+def expert_input(rows: jax.Array) -> jax.Array:
+    return checkpoint_name(rows, EXPERT_INPUT)
+
+
+def activation(hidden: jax.Array) -> jax.Array:
+    """GELU of the experts' pre-activations, both named EXPERT_ACTIVATION."""
+    return checkpoint_name(gelu(checkpoint_name(hidden, EXPERT_ACTIVATION)), EXPERT_ACTIVATION)
+
+
 def expert_ffn(experts: dict, buffer: jax.Array) -> jax.Array:
     """Every expert's FFN on its own rows: buffer [E, C, M] -> [E, C, M]."""
     dtype = buffer.dtype
+    buffer = expert_input(buffer)
     hidden = jnp.einsum("ecm,emf->ecf", buffer, experts["w1"].astype(dtype)) + experts["b1"][:, None, :].astype(dtype)
-    hidden = gelu(hidden)
+    hidden = activation(hidden)
     return jnp.einsum("ecf,efm->ecm", hidden, experts["w2"].astype(dtype)) + experts["b2"][:, None, :].astype(dtype)
 
 
@@ -37,8 +59,9 @@ def grouped_ffn_ragged(experts: dict, rows: jax.Array, sorted_expert: jax.Array,
                        group_sizes: jax.Array) -> jax.Array:
     """Expert FFN on expert-sorted rows [N, M] with jax.lax.ragged_dot."""
     dtype = rows.dtype
+    rows = expert_input(rows)
     hidden = jax.lax.ragged_dot(rows, experts["w1"].astype(dtype), group_sizes)
-    hidden = gelu(hidden + experts["b1"].astype(dtype)[sorted_expert])
+    hidden = activation(hidden + experts["b1"].astype(dtype)[sorted_expert])
     out = jax.lax.ragged_dot(hidden, experts["w2"].astype(dtype), group_sizes)
     return out + experts["b2"].astype(dtype)[sorted_expert]
 
@@ -53,7 +76,7 @@ def grouped_ffn_pallas(experts: dict, rows: jax.Array, sorted_expert: jax.Array,
 
     dtype = rows.dtype
     hidden = gmm_ops.grouped_matmul(rows, experts["w1"].astype(dtype), group_sizes, interpret=interpret)
-    hidden = gelu(hidden + experts["b1"].astype(dtype)[sorted_expert])
+    hidden = activation(hidden + experts["b1"].astype(dtype)[sorted_expert])
     out = gmm_ops.grouped_matmul(hidden, experts["w2"].astype(dtype), group_sizes, interpret=interpret)
     return out + experts["b2"].astype(dtype)[sorted_expert]
 
@@ -135,8 +158,9 @@ def tile_layout(sorted_expert: jax.Array, group_sizes: jax.Array, tile: int):
 def tiled_ffn(experts: dict, tiles: jax.Array, tile_expert: jax.Array, used_tiles: jax.Array) -> jax.Array:
     """Expert FFN on row tiles [Nt, T, M], tile t with expert tile_expert[t]'s weights -> [Nt, T, M]."""
     dtype = tiles.dtype
+    tiles = expert_input(tiles)
     hidden = tiled_matmul(tiles, experts["w1"].astype(dtype), tile_expert, used_tiles)
-    hidden = gelu(hidden + experts["b1"].astype(dtype)[tile_expert][:, None, :])
+    hidden = activation(hidden + experts["b1"].astype(dtype)[tile_expert][:, None, :])
     out = tiled_matmul(hidden, experts["w2"].astype(dtype), tile_expert, used_tiles)
     return out + experts["b2"].astype(dtype)[tile_expert][:, None, :]
 

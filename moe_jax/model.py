@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moe_jax import experts as experts_lib
 from moe_jax.config import ModelConfig
 from moe_jax.moe import MLP, ROUTER_STATE, ROUTING_RECORD, ROUTING_REPLAY, MoELayer
 from moe_jax.parallel import ParallelConfig
@@ -95,7 +96,7 @@ class Block(nn.Module):
     parallel: Optional[ParallelConfig] = None
 
     @nn.compact
-    def __call__(self, x, *, train: bool, cache: Optional[dict] = None):
+    def __call__(self, x, train: bool, cache: Optional[dict] = None):  # positional: nn.remat's static train
         cfg = self.cfg
         param_dtype = jnp.dtype(cfg.param_dtype)
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # GPT-2/Megatron scaled output init
@@ -112,6 +113,13 @@ class Block(nn.Module):
             h, stats = MLP(cfg.ffn_size, cfg.init_std, out_std, param_dtype, name="mlp")(h), None
         x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
         return x, stats, new_cache
+
+
+# model.remat: what each block keeps for the backward pass (ModelConfig.remat)
+_REMAT_POLICIES = {
+    "block": lambda: jax.checkpoint_policies.nothing_saveable,
+    "moe": lambda: jax.checkpoint_policies.save_only_these_names(experts_lib.ROUTING, experts_lib.EXPERT_INPUT),
+}
 
 
 class GPT(nn.Module):
@@ -136,9 +144,11 @@ class GPT(nn.Module):
         x = (wte[tokens] + wpe[positions]).astype(compute_dtype)
         x = nn.Dropout(cfg.dropout)(x, deterministic=not train or cfg.dropout == 0.0)
         layer_stats, new_cache = [], []
+        block = Block if cfg.remat == "none" or cache is not None else nn.remat(
+            Block, static_argnums=(2,), policy=_REMAT_POLICIES[cfg.remat]())  # (self, x, train): train static
         for i, num_experts in enumerate(cfg.layer_experts()):
-            x, stats, layer_cache = Block(cfg, num_experts, self.parallel, name=f"block_{i}")(
-                x, train=train, cache=None if cache is None else cache[i])
+            x, stats, layer_cache = block(cfg, num_experts, self.parallel, name=f"block_{i}")(
+                x, train, None if cache is None else cache[i])
             new_cache.append(layer_cache)
             if stats is not None:
                 layer_stats.append((i, stats))

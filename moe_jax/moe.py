@@ -21,6 +21,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import experts as experts_lib
@@ -65,7 +66,9 @@ def route(gate: dict, x: jax.Array, *, moe: MoEConfig, train: bool, rng: Optiona
                                              **extra)
     if replay is not None:
         routing = routing_trace.replay(routing, replay, logits)
-    return routing
+    # model.remat="moe" keeps the routing table (moe_jax.experts.ROUTING): never routed twice
+    return routing.replace(**{field: checkpoint_name(getattr(routing, field), experts_lib.ROUTING)
+                              for field in ("expert_index", "slot", "weight", "kept")})
 
 
 def dense_mlp(mlp: dict, x: jax.Array) -> jax.Array:
