@@ -24,8 +24,9 @@ def _value_and_grad(cfg):
                                                              train=True)[0])
 
 
-@pytest.mark.parametrize("dispatch", ["gather", "dropless", "einsum"])
-@pytest.mark.parametrize("remat", ["block", "moe"])
+@pytest.mark.parametrize("remat,dispatch", [("block", "gather"), ("moe", "gather"), ("moe", "dropless"),
+                                            pytest.param("moe", "einsum", marks=pytest.mark.slow),
+                                            pytest.param("block", "dropless", marks=pytest.mark.slow)])
 def test_loss_and_gradients_equal_the_plain_step(remat, dispatch):
     plain_cfg = config.replace_moe(BASE, dispatch=dispatch)
     cfg = dataclasses.replace(plain_cfg, remat=remat)
