@@ -110,6 +110,12 @@ class MoEConfig:
     # data / tensor parallel, never exchanged. With expert_ffn_size below ffn_size (fine-grained
     # experts, more of them and a larger k) the active compute stays the dense FFN's.
     shared_experts: int = 0
+    # Group-limited routing (DeepSeek-V2's device-limited, V3's node-limited routing): the experts
+    # form route_groups equal contiguous groups (under expert parallelism: the expert_node axis,
+    # set route_groups = mesh.expert_nodes) and a token may use experts of at most
+    # route_group_limit of them, the groups with the highest best score for it. 0: no limit.
+    route_groups: int = 0
+    route_group_limit: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "experts", parse_expert_list(self.experts))
@@ -124,6 +130,10 @@ class MoEConfig:
             raise ValueError(f"moe.layers={self.layers} is only read with moe.placement='explicit'")
         if self.k < 1:
             raise ValueError(f"moe.k={self.k} must be >= 1")
+        if self.route_group_limit:
+            if self.route_groups < 1 or not 1 <= self.route_group_limit <= self.route_groups:
+                raise ValueError(f"moe.route_group_limit={self.route_group_limit} needs moe.route_groups >= it "
+                                 f"(got route_groups={self.route_groups}); 0 turns the limit off")
         if self.shared_experts < 0:
             raise ValueError(f"moe.shared_experts={self.shared_experts} must be >= 0 (0: none)")
         if self.residual and self.k != 1:
@@ -156,6 +166,12 @@ class MoEConfig:
             raise ValueError(f"moe.bias_update_rate={self.bias_update_rate} needs a router that takes a selection "
                              f"bias; moe.router={self.router!r} with router_impl={self.router_impl!r} does not: use "
                              "moe.router='topk' with router_impl='jnp', or bias_update_rate=0")
+        if self.route_group_limit and (
+                "selection_bias" not in inspect.signature(gating.ROUTERS[self.router]).parameters
+                or self.router_impl != "jnp"):
+            raise ValueError(f"moe.route_group_limit={self.route_group_limit} limits the choice of a router that "
+                             f"takes a selection bias; moe.router={self.router!r} with router_impl="
+                             f"{self.router_impl!r} does not: use router 'topk' or 'sigmoid' with router_impl='jnp'")
         if self.router_impl not in ROUTER_IMPLS:
             raise ValueError(f"moe.router_impl={self.router_impl!r} is unknown; use one of {ROUTER_IMPLS}")
         if self.router in gating.ROUTER_IMPLS and self.router_impl not in gating.ROUTER_IMPLS[self.router]:

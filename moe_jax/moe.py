@@ -62,6 +62,13 @@ def route(gate: dict, x: jax.Array, *, moe: MoEConfig, train: bool, rng: Optiona
     if drop_tokens is None:
         drop_tokens = moe.drop_tokens and dispatch_lib.get_path(moe.dispatch).uses_capacity
     extra = {"selection_bias": gate["selection_bias"]} if "selection_bias" in gate else {}
+    if moe.route_group_limit:  # group-limited routing: the other groups' experts cannot be chosen
+        per_group = logits.shape[-1] // moe.route_groups
+        if moe.router == "topk" and moe.k > moe.route_group_limit * per_group:
+            raise ValueError(f"moe.k={moe.k} experts cannot come from moe.route_group_limit={moe.route_group_limit} "
+                             f"groups of {per_group}; raise the limit or use fewer, larger groups")
+        bias = extra.get("selection_bias", jnp.zeros((), jnp.float32))
+        extra["selection_bias"] = bias + group_limit_mask(logits + bias, moe.route_groups, moe.route_group_limit)
     routing = gating_lib.ROUTERS[moe.router](logits, moe=moe, train=train, rng=rng_router, drop_tokens=drop_tokens,
                                              **extra)
     if replay is not None:
@@ -69,6 +76,20 @@ def route(gate: dict, x: jax.Array, *, moe: MoEConfig, train: bool, rng: Optiona
     # model.remat="moe" keeps the routing table (moe_jax.experts.ROUTING): never routed twice
     return routing.replace(**{field: checkpoint_name(getattr(routing, field), experts_lib.ROUTING)
                               for field in ("expert_index", "slot", "weight", "kept")})
+
+
+def group_limit_mask(scores: jax.Array, groups: int, limit: int) -> jax.Array:
+    """[S, E] 0 for the experts of each token's `limit` best groups, -inf elsewhere. The E experts
+    form `groups` contiguous groups (expert e in group e // (E / groups), the expert_node-major
+    layout of the expert axes); a group's score for a token is its best expert's score."""
+    num_tokens, num_experts = scores.shape
+    if num_experts % groups:
+        raise ValueError(f"moe.route_groups={groups} must divide the layer's {num_experts} experts")
+    best = jnp.max(scores.reshape(num_tokens, groups, num_experts // groups), axis=-1)  # [S, G]
+    _, chosen = jax.lax.top_k(jax.lax.stop_gradient(best), limit)  # [S, m]
+    allowed = jnp.any(chosen[:, :, None] == jnp.arange(groups)[None, None, :], axis=1)  # [S, G]
+    allowed = jnp.repeat(allowed, num_experts // groups, axis=1)
+    return jnp.where(allowed, 0.0, -jnp.inf).astype(jnp.float32)
 
 
 def dense_mlp(mlp: dict, x: jax.Array) -> jax.Array:
