@@ -46,6 +46,7 @@ def _step_cost(remat, mesh):
     return cost.train_step_cost(c, mesh)
 
 
+@pytest.mark.slow  # three compiles of a whole step on 8 devices; the equality tests above stay in the default run
 def test_on_an_expert_mesh_moe_remat_saves_memory_without_exchanging_twice():
     plain, block, moe = (_step_cost(r, "1,8,1") for r in ("none", "block", "moe"))
     assert block.peak_memory < plain.peak_memory and moe.peak_memory < plain.peak_memory

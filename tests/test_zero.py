@@ -113,7 +113,8 @@ def _compiled(par):
     return step.lower(state_in, batch).compile(), _state_bytes(state, specs, par.mesh)
 
 
-@pytest.mark.parametrize("mesh", [(1, 8, 1), (2, 2, 2)], ids=lambda m: "x".join(map(str, m)))
+@pytest.mark.parametrize("mesh", [(1, 8, 1), pytest.param((2, 2, 2), marks=pytest.mark.slow)],
+                         ids=lambda m: "x".join(map(str, m)))
 def test_the_compiled_step_holds_a_shard_of_the_moments_and_gathers_the_parameters(mesh):
     from moe_jax import cost
 
