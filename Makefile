@@ -1,7 +1,7 @@
 # The two set-up commands: `make demo` (main job) and `make test`. Both create .venv first.
 PY := .venv/bin/python
 
-.PHONY: demo test test-all venv
+.PHONY: demo test test-all lint venv
 
 venv: .venv/.installed
 
@@ -16,3 +16,6 @@ test: .venv/.installed
 
 test-all: .venv/.installed
 	$(PY) -m pytest -q -n 2 --dist loadgroup
+
+lint: .venv/.installed
+	$(PY) -m ruff check moe_jax kernels experiments tests

@@ -427,7 +427,8 @@ def markdown(table: dict, claims: list, suite: str, scale: str, tokens_per_step:
              "imbalance (max / mean tokens per expert, mean over MoE layers), dead experts (no token in the "
              "last logging window, summed over layers), tokens with no expert (mean over layers).\n",
              "| variant | params total | active | train FLOPs/token | tokens seen | steps | test loss (whole split) | "
-             "val loss | val bits/byte | load imbalance | dead experts | unrouted | step ms | tokens/s | wall min | seeds |",
+             "val loss | val bits/byte | load imbalance | dead experts | unrouted | step ms | tokens/s | wall min | "
+             "seeds |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant, r in table.items():
         pm = f" ± {r['val_loss_std']:.4f}" if r["seeds"] > 1 else ""
@@ -445,7 +446,9 @@ def markdown(table: dict, claims: list, suite: str, scale: str, tokens_per_step:
                      f"{test} | {r['val_loss']:.4f}{pm} | {r['val_bpb']:.4f} | {routing_cells} | "
                      f"{1e3 * r['step_time_s']:.0f} | {r['tokens_per_sec']:.0f} | {wall} | {r['seeds']} |")
     if claims:
-        lines += ["", "The claims (the paper's, and for the routing suite the newer routers' papers): mean paired difference of the final test loss (a - b, nats; the split column says where a run has only validation) over the "
+        lines += ["", "The claims (the paper's, and for the routing suite the newer routers' papers): mean paired "
+                  "difference of the final test loss (a - b, nats; the split column says where a run has only "
+                  "validation) over the "
                   "seeds both variants have, 95% Student-t interval; \"holds\" when the interval lies below the "
                   "threshold (0, or the parity margin), \"contradicted\" when it lies above, else \"not resolved\".",
                   "", "| claim | a - b | split | mean | 95% interval | threshold | seeds | verdict |",
@@ -604,7 +607,8 @@ def multiplier_markdown(table: dict, multipliers: dict) -> str:
              "the dense model's FLOPs per token), over the variant's own compiled training FLOPs per token; "
              "per seed, mean and 95% interval. Beyond the ladder: a bound, never an extrapolation. Every "
              "comparison through it is iso-compute.", "",
-             "| variant | train FLOPs/token | vs dense | test loss | multiplier | per seed |", "|---|---|---|---|---|---|"]
+             "| variant | train FLOPs/token | vs dense | test loss | multiplier | per seed |",
+             "|---|---|---|---|---|---|"]
     ladder = {v: table[v]["test_loss_by_seed"] for v in LADDER if "test_loss_by_seed" in table.get(v, {})}
     cut = compute_multiplier.rungs_cut(ladder, {v: table[v]["train_flops_per_token"] for v in ladder})
     if cut:

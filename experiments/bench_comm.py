@@ -28,12 +28,12 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from moe_jax import exchange as exchange_lib  # noqa: E402
-from moe_jax import parallel  # noqa: E402
+from moe_jax import exchange as exchange_lib
+from moe_jax import parallel
 
 flags.DEFINE_string("markdown", None, "Also write the tables to this markdown file.")
 flags.DEFINE_integer("experts", 64, "E.")
@@ -149,7 +149,8 @@ def main(argv):
     lines.append("| GPUs p | " + " | ".join(rows[0][1]) + " |")
     lines.append("|---" * (len(rows[0][1]) + 1) + "|")
     for p, columns in rows:
-        lines.append(f"| {p} | " + " | ".join(f"{messages} ({size:.2f} B)" for messages, size in columns.values()) + " |")
+        cells = " | ".join(f"{messages} ({size:.2f} B)" for messages, size in columns.values())
+        lines.append(f"| {p} | {cells} |")
     text = "\n".join(lines)
     print(text)
     if f.markdown:

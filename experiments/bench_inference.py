@@ -35,19 +35,19 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import matplotlib  # noqa: E402
+import jax
+import jax.numpy as jnp
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from moe_jax import cli  # noqa: E402
-from moe_jax import inference  # noqa: E402
-from moe_jax import model as model_lib  # noqa: E402
-from moe_jax import moe as moe_lib  # noqa: E402
-from moe_jax.config import ModelConfig, MoEConfig, replace_moe  # noqa: E402
-from moe_jax.gating import compute_capacity  # noqa: E402
+from moe_jax import cli
+from moe_jax import inference
+from moe_jax import model as model_lib
+from moe_jax import moe as moe_lib
+from moe_jax.config import ModelConfig, MoEConfig, replace_moe
+from moe_jax.gating import compute_capacity
 
 PATHS = ("einsum", "gather", "serve", "kernel", "dense")
 

@@ -30,14 +30,13 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
 
-from moe_jax.kernels import bench_util, platform  # noqa: E402
-from moe_jax.kernels.dispatch import benchmark as dispatch_benchmark  # noqa: E402
-from moe_jax.kernels.gating import benchmark as gating_benchmark  # noqa: E402
-from moe_jax.kernels.grouped_matmul import benchmark as gmm_benchmark  # noqa: E402
-from experiments.moe_layer_timing import LAYERS, run_layers  # noqa: E402
+from moe_jax.kernels import bench_util, platform
+from moe_jax.kernels.dispatch import benchmark as dispatch_benchmark
+from moe_jax.kernels.gating import benchmark as gating_benchmark
+from moe_jax.kernels.grouped_matmul import benchmark as gmm_benchmark
+from experiments.moe_layer_timing import LAYERS, run_layers
 
 flags.DEFINE_string("out", None, "Write the markdown report to this file.", required=True)
 flags.DEFINE_bool("quick", False, "One shape per kernel and the smaller layer only.")

@@ -34,15 +34,15 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from moe_jax import config as config_lib  # noqa: E402
-from moe_jax import dispatch as dispatch_lib  # noqa: E402
-from moe_jax import experts as experts_lib  # noqa: E402
-from moe_jax import moe as moe_lib  # noqa: E402
-from moe_jax import train_lib  # noqa: E402
-from moe_jax.config import MoEConfig  # noqa: E402
+from moe_jax import config as config_lib
+from moe_jax import dispatch as dispatch_lib
+from moe_jax import experts as experts_lib
+from moe_jax import moe as moe_lib
+from moe_jax import train_lib
+from moe_jax.config import MoEConfig
 
 flags.DEFINE_string("json", None, "Write the records to this file.")
 flags.DEFINE_list("tokens", ["1024", "4096", "16384"], "Token counts S.")
@@ -178,7 +178,8 @@ def main(argv):
                              "without tiles: drop the flag")
     for d in f.tile_divisors:
         if not d.isdigit() or int(d) < 1:
-            raise app.UsageError(f"--tile_divisors has {d!r}; each divisor is a positive integer (2 is the default tile)")
+            raise app.UsageError(f"--tile_divisors has {d!r}; each divisor is a positive integer "
+                                 "(2 is the default tile)")
     paths += [f"dropless{TILE}{int(d)}" for d in f.tile_divisors]
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, "
           f"M={f.model_dim} F={f.ffn_dim} top-1 cf=1.0 float32")
@@ -210,8 +211,8 @@ def main(argv):
         ms = race({run: train_step_call(*run[:1], f.batch, f.seq_len, run[1]) for run in runs}, f.model_steps)
         for (preset, use_custom_vjp), label in runs.items():
             tokens_per_s = f.batch * f.seq_len / (ms[preset, use_custom_vjp] / 1e3)
-            print(f"  {preset:>12} {label:>18}: {ms[preset, use_custom_vjp]:8.1f} ms/step {tokens_per_s:10.0f} tokens/s",
-                  flush=True)
+            print(f"  {preset:>12} {label:>18}: {ms[preset, use_custom_vjp]:8.1f} ms/step "
+                  f"{tokens_per_s:10.0f} tokens/s", flush=True)
             records.append({"model": preset, "custom_vjp": use_custom_vjp, "step_ms": ms[preset, use_custom_vjp],
                             "tokens_per_s": tokens_per_s})
     if f.json:

@@ -62,7 +62,7 @@ def dense_compute_at(loss: float, ladder: Sequence[tuple[float, float]]) -> tupl
     rungs = sorted(ladder)
     if len(rungs) < 2:
         raise ValueError(f"a ladder needs at least 2 rungs; got {len(rungs)}")
-    losses = [l for _, l in rungs]
+    losses = [loss for _, loss in rungs]
     if any(b >= a for a, b in zip(losses, losses[1:])):
         raise ValueError(f"the ladder's test losses must fall as its compute grows; got {losses} at "
                          f"{[f for f, _ in rungs]} FLOPs per token (more seeds or steps, or fewer rungs)")
@@ -83,7 +83,7 @@ def multiplier(loss: float, own_flops: float, ladder: Sequence[tuple[float, floa
     rungs = falling_prefix(ladder)
     if len(rungs) < 2:
         raise ValueError(f"the ladder's test losses must fall as its compute grows; its second rung does not: "
-                         f"{[l for _, l in sorted(ladder)]} at {[f for f, _ in sorted(ladder)]} FLOPs per token "
+                         f"{[loss for _, loss in sorted(ladder)]} at {[f for f, _ in sorted(ladder)]} FLOPs per token "
                          "(more seeds or steps, or fewer rungs)")
     flops, side = dense_compute_at(loss, rungs)
     if side == "within":

@@ -19,7 +19,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moe_jax import cli, counterfactual  # noqa: E402
+from moe_jax import cli, counterfactual
 
 flags.DEFINE_string("workdir", None, "A finished MoE run's folder.")
 flags.DEFINE_integer("max_batches", 0, "Test batches to read (0: the whole test split).")

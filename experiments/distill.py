@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moe_jax import host_memory  # noqa: E402
+from moe_jax import host_memory
 
 host_memory.reuse_freed_memory()  # before jax starts its threads
 

@@ -15,7 +15,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moe_jax import cli, trainer  # noqa: E402
+from moe_jax import cli, trainer
 
 flags.DEFINE_multi_string("workdir", None, "A finished run's folder (repeat the flag for several).")
 flags.mark_flag_as_required("workdir")

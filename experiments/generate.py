@@ -18,16 +18,16 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
+import jax
+import ml_collections
 
-from moe_jax import checkpoint as checkpoint_lib  # noqa: E402
-from moe_jax import cli  # noqa: E402
-from moe_jax import dispatch  # noqa: E402
-from moe_jax import inference  # noqa: E402
-from moe_jax import model as model_lib  # noqa: E402
-from moe_jax import run_config  # noqa: E402
-from moe_jax.corpus import ByteTokenizer  # noqa: E402
+from moe_jax import checkpoint as checkpoint_lib
+from moe_jax import cli
+from moe_jax import dispatch
+from moe_jax import inference
+from moe_jax import model as model_lib
+from moe_jax import run_config
+from moe_jax.corpus import ByteTokenizer
 
 flags.DEFINE_string("workdir", None, "A training run's workdir (holds config.json and checkpoints/).")
 flags.DEFINE_string("prompt", None, "Text to continue.")

@@ -13,8 +13,9 @@ part that fails or times out leaves the others' results standing):
            forward and gradients
   edges    experiments/kernel_edge_cases.py: the kernels at ragged shapes and several tilings
            against NumPy (the sweep that found the unmasked edge blocks)
-  train    (with the XLA flags experiments/train.py adds: moe_jax.xla_flags) 20 bfloat16 training steps of the 350M+PR-MoE-32/64 preset cut to --train_layers
-           layers: compile time, tokens/s, MFU, peak memory from the compiled step and the device
+  train    (with the XLA flags experiments/train.py adds: moe_jax.xla_flags) 20 bfloat16 training
+           steps of the 350M+PR-MoE-32/64 preset cut to --train_layers layers: compile time,
+           tokens/s, MFU, peak memory from the compiled step and the device
   kernels  at the paper's 1.3B shapes (M=2048, F=8192) in bfloat16: fused gating vs the XLA
            router (E 64 and 128, 8k and 32k tokens); the Pallas grouped matmul vs jax.lax.ragged_dot
            vs the capacity buffer's batched matmul (and tokamax's ragged_dot where it imports):
@@ -506,8 +507,8 @@ def markdown(report: dict) -> str:
     for name, p in parts.items():
         lines += ["", f"## {p['title']}", ""]
         if env and name == "env":
-            lines += [f"- versions: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v)]
-            lines += [f"- imports: " + ", ".join(f"{k}: {v}" for k, v in env.get("imports", {}).items())]
+            lines += ["- versions: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v)]
+            lines += ["- imports: " + ", ".join(f"{k}: {v}" for k, v in env.get("imports", {}).items())]
         records = p.get("records", [])
         if name == "pytest" and records:
             failed = [r for r in records if r["outcome"] == "failed"]

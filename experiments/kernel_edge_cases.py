@@ -11,7 +11,6 @@ Each row: op, case, setting, the largest error against NumPy, and the output row
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import traceback
 
@@ -102,7 +101,8 @@ def main(argv):
                     failures += not report("gmm", case, "padded to 16s", got, want, tol)
                 except Exception as error:
                     failures += 1
-                    print(f"gmm          | {case:34s} | padded to 16s | ERROR {type(error).__name__}: {str(error)[:200]}")
+                    print(f"gmm          | {case:34s} | padded to 16s | "
+                          f"ERROR {type(error).__name__}: {str(error)[:200]}")
     rng = np.random.default_rng(1)
     for num_tokens, model_dim, num_rows in [(45, 40, 48), (33, 24, 40), (64, 64, 64), (45, 48, 48)]:
         x = jnp.asarray(rng.standard_normal((num_tokens, model_dim)), jnp.float32)

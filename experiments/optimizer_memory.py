@@ -20,15 +20,15 @@ import sys
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import math  # noqa: E402
+import math
 
-from absl import app  # noqa: E402
-import jax  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+from absl import app
+import jax
+from jax.sharding import PartitionSpec as P
 
-from experiments.configs import load_config_file  # noqa: E402
-from moe_jax import cost, parallel, run_config, train_lib  # noqa: E402
-from moe_jax import model as model_lib  # noqa: E402
+from experiments.configs import load_config_file
+from moe_jax import cost, parallel, run_config
+from moe_jax import model as model_lib
 
 MiB = 1 << 20
 PAPER_MESHES = [("pr_moe", "350m", (1, 64, 1, 8)), ("pr_moe", "1.3b", (1, 128, 1, 16)),
@@ -90,7 +90,8 @@ def main(argv):
         for label in ("replicated", "sharded"):
             rec = r[label]
             b = rec.collective_bytes()
-            lines.append(f"| {mesh_sizes} | {label} | {rec.argument_bytes / MiB:.2f} MiB | {rec.peak_memory / MiB:.2f} MiB "
+            lines.append(f"| {mesh_sizes} | {label} | {rec.argument_bytes / MiB:.2f} MiB | "
+                         f"{rec.peak_memory / MiB:.2f} MiB "
                          f"| {b['all-reduce'] / MiB:.2f} MiB | {b['all-gather'] / MiB:.2f} MiB | "
                          f"{b['all-to-all'] / MiB:.2f} MiB | {b['reduce-scatter'] / MiB:.2f} MiB |")
     print("\n".join(lines))

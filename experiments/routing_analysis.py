@@ -149,7 +149,8 @@ def plot(analysis: dict, directory: str) -> list:
         dropped = {name: ([p[0] for p in points], [p[1] for p in points])
                    for name, points in analysis["dropped"].items()}
         paths.append(_line_plot(plt, dropped, "dropped fraction of token copies",
-                                "capacity drops per MoE layer (training steps)", os.path.join(directory, "dropped.png")))
+                                "capacity drops per MoE layer (training steps)",
+                                os.path.join(directory, "dropped.png")))
     return paths
 
 

@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moe_jax import host_memory, xla_flags  # noqa: E402
+from moe_jax import host_memory, xla_flags
 
 host_memory.reuse_freed_memory()  # before jax starts its threads
 xla_flags.add_gpu_overlap_flags()  # collectives overlapped with compute on GPU; before jax starts

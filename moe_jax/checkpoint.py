@@ -263,7 +263,7 @@ class Checkpointer:
         handler = ocp.StandardCheckpointHandler()
         try:
             tree = handler.metadata(step_dir / name).tree
-        except Exception as error:  # noqa: BLE001  unreadable metadata: a damaged step
+        except Exception as error:
             raise CorruptCheckpointError(f"checkpoint {step_dir}/{name} cannot be read: {type(error).__name__}: "
                                          f"{str(error)[:300]}") from error
         finally:
@@ -327,7 +327,8 @@ class Checkpointer:
         args = {}
         for name, tree in target.items():
             if not (step_dir / name).exists():
-                raise ValueError(f"{step_dir} has no item {name!r}; it holds {sorted(p.name for p in step_dir.iterdir())}")
+                held = sorted(p.name for p in step_dir.iterdir())
+                raise ValueError(f"{step_dir} has no item {name!r}; it holds {held}")
             if tree is None:
                 args[name] = ocp.args.StandardRestore()
             else:
@@ -337,7 +338,7 @@ class Checkpointer:
             args[EXTRA_ITEM] = ocp.args.JsonRestore()
         try:
             restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
-        except Exception as error:  # noqa: BLE001  Orbax and TensorStore raise many types on bad files
+        except Exception as error:
             if "Topology mismatch" in str(error):  # whole files, another device count: not corrupt, never set aside
                 raise ValueError(f"checkpoint step {step} in {self.directory} was saved on another device topology "
                                  f"than this process's {jax.device_count()} {jax.default_backend()} device(s); run "
@@ -402,7 +403,7 @@ class Checkpointer:
         handler = ocp.StandardCheckpointHandler()
         try:
             saved = _shapes(handler.metadata(step_dir / name).tree)
-        except Exception as error:  # noqa: BLE001  unreadable metadata: a damaged step, not another model
+        except Exception as error:
             raise CorruptCheckpointError(f"checkpoint {step_dir}/{name} cannot be read: {type(error).__name__}: "
                                          f"{str(error)[:300]}") from error
         finally:

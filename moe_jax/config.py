@@ -145,7 +145,8 @@ class MoEConfig:
         if self.min_capacity < 0:
             raise ValueError(f"moe.min_capacity={self.min_capacity} must be >= 0 (DeepSpeed uses 4)")
         if self.noisy_gate_policy not in NOISY_GATE_POLICIES:
-            raise ValueError(f"moe.noisy_gate_policy={self.noisy_gate_policy!r} is unknown; use one of {NOISY_GATE_POLICIES}")
+            raise ValueError(f"moe.noisy_gate_policy={self.noisy_gate_policy!r} is unknown; "
+                             f"use one of {NOISY_GATE_POLICIES}")
         if self.noisy_gate_policy == "RSample" and self.k != 1:
             raise ValueError("moe.noisy_gate_policy='RSample' applies to top-1 gating only; set k=1 or use 'Jitter'")
         if self.drop_policy not in DROP_POLICIES:

@@ -133,7 +133,8 @@ class Corpus:
         files and the SHA-256 of its file list (or of its position in the source)."""
         splits = {}
         for name, tokens, keys in zip(("train", "val", "test"), (self.train, self.val, self.test), self.split_keys):
-            text = "\n".join(keys) if keys else f"{self.source}|{name}|{len(self.train)}|{len(self.val)}|{len(self.test)}"
+            sizes = f"{len(self.train)}|{len(self.val)}|{len(self.test)}"
+            text = "\n".join(keys) if keys else f"{self.source}|{name}|{sizes}"
             splits[name] = {"tokens": int(len(tokens)), "files": len(keys) or None,
                             "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
         return {"source": self.source, "description": self.description, "vocab_size": self.vocab_size,
@@ -313,7 +314,8 @@ def _split_files(
     if all(is_test[i] for i in held):
         is_test[held[0]] = False
     sides = ["test" if t else "val" if h else "train" for h, t in zip(held_out, is_test)]
-    parts = {name: [(key, c) for (key, c), side in zip(chunks, sides) if side == name] for name in ("train", "val", "test")}
+    parts = {name: [(key, c) for (key, c), side in zip(chunks, sides) if side == name]
+             for name in ("train", "val", "test")}
     data = {name: b"".join(c for _, c in part) for name, part in parts.items()}
     description = (
         f"{label}: {len(chunks)} files ({len(parts['train'])} train / {len(parts['val'])} val / "
@@ -386,7 +388,8 @@ def _bin_corpus(path: pathlib.Path, *, val_percent: float, vocab_size: int | Non
     else:
         n_train, n_val, _ = _tail_split(len(tokens), val_percent, str(path))
         train, val, test = tokens[:n_train], tokens[n_train:n_train + n_val], tokens[n_train + n_val:]
-        split = f"the last {val_percent:g}% held out and halved: val {_fmt_count(len(val))}, test {_fmt_count(len(test))} tokens"
+        split = (f"the last {val_percent:g}% held out and halved: val {_fmt_count(len(val))}, "
+                 f"test {_fmt_count(len(test))} tokens")
     vocab_size = _bin_vocab_size(train, val, test, vocab_size, str(path))
     description = (
         f"nanoGPT uint16 tokens: train {path} ({_fmt_count(len(train))} tokens), {split}, vocab_size {vocab_size}"
@@ -400,7 +403,8 @@ def _bin_vocab_size(train: np.ndarray, val: np.ndarray, test: np.ndarray, vocab_
         raise DataError(f"data.vocab_size={vocab_size!r} must be in [1, 65536] for uint16 tokens in {source!r}")
     if len(train) + len(val) + len(test) > MAX_SCANNED_TOKENS:
         if vocab_size is None:
-            raise DataError(f"data.path={source!r} has {_fmt_count(len(train) + len(val) + len(test))} tokens, too many to scan "
+            raise DataError(f"data.path={source!r} has {_fmt_count(len(train) + len(val) + len(test))} tokens, "
+                            "too many to scan "
                             "for the largest id; set data.vocab_size explicitly (e.g. 50257 for GPT-2 tokens)")
         return vocab_size
     max_id = max(

@@ -123,7 +123,8 @@ def buffer_exchange(tokens: jax.Array, routing: Routing, experts: dict, par: Par
         buffer, _ = _my_share(buffer, par, axis=1)
     slots = buffer.shape[1]
     local_experts = num_experts // ep
-    received = _all_to_all(buffer.reshape(ep, local_experts, slots, model_dim), par, axes)  # [ep (source), E_l, slots, M]
+    # [ep (source), E_l, slots, M]
+    received = _all_to_all(buffer.reshape(ep, local_experts, slots, model_dim), par, axes)
     rows = received.transpose(1, 0, 2, 3).reshape(local_experts, ep * slots, model_dim)
     out = _expert_ffn(experts, rows, par)
     out = out.reshape(local_experts, ep, slots, model_dim).transpose(1, 0, 2, 3)

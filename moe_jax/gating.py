@@ -58,7 +58,7 @@ import numpy as np
 from flax import struct
 
 # the one definition of a copy's rank among its expert's copies (also the fused kernel's spec)
-from moe_jax.kernels.gating.reference import rank_within_expert  # noqa: F401  (routing_trace uses it too)
+from moe_jax.kernels.gating.reference import rank_within_expert
 
 
 
@@ -133,7 +133,8 @@ class Routing:
         return combine, dispatch
 
 
-STAT_NAMES = ("aux_loss", "z_loss", "expert_counts", "kept_counts", "dropped_fraction", "unrouted_fraction", "router_entropy")
+STAT_NAMES = ("aux_loss", "z_loss", "expert_counts", "kept_counts", "dropped_fraction", "unrouted_fraction",
+              "router_entropy")
 
 
 def unrouted_fraction(routing: Routing) -> jax.Array:

@@ -40,7 +40,8 @@ Public API:
   decode_step(params, state, tokens [B], *, cfg) -> (logits [B, V], DecodeState)
   decode_tokens(params, state, logits, rng, temperature, top_p, *, cfg, num_tokens) -> new tokens [B, num_tokens]
   sample_tokens(logits [B, V], rng, temperature, top_p) -> [B] int32 (temperature 0: greedy)
-  Generator(params, cfg, *, dtype, moe_path, parallel, router_state).generate(prompts, max_new_tokens, ...) -> Generation
+  Generator(params, cfg, *, dtype, moe_path, parallel, router_state)
+      .generate(prompts, max_new_tokens, ...) -> Generation
 `cfg` is a serving config throughout.
 """
 
@@ -167,7 +168,8 @@ def init_cache(cfg: ModelConfig, pad: jax.Array, max_len: int) -> list:
              "valid": valid} for _ in range(cfg.num_layers)]
 
 
-def prefill(params: dict, tokens: jax.Array, lengths: jax.Array, *, cfg: ModelConfig, max_len: int, parallel: Optional[ParallelConfig] = None) -> tuple[jax.Array, DecodeState]:
+def prefill(params: dict, tokens: jax.Array, lengths: jax.Array, *, cfg: ModelConfig, max_len: int,
+            parallel: Optional[ParallelConfig] = None) -> tuple[jax.Array, DecodeState]:
     """Runs left-padded prompts through the model, filling a cache of max_len slots (at least P plus
     the tokens still to decode: the cache write clamps silently past its end).
 
@@ -181,9 +183,11 @@ def prefill(params: dict, tokens: jax.Array, lengths: jax.Array, *, cfg: ModelCo
     return logits[:, -1], DecodeState(cache=cache, position=lengths.astype(jnp.int32))
 
 
-def decode_step(params: dict, state: DecodeState, tokens: jax.Array, *, cfg: ModelConfig, parallel: Optional[ParallelConfig] = None) -> tuple[jax.Array, DecodeState]:
+def decode_step(params: dict, state: DecodeState, tokens: jax.Array, *, cfg: ModelConfig,
+                parallel: Optional[ParallelConfig] = None) -> tuple[jax.Array, DecodeState]:
     """Feeds one token per row: tokens [B] int32 -> (next-token logits [B, V] float32, new state)."""
-    logits, _, cache = _forward(params, tokens[:, None], state.position[:, None], state.cache, cfg=cfg, parallel=parallel)
+    logits, _, cache = _forward(params, tokens[:, None], state.position[:, None], state.cache, cfg=cfg,
+                                parallel=parallel)
     return logits[:, 0], DecodeState(cache=cache, position=state.position + 1)
 
 

@@ -40,8 +40,8 @@ def is_dense(params: dict) -> bool:
 def _check(name: str, source: Any, shape: tuple, fix: str) -> jax.Array:
     source_shape = tuple(getattr(source, "shape", ()))
     if source_shape != tuple(shape):
-        raise ValueError(f"upcycling: the dense model's {name} has shape {source_shape}, this model needs {tuple(shape)}; "
-                         f"{fix}")
+        raise ValueError(f"upcycling: the dense model's {name} has shape {source_shape}, this model needs "
+                         f"{tuple(shape)}; {fix}")
     return jnp.asarray(source)
 
 

@@ -159,7 +159,8 @@ def test_serving_routes_with_the_trained_biases():
     state = jax.tree.map(lambda b: jnp.asarray(rng.normal(0, 0.5, b.shape), jnp.float32), state)
     tokens = jax.random.randint(jax.random.key(4), (3, 7), 0, 32)
     want, _ = train_lib.model_lib.apply(params, tokens, cfg, router_state=state, train=False)
-    unbiased, _ = train_lib.model_lib.apply(params, tokens, cfg, router_state=balancing.init_router_state(cfg), train=False)
+    unbiased, _ = train_lib.model_lib.apply(params, tokens, cfg, router_state=balancing.init_router_state(cfg),
+                                            train=False)
     assert float(jnp.abs(want - unbiased).max()) > 1e-4  # the biases change the routing here
     with pytest.raises(ValueError, match="pass its router_state"):
         inference.Generator(params, cfg)

@@ -57,12 +57,12 @@ def test_a_top_rung_that_does_not_improve_ends_the_ladder_there():
     assert cm.multiplier(2.85, F, ladder).value == pytest.approx(2 ** 1.5)  # between 2x and 4x, not near 8x
     beyond = cm.multiplier(2.7, F, ladder)  # better than the 4x rung: a bound at 4x, never at the cut 8x
     assert (beyond.side, beyond.bound) == ("above", pytest.approx(4.0))
-    runs = {f"x{2 ** i}": {"0": l, "1": 3.0 - 0.1 * i} for i, (_, l) in enumerate(ladder)}
+    runs = {f"x{2 ** i}": {"0": lg, "1": 3.0 - 0.1 * i} for i, (_, lg) in enumerate(ladder)}
     assert cm.rungs_cut(runs, {f"x{2 ** i}": F * 2 ** i for i in range(4)}) == {"0": ["x8"]}
 
 
 def _row(losses, flops):
-    return {"test_loss_by_seed": {str(i): l for i, l in enumerate(losses)}, "train_flops_per_token": flops,
+    return {"test_loss_by_seed": {str(i): lg for i, lg in enumerate(losses)}, "train_flops_per_token": flops,
             "test_loss": sum(losses) / len(losses)}
 
 

@@ -32,10 +32,13 @@ def test_active_params_count_k_experts():
 def test_placement_rules():
     cfg = ModelConfig(num_layers=8, moe=MoEConfig(experts=4))
     assert cfg.layer_experts() == (0, 4, 0, 4, 0, 4, 0, 4)  # 1-based l % 2 == 0
-    assert ModelConfig(num_layers=8, moe=MoEConfig(experts=4, expert_interval=4)).layer_experts() == (0, 0, 0, 4, 0, 0, 0, 4)
-    assert ModelConfig(num_layers=6, moe=MoEConfig(experts=4, placement="first_half")).layer_experts() == (4, 4, 4, 0, 0, 0)
-    assert ModelConfig(num_layers=6, moe=MoEConfig(experts=4, placement="second_half")).layer_experts() == (0, 0, 0, 4, 4, 4)
-    assert ModelConfig(num_layers=4, moe=MoEConfig(experts=2, placement="explicit", layers=(0, 3))).layer_experts() == (2, 0, 0, 2)
+    def layers(num_layers, **moe):
+        return ModelConfig(num_layers=num_layers, moe=MoEConfig(**moe)).layer_experts()
+
+    assert layers(8, experts=4, expert_interval=4) == (0, 0, 0, 4, 0, 0, 0, 4)
+    assert layers(6, experts=4, placement="first_half") == (4, 4, 4, 0, 0, 0)
+    assert layers(6, experts=4, placement="second_half") == (0, 0, 0, 4, 4, 4)
+    assert layers(4, experts=2, placement="explicit", layers=(0, 3)) == (2, 0, 0, 2)
     pyramid = ModelConfig(num_layers=8, moe=MoEConfig(experts="2x3,8x1"))
     assert pyramid.layer_experts() == (0, 2, 0, 2, 0, 2, 0, 8)
     assert ModelConfig(num_layers=4, moe=MoEConfig(experts="1x1,4x1")).layer_experts() == (0, 0, 0, 4)

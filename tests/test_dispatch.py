@@ -79,9 +79,12 @@ def token_reference(x, experts, weight, expert_index, mask):
 def reference_gradients(x, experts, routing, mask, cotangent):
     """Gradients of sum(y * cotangent) of the token reference in float64, for x, experts, weight."""
     with jax.enable_x64(True):
-        f64 = lambda a: jnp.asarray(np.asarray(a, np.float64))
-        loss = lambda x, experts, weight: jnp.sum(
-            token_reference(x, experts, weight, jnp.asarray(routing.expert_index), f64(mask)) * f64(cotangent))
+        def f64(a):
+            return jnp.asarray(np.asarray(a, np.float64))
+
+        def loss(x, experts, weight):
+            reference = token_reference(x, experts, weight, jnp.asarray(routing.expert_index), f64(mask))
+            return jnp.sum(reference * f64(cotangent))
         grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(f64(x), jax.tree.map(f64, experts), f64(routing.weight))
         return jax.tree.map(np.asarray, grads)
 

@@ -136,7 +136,8 @@ def test_gather_copies_is_a_partial_permutation():
     np.testing.assert_array_equal(row_copy, [6, 3, 0, 1])  # S * k = 6 marks the empty row
     rows = dispatch_lib.gather_copies(x, row_copy, position)
     np.testing.assert_array_equal(rows, [[0, 0], [2, 3], [0, 1], [0, 1]])
-    d_x = jax.grad(lambda x: jnp.sum(dispatch_lib.gather_copies(x, row_copy, position) * jnp.arange(8.0).reshape(4, 2)))(x)
+    weights = jnp.arange(8.0).reshape(4, 2)
+    d_x = jax.grad(lambda x: jnp.sum(dispatch_lib.gather_copies(x, row_copy, position) * weights))(x)
     np.testing.assert_array_equal(d_x, [[4 + 6, 5 + 7], [2, 3], [0, 0]])
     weight = jnp.array([[0.5, 2.0], [3.0, 0.25], [1.0, 1.0]])
     y = dispatch_lib.combine_copies(rows, position, row_copy, weight)

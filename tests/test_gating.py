@@ -260,7 +260,7 @@ def test_z_loss_and_randomness():
 
 def test_jit_and_bad_k():
     logits = jax.random.normal(jax.random.key(5), (16, 4))
-    routed = jax.jit(lambda l: top_k_gating(l, k=2, capacity_factor=1.0))(logits)
+    routed = jax.jit(lambda lg: top_k_gating(lg, k=2, capacity_factor=1.0))(logits)
     eager = top_k_gating(logits, k=2, capacity_factor=1.0)
     np.testing.assert_array_equal(routed.slot, eager.slot)
     with pytest.raises(ValueError, match="k=5"):

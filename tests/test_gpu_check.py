@@ -49,8 +49,8 @@ def test_dry_run_runs_every_part_and_writes_both_reports(tmp_path):
     decode = {(r["path"], r["batch"]) for r in parts["decode"]["records"]}
     assert {("serve", 1), ("serve", 2), ("dense", 1), ("einsum", 2)} <= decode
     markdown = (tmp_path / "out" / "gpu_check.md").read_text()
-    for title in ("pytest -m gpu", "Kernels at ragged shapes against NumPy", "Training steps", "Kernels at the paper's shapes", "MoE layer per dispatch path",
-                  "Decode latency"):
+    for title in ("pytest -m gpu", "Kernels at ragged shapes against NumPy", "Training steps",
+                  "Kernels at the paper's shapes", "MoE layer per dispatch path", "Decode latency"):
         assert f"## {title}" in markdown
     assert (tmp_path / "out" / "gpu_check.log").stat().st_size > 0
 

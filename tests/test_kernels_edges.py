@@ -42,13 +42,14 @@ def test_pad_to_pads_only_what_is_needed():
     assert padded.shape == (4, 8) and float(padded[3, 0]) == -1 and float(padded[0, 5]) == -1
 
 
-@pytest.mark.parametrize("num_tokens,num_experts,k,noise", [(37, 6, 1, None), (50, 7, 1, "rts"), (130, 12, 2, "gumbel")])
+@pytest.mark.parametrize("num_tokens,num_experts,k,noise",
+                         [(37, 6, 1, None), (50, 7, 1, "rts"), (130, 12, 2, "gumbel")])
 def test_gating_kernel_blocks_are_whole(num_tokens, num_experts, k, noise):
     logits = jax.random.normal(jax.random.key(0), (num_tokens, num_experts))
     extra = {"rts": (None, jax.random.uniform(jax.random.key(1), logits.shape)),
              "gumbel": (jax.random.gumbel(jax.random.key(2), logits.shape), None), None: (None, None)}[noise]
     blocks = gating_kernel.BlockSizes(block_tokens=16)
-    assert platform.ragged_blocks(lambda l: gating_kernel.fused_gating(l, *extra, k=k, capacity=9, block_sizes=blocks,
+    assert platform.ragged_blocks(lambda lg: gating_kernel.fused_gating(lg, *extra, k=k, capacity=9, block_sizes=blocks,
                                                                        interpret=True), logits) == []
 
 
@@ -87,8 +88,10 @@ def test_kernel_dispatch_path_blocks_are_whole_forward_and_backward():
     keys = jax.random.split(jax.random.key(3), 4)
     routing = gating_lib.top_k_gating(jax.random.normal(keys[0], (num_tokens, num_experts)), k=2,
                                       capacity_factor=0.8, min_capacity=1)
-    experts = {"w1": jax.random.normal(keys[1], (num_experts, model_dim, ffn_dim)), "b1": jnp.zeros((num_experts, ffn_dim)),
-               "w2": jax.random.normal(keys[2], (num_experts, ffn_dim, model_dim)), "b2": jnp.zeros((num_experts, model_dim))}
+    experts = {"w1": jax.random.normal(keys[1], (num_experts, model_dim, ffn_dim)),
+               "b1": jnp.zeros((num_experts, ffn_dim)),
+               "w2": jax.random.normal(keys[2], (num_experts, ffn_dim, model_dim)),
+               "b2": jnp.zeros((num_experts, model_dim))}
     x = jax.random.normal(keys[3], (num_tokens, model_dim))
 
     def loss(x, experts):

@@ -168,7 +168,7 @@ def test_random_token_selection_kernel_matches_its_spec():
 def test_kernel_or_reference(options, uses_kernel):
     """k > 2 goes to moe_jax.gating.top_k_gating; the rest, random token selection included, to the
     kernel (the equality tests above cover both routes' results)."""
-    jaxpr = jax.make_jaxpr(lambda l: ops.top_k_gating(l, interpret=True, **options))(jnp.ones((40, 6)))
+    jaxpr = jax.make_jaxpr(lambda lg: ops.top_k_gating(lg, interpret=True, **options))(jnp.ones((40, 6)))
     assert ("pallas_call" in str(jaxpr)) == uses_kernel
 
 
@@ -195,12 +195,12 @@ def test_lowers_for_cuda(num_tokens, num_experts, k, with_noise, rts):
     noise = logits if with_noise else None
     scores = logits if rts else None
     hlo = platform.lower_for_gpu(
-        lambda l, n, r: kernel.fused_gating(l, n, r, k=k, capacity=num_tokens // num_experts + 1),
+        lambda lg, n, r: kernel.fused_gating(lg, n, r, k=k, capacity=num_tokens // num_experts + 1),
         logits, noise, scores)
     assert hlo.count(pltriton.CUSTOM_CALL_TARGET_NAME) == 2
 
-    def loss(l):
-        return routing_loss(ops.top_k_gating(l, k=k, capacity_factor=1.0, impl="pallas", interpret=False,
+    def loss(lg):
+        return routing_loss(ops.top_k_gating(lg, k=k, capacity_factor=1.0, impl="pallas", interpret=False,
                                              use_rts=rts, rng=jax.random.key(0)))
 
     assert pltriton.CUSTOM_CALL_TARGET_NAME in platform.lower_for_gpu(jax.grad(loss), logits)

@@ -38,7 +38,7 @@ def test_matches_ragged_dot(interpret, group_sizes, inner, cols, dtype):
     sizes = jnp.asarray(group_sizes, jnp.int32)
 
     (_, out), grads = loss_and_grads(
-        lambda l, r, s: ops.grouped_matmul(l, r, s, interpret=interpret, block_sizes=SMALL_TILES))(lhs, rhs, sizes)
+        lambda lg, r, s: ops.grouped_matmul(lg, r, s, interpret=interpret, block_sizes=SMALL_TILES))(lhs, rhs, sizes)
     (_, out_want), grads_want = loss_and_grads(reference.gmm)(lhs, rhs, sizes)
 
     tol = TOLERANCE[dtype]

@@ -89,11 +89,11 @@ def test_fused_layer_equals_gather_path_with_gradients(interpret, routing_option
     def kernel_layer(x, gate, experts, rng):
         return routed_layer(
             x, gate, experts,
-            router=lambda l, **o: gating_ops.top_k_gating(l, interpret=interpret, rng=rng, **o),
+            router=lambda lg, **o: gating_ops.top_k_gating(lg, interpret=interpret, rng=rng, **o),
             dispatch=lambda *a: moe_layer.dispatch_kernel(*a, interpret=interpret), routing_options=routing_options)
 
     def gather_layer(x, gate, experts, rng):
-        return routed_layer(x, gate, experts, router=lambda l, **o: gating_lib.top_k_gating(l, rng=rng, **o),
+        return routed_layer(x, gate, experts, router=lambda lg, **o: gating_lib.top_k_gating(lg, rng=rng, **o),
                             dispatch=dispatch_lib.dispatch_gather, routing_options=routing_options)
 
     ((loss, (y, dropped)), grads), jaxpr = layer_loss_and_grads(kernel_layer, x, gate, experts, keys[3])

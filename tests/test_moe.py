@@ -15,7 +15,8 @@ from moe_jax.gating import top_k_gating
 
 def layer_params(rng, M=16, F=32, E=4, residual=True):
     keys = jax.random.split(rng, 10)
-    normal = lambda i, shape, scale=0.3: jax.random.normal(keys[i], shape) * scale
+    def normal(i, shape, scale=0.3):
+        return jax.random.normal(keys[i], shape) * scale
     params = {
         "gate": {"kernel": normal(0, (M, E))},
         "experts": {"w1": normal(1, (E, M, F)), "b1": normal(2, (E, F)), "w2": normal(3, (E, F, M)),
@@ -141,7 +142,8 @@ def test_route_jitters_with_the_first_half_of_its_key():
     rng_jitter, _ = jax.random.split(key)
     jittered = (x * jax.random.uniform(rng_jitter, x.shape, jnp.float32, JITTER_LOW, JITTER_HIGH)) @ gate["kernel"]
     clean = x @ gate["kernel"]
-    route = lambda train: moe_lib.route(gate, x, moe=moe, train=train, rng=key)
+    def route(train):
+        return moe_lib.route(gate, x, moe=moe, train=train, rng=key)
     for routing, logits in [(route(True), jittered), (route(False), clean)]:
         want = top_k_gating(logits, k=1, capacity_factor=2.0, min_capacity=0, use_rts=False)
         np.testing.assert_array_equal(routing.expert_index, want.expert_index)

@@ -1,7 +1,6 @@
 """Every router of the registry, with every implementation it declares, through the same checks:
 a new router gets them by being registered, without being named here."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

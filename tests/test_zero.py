@@ -109,7 +109,8 @@ def _compiled(par):
     batch = {k: jax.ShapeDtypeStruct((16, 16), jnp.int32, sharding=parallel.batch_sharding(par))
              for k in ("inputs", "targets")}
     step = jax.jit(lambda s, b: train_lib.train_step(s, b, jax.random.key(2), model_cfg=CFG, optimizer=OPTIMIZER,
-                                                     parallel=par), donate_argnums=(0,), out_shardings=(shardings, None))
+                                                     parallel=par),
+                   donate_argnums=(0,), out_shardings=(shardings, None))
     return step.lower(state_in, batch).compile(), _state_bytes(state, specs, par.mesh)
 
 

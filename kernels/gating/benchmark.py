@@ -34,15 +34,15 @@ def run(shapes=SHAPES, on_record=None) -> list[bench_util.Record]:
         shape = f"S={num_tokens} E={num_experts} k={k}"
         bytes_moved = logits.size * 4 * (1 if noise is None else 2) + num_tokens * k * 4 * 4
         impls = {
-            "xla reference (moe_jax.gating)": jax.jit(lambda l, n: gating_lib.top_k_gating(
-                l, k=k, capacity_factor=1.0, second_expert_sampling=n is not None, gumbel=n)),
-            "jnp spec (reference.py)": jax.jit(lambda l, n: reference.fused_gating(l, n, k=k, capacity=capacity)),
+            "xla reference (moe_jax.gating)": jax.jit(lambda lg, n: gating_lib.top_k_gating(
+                lg, k=k, capacity_factor=1.0, second_expert_sampling=n is not None, gumbel=n)),
+            "jnp spec (reference.py)": jax.jit(lambda lg, n: reference.fused_gating(lg, n, k=k, capacity=capacity)),
         }
         if platform.on_gpu():
-            impls["pallas kernel"] = jax.jit(lambda l, n: kernel.fused_gating(l, n, k=k, capacity=capacity))
+            impls["pallas kernel"] = jax.jit(lambda lg, n: kernel.fused_gating(lg, n, k=k, capacity=capacity))
             if triton_kernel.available():
                 impls["jax-triton kernel"] = jax.jit(
-                    lambda l, n: triton_kernel.fused_gating(l, n, k=k, capacity=capacity))
+                    lambda lg, n: triton_kernel.fused_gating(lg, n, k=k, capacity=capacity))
         baseline = None
         for name, fn in impls.items():
             try:

@@ -79,7 +79,7 @@ def _fused_fwd(impl, interpret, block_sizes, logits, noise, scores, k, capacity)
 
 def _fused_bwd(impl, interpret, block_sizes, k, capacity, residuals, cotangents):
     logits, expert_index, kept = residuals
-    _, vjp = jax.vjp(lambda l: reference.differentiable_outputs(l, expert_index, kept), logits)
+    _, vjp = jax.vjp(lambda lg: reference.differentiable_outputs(lg, expert_index, kept), logits)
     (d_logits,) = vjp((cotangents.weight, cotangents.aux_loss, cotangents.z_loss, cotangents.gate_fraction))
     # The noise only moves argmaxes and the RTS scores only choose which copies are kept: no gradient.
     return d_logits.astype(logits.dtype), None, None

@@ -88,7 +88,7 @@ def run(shapes=SHAPES, tiles=TILES, notes: list[str] | None = None, on_record=No
             for tile in tiles:
                 name = (f"pallas kernel {tile.block_m}x{tile.block_n}x{tile.block_k} "
                         f"w{tile.num_warps} s{tile.num_stages}")
-                impls.append((name, jax.jit(lambda l, r, s, tile=tile: kernel.gmm(l, r, s, block_sizes=tile))))
+                impls.append((name, jax.jit(lambda lg, r, s, tile=tile: kernel.gmm(lg, r, s, block_sizes=tile))))
         baseline = None
         for name, fn in impls:
             try:

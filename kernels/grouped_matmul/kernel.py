@@ -14,8 +14,9 @@ column blocks before the next band starts, so a band's lhs tiles and its groups'
 stay in L2 while they are reused.
 
 tgmm (the weights' gradient): one program per (group, block_k, block_n) tile of the [G, K, Nout]
-output (padded to whole tiles and sliced: the Triton backend does not mask edge tiles); it loops over its group's row tiles (a dynamic trip count) and accumulates lhs_tile.T @
-grad_tile in float32. Rows outside the group are masked to zero.
+output (padded to whole tiles and sliced: the Triton backend does not mask edge tiles); it loops
+over its group's row tiles (a dynamic trip count) and accumulates lhs_tile.T @ grad_tile in float32.
+Rows outside the group are masked to zero.
 """
 
 from __future__ import annotations
