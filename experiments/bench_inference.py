@@ -47,7 +47,7 @@ from moe_jax import inference
 from moe_jax import model as model_lib
 from moe_jax import moe as moe_lib
 from moe_jax.config import ModelConfig, MoEConfig, replace_moe
-from moe_jax.gating import compute_capacity
+from moe_jax.routing import compute_capacity
 
 PATHS = ("einsum", "gather", "serve", "kernel", "dense")
 

@@ -35,7 +35,8 @@ def main(argv):
         config.total_steps = flags.FLAGS.steps
         start = time.perf_counter()
         print(f"== training tiny {name} for {config.total_steps} steps", flush=True)
-        summary = trainer.train_and_evaluate(config, os.path.join(flags.FLAGS.workdir, name))
+        summary = trainer.train_and_evaluate(config, os.path.join(flags.FLAGS.workdir, name),
+                                             progress=lambda line: print(f"  {line}", flush=True))
         summary["wall_s"] = time.perf_counter() - start
         results[name] = summary
     print()

@@ -44,7 +44,7 @@ def _bias_rows(bias: jax.Array, row_expert: jax.Array, dtype) -> jax.Array:
 
 
 def dispatch_kernel(x: jax.Array, routing, experts: dict, *, interpret: Optional[bool] = None) -> jax.Array:
-    """x [S, M], a moe_jax.gating.Routing, experts {w1 [E, M, F], b1 [E, F], w2 [E, F, M], b2 [E, M]}
+    """x [S, M], a moe_jax.routing.Routing, experts {w1 [E, M, F], b1 [E, F], w2 [E, F, M], b2 [E, M]}
     -> y [S, M] in x's dtype."""
     dtype = x.dtype
     position, group_sizes, row_expert = expert_sorted_layout(

@@ -24,6 +24,10 @@ from typing import Optional, Sequence
 
 import jax.numpy as jnp
 
+from moe_jax import dispatch
+from moe_jax import routers as routers_lib
+from moe_jax import routing as routing_lib
+
 NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
 ROUTER_IMPLS = ("jnp", "kernel")
 PLACEMENTS = ("interval", "first_half", "second_half", "explicit")
@@ -81,13 +85,13 @@ class MoEConfig:
     drop_policy: str = "probs"  # k > 2 only
     residual: bool = False
     aux_loss_coef: float = 0.01
-    # Over which tokens the balance loss's fractions are averaged (moe_jax.gating.routing_stats):
+    # Over which tokens the balance loss's fractions are averaged (moe_jax.routing.routing_stats):
     # "global" the whole batch, whatever the mesh; "per_shard" each expert-parallel shard's own
     # tokens, the shards' losses then averaged (DeepSpeed's, to compare a multi-device run with it);
     # "sequence" each sequence, the sequences' losses then averaged.
     balance_loss_scope: str = "global"
     z_loss_coef: float = 0.0
-    # A name of moe_jax.gating.ROUTERS: "topk" is DeepSpeed's top-k gating (k experts per token);
+    # A name of moe_jax.routers.ROUTERS: "topk" is DeepSpeed's top-k gating (k experts per token);
     # "expert_choice" lets each expert take its ceil(S * capacity_factor / E) best tokens of the
     # group (k is not read). Expert-choice reads the whole group's tokens, so in a causal LM a
     # token's experts depend on later tokens: it trains and evaluates on whole sequences, and
@@ -151,33 +155,32 @@ class MoEConfig:
             raise ValueError("moe.noisy_gate_policy='RSample' applies to top-1 gating only; set k=1 or use 'Jitter'")
         if self.drop_policy not in DROP_POLICIES:
             raise ValueError(f"moe.drop_policy={self.drop_policy!r} is unknown; use one of {DROP_POLICIES}")
-        from moe_jax import dispatch, gating  # the registries; neither imports this module
-
-        if self.router not in gating.ROUTERS:
-            raise ValueError(f"moe.router={self.router!r} is unknown; use one of {tuple(gating.ROUTERS)}")
-        if self.balance_loss_scope not in gating.BALANCE_LOSS_SCOPES:
+        if self.router not in routers_lib.ROUTERS:
+            raise ValueError(f"moe.router={self.router!r} is unknown; use one of {tuple(routers_lib.ROUTERS)}")
+        if self.balance_loss_scope not in routing_lib.BALANCE_LOSS_SCOPES:
             raise ValueError(f"moe.balance_loss_scope={self.balance_loss_scope!r} is unknown; use one of "
-                             f"{gating.BALANCE_LOSS_SCOPES}")
+                             f"{routing_lib.BALANCE_LOSS_SCOPES}")
         if self.bias_update_rate < 0:
             raise ValueError(f"moe.bias_update_rate={self.bias_update_rate} must be >= 0 (0 turns aux-loss-free "
                              "balancing off; DeepSeek-V3 uses 0.001)")
         if self.bias_update_rate > 0 and (
-                "selection_bias" not in inspect.signature(gating.ROUTERS[self.router]).parameters
+                "selection_bias" not in inspect.signature(routers_lib.ROUTERS[self.router]).parameters
                 or self.router_impl != "jnp"):
             raise ValueError(f"moe.bias_update_rate={self.bias_update_rate} needs a router that takes a selection "
                              f"bias; moe.router={self.router!r} with router_impl={self.router_impl!r} does not: use "
                              "moe.router='topk' with router_impl='jnp', or bias_update_rate=0")
         if self.route_group_limit and (
-                "selection_bias" not in inspect.signature(gating.ROUTERS[self.router]).parameters
+                "selection_bias" not in inspect.signature(routers_lib.ROUTERS[self.router]).parameters
                 or self.router_impl != "jnp"):
             raise ValueError(f"moe.route_group_limit={self.route_group_limit} limits the choice of a router that "
                              f"takes a selection bias; moe.router={self.router!r} with router_impl="
                              f"{self.router_impl!r} does not: use router 'topk' or 'sigmoid' with router_impl='jnp'")
         if self.router_impl not in ROUTER_IMPLS:
             raise ValueError(f"moe.router_impl={self.router_impl!r} is unknown; use one of {ROUTER_IMPLS}")
-        if self.router in gating.ROUTER_IMPLS and self.router_impl not in gating.ROUTER_IMPLS[self.router]:
+        if self.router in routers_lib.ROUTER_IMPLS and self.router_impl not in routers_lib.ROUTER_IMPLS[self.router]:
             raise ValueError(f"moe.router={self.router!r} has no {self.router_impl!r} implementation (it runs "
-                             f"{gating.ROUTER_IMPLS[self.router]}); set moe.router_impl='jnp' or moe.router='topk'")
+                             f"{routers_lib.ROUTER_IMPLS[self.router]}); set moe.router_impl='jnp' or "
+                             "moe.router='topk'")
         if self.dispatch not in dispatch.PATHS:
             raise ValueError(f"moe.dispatch={self.dispatch!r} is unknown; use one of {tuple(dispatch.PATHS)}")
         if not self.row_exchange_factor > 0:

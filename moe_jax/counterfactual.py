@@ -1,7 +1,7 @@
 """Counterfactual routing on a frozen checkpoint: which experts and which routing decisions matter.
 
 A finished run's parameters are evaluated on its test split (the same batches and routing keys as
-its own final evaluation, moe_jax.trainer.evaluate_test, so the unchanged model reproduces its
+its own final evaluation, moe_jax.evaluation.evaluate_test, so the unchanged model reproduces its
 test loss exactly, on the run config's mesh when this process has its devices: capacity and random
 token selection are per shard, so another device count routes a little differently) under
 interventions, with no training:
@@ -88,7 +88,7 @@ def test_loss(run: FrozenRun, model_cfg: Optional[ModelConfig] = None, params: O
     model_cfg = run.model_cfg if model_cfg is None else model_cfg
     params = run.params if params is None else params
     if deterministic is None:
-        deterministic = bool(run.config.get("deterministic_eval", False))
+        deterministic = run_config.run_settings(run.config).deterministic_eval
     step = _eval_fn(model_cfg, run.parallel)
     nll, tokens = 0.0, 0.0
     for i, batch in enumerate(run.batches):

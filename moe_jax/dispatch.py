@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import experts as experts_lib
-from moe_jax.gating import Routing
+from moe_jax.routing import Routing
 
 
 def einsum_to_buffer(x: jax.Array, routing: Routing) -> jax.Array:

@@ -48,12 +48,12 @@ from jax.sharding import PartitionSpec as P
 
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import experts as experts_lib
-from moe_jax import gating as gating_lib
 from moe_jax import routing_trace
-from moe_jax.gating import Routing
+from moe_jax.routing import Routing
 from moe_jax.parallel import BATCH_AXES, EXPERT_AXES, INTRA_NODE_AXES, ParallelConfig, param_specs
+from moe_jax import routing as routing_lib
 
-STAT_NAMES = gating_lib.STAT_NAMES + ("overflow_fraction",)
+STAT_NAMES = routing_lib.STAT_NAMES + ("overflow_fraction",)
 
 
 def _all_to_all(buffer: jax.Array, par: ParallelConfig, axes: tuple[str, ...]) -> jax.Array:
@@ -325,7 +325,7 @@ def sharded_moe(params: dict, tokens: jax.Array, *, moe, train: bool, rng, par: 
         # overflowed copies count as dropped (a router's kept copies need not fill its table's columns)
         routing = routing.replace(kept=routing.kept & ~overflow, dropped_fraction=routing.dropped_fraction
                                   + jnp.mean(overflow.astype(jnp.float32)))
-        stats = gating_lib.routing_stats(routing, axes=BATCH_AXES, scope=moe.balance_loss_scope, seq_len=length)
+        stats = routing_lib.routing_stats(routing, axes=BATCH_AXES, scope=moe.balance_loss_scope, seq_len=length)
         stats["overflow_fraction"] = jax.lax.pmean(jnp.mean(overflow.astype(jnp.float32)), BATCH_AXES)
         if record:
             stats["routing_code"] = routing_code

@@ -58,11 +58,11 @@ import numpy as np
 from flax import struct
 
 from moe_jax import dispatch as dispatch_lib
-from moe_jax import gating as gating_lib
 from moe_jax import parallel as parallel_lib
 from moe_jax.config import ModelConfig, replace_moe
 from moe_jax.model import GPT
 from moe_jax.parallel import ParallelConfig
+from moe_jax import routers as routers_lib
 
 DTYPES = ("float32", "bfloat16")
 
@@ -84,7 +84,7 @@ def serving_config(cfg: ModelConfig, *, dtype: str = "float32", moe_path: str = 
     cfg = cfg.replace(dropout=0.0, param_dtype=dtype, compute_dtype=dtype)
     if cfg.moe is None:
         return cfg
-    if cfg.moe.router in gating_lib.NON_CAUSAL_ROUTERS:
+    if cfg.moe.router in routers_lib.NON_CAUSAL_ROUTERS:
         # each expert picks among all the tokens of its group: a prompt's routing would read tokens
         # not generated yet, and decoding one token at a time would route differently from training
         raise ValueError(f"moe.router={cfg.moe.router!r} routes each token by looking at the whole group of "

@@ -6,6 +6,7 @@ Plain numpy on device-fetched arrays: the training loop calls them on its loggin
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 
@@ -67,3 +68,32 @@ def expert_load_stats(
         total = counts.sum()
         stats["dropped_frac"] = float(1.0 - kept.sum() / total) if total > 0 else 0.0
     return stats
+
+
+def layer_stats(moe_layers: dict, window_counts: Optional[dict] = None) -> dict:
+    """Per MoE layer (host side): the logged step's token counts, dropped fraction, fraction of
+    tokens with no expert, router entropy and load imbalance, and over the logging window
+    (window_counts: each layer's expert counts summed over the window's steps) the load percentiles
+    (tokens per expert) and the dead experts (no token in the whole window)."""
+    out = {}
+    for layer, stats in moe_layers.items():
+        counts = np.asarray(stats["expert_counts"])
+        load = expert_load_stats(counts, np.asarray(stats["kept_counts"]))
+        window = counts if window_counts is None else np.asarray(window_counts[layer])
+        window_load = expert_load_stats(window)
+        out[f"layer{layer}"] = {
+            "dropped_fraction": float(stats["dropped_fraction"]),
+            "unrouted_fraction": float(stats["unrouted_fraction"]),
+            "router_entropy": float(stats["router_entropy"]),
+            "load_imbalance": load["load_imbalance"], "expert_counts": counts.tolist(),
+            "window_load_min": window_load["load_min"], "window_load_median": window_load["load_median"],
+            "window_load_max": window_load["load_max"], "dead_experts": window_load["dead_experts"]}
+    return out
+
+
+def add_window_counts(window_counts: Optional[dict], moe_layers: dict) -> dict:
+    """Each layer's expert counts added to the window's running sums (on device: no host sync)."""
+    step_counts = {layer: stats["expert_counts"] for layer, stats in moe_layers.items()}
+    if window_counts is None:
+        return step_counts
+    return {layer: window_counts[layer] + counts for layer, counts in step_counts.items()}

@@ -26,11 +26,12 @@ from jax.ad_checkpoint import checkpoint_name
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import experts as experts_lib
 from moe_jax import exchange as exchange_lib
-from moe_jax import gating as gating_lib
 from moe_jax import parallel as parallel_lib
 from moe_jax import routing_trace
 from moe_jax.config import MoEConfig
-from moe_jax.gating import Routing
+from moe_jax.routing import Routing
+from moe_jax import routing as routing_lib
+from moe_jax import routers as routers_lib
 
 JITTER_EPS = 1e-2
 ROUTER_STATE = "router_state"  # variable collection of the routers' non-parameter state
@@ -51,7 +52,7 @@ def gate_logits(gate: dict, x: jax.Array, *, moe: MoEConfig, train: bool,
 def route(gate: dict, x: jax.Array, *, moe: MoEConfig, train: bool, rng: Optional[jax.Array],
           drop_tokens: Optional[bool] = None, replay: Optional[jax.Array] = None) -> Routing:
     """The gate: logits (with Jitter), then the configured router (moe.router, a name of
-    moe_jax.gating.ROUTERS). drop_tokens defaults to moe.drop_tokens, and is False whenever the
+    moe_jax.routers.ROUTERS). drop_tokens defaults to moe.drop_tokens, and is False whenever the
     dispatch path has no capacity. Without an rng the routing is deterministic (no jitter, RTS,
     RSample or second-expert sampling). gate: {kernel [M, E]} and, with aux-loss-free balancing,
     selection_bias [E] (moe_forward puts it there), which only the choice of experts reads.
@@ -69,7 +70,7 @@ def route(gate: dict, x: jax.Array, *, moe: MoEConfig, train: bool, rng: Optiona
                              f"groups of {per_group}; raise the limit or use fewer, larger groups")
         bias = extra.get("selection_bias", jnp.zeros((), jnp.float32))
         extra["selection_bias"] = bias + group_limit_mask(logits + bias, moe.route_groups, moe.route_group_limit)
-    routing = gating_lib.ROUTERS[moe.router](logits, moe=moe, train=train, rng=rng_router, drop_tokens=drop_tokens,
+    routing = routers_lib.ROUTERS[moe.router](logits, moe=moe, train=train, rng=rng_router, drop_tokens=drop_tokens,
                                              **extra)
     if replay is not None:
         routing = routing_trace.replay(routing, replay, logits)
@@ -111,7 +112,7 @@ def moe_forward(params: dict, x: jax.Array, *, moe: MoEConfig, train: bool,
                 record: bool = False) -> tuple[jax.Array, dict]:
     """One MoE layer on x [..., M] (all leading axes are tokens, as DeepSpeed flattens them).
 
-    Returns (y [..., M], stats) with stats = moe_jax.gating.STAT_NAMES (aux_loss, z_loss,
+    Returns (y [..., M], stats) with stats = moe_jax.routing.STAT_NAMES (aux_loss, z_loss,
     expert_counts [E], kept_counts [E], dropped_fraction, unrouted_fraction). With `parallel`, x is
     [B, T, M] sharded over the batch axes and routing and dispatch run per shard under shard_map
     (moe_jax.parallel); otherwise on all tokens at once. selection_bias [E]: aux-loss-free
@@ -134,7 +135,7 @@ def moe_forward(params: dict, x: jax.Array, *, moe: MoEConfig, train: bool,
         routing = route(params["gate"], tokens, moe=moe, train=train, rng=rng, replay=flat_replay)
         y = dispatch_lib.dispatch(moe.dispatch, tokens, routing, params["experts"]).reshape(shape)
         seq_len = shape[-2] if len(shape) > 2 else tokens.shape[0]  # x [B, T, M]; x [S, M] is one sequence
-        stats = gating_lib.routing_stats(routing, scope=moe.balance_loss_scope, seq_len=seq_len)
+        stats = routing_lib.routing_stats(routing, scope=moe.balance_loss_scope, seq_len=seq_len)
         if record:
             stats["routing_code"] = routing_trace.encode(routing).reshape(*shape[:-1], routing.k)
     if moe.residual:

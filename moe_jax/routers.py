@@ -1,8 +1,19 @@
-"""Routers beyond DeepSpeed's top-k gating, registered into moe_jax.gating.ROUTERS.
+"""The router registry: every router of MoEConfig.router, DeepSpeed's top-k first.
 
-moe_jax.gating imports this module at its end, so the registry is complete wherever it is read.
-Each router here has the registry's signature (moe_jax.gating) and returns the same `Routing`.
+A router turns gate logits into a moe_jax.routing.Routing. Every router has one signature,
 
+    routing = ROUTERS[name](logits [S, E] float32, *, moe, train, rng, drop_tokens)
+
+(`moe` a moe_jax.config.MoEConfig, `rng` None for deterministic routing, `drop_tokens` False when
+the dispatch path has no capacity), and is chosen by `MoEConfig.router`. A router that supports
+aux-loss-free balancing (MoEConfig.bias_update_rate) or group-limited routing also takes
+`selection_bias` [E], a bias on the scores that choose experts, never on the combine weights.
+Adding one is a function and a `@register_router("name")` line in this file: the router contract
+test (tests/test_router_contract.py) runs every registered router through the same checks, and
+dispatch paths, the exchange, the aux-loss reduction and the metrics read only the Routing fields.
+
+  * "topk": DeepSpeed's top-1 / top-2 / top-k gating (moe_jax.gating), or its fused kernel
+    (moe_jax.kernels.gating) with moe.router_impl="kernel".
   * "sigmoid" (DeepSeek-V3): sigmoid affinities, top-k on affinity + selection bias, weights
     normalised over the chosen experts (`sigmoid_gating`).
   * "expert_choice" (Zhou et al., 2022, "Mixture-of-Experts with Expert Choice Routing"): each
@@ -16,19 +27,64 @@ Each router here has the registry's signature (moe_jax.gating) and returns the s
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
 from moe_jax import gating
-from moe_jax.gating import Routing
+from moe_jax.kernels.gating import ops as gating_kernel
+from moe_jax.routing import Routing, compute_capacity
+
+
+Router = Callable[..., Routing]
+ROUTERS: dict[str, Router] = {}
+NON_CAUSAL_ROUTERS: set[str] = set()  # routers whose choice for a token reads later tokens
+ROUTER_IMPLS: dict[str, tuple[str, ...]] = {}  # router -> the MoEConfig.router_impl values it implements
+
+
+def register_router(name: str, *, causal: bool = True, impls: tuple[str, ...] = ("jnp",)) -> Callable[[Router], Router]:
+    """Adds a router to ROUTERS under `name` (the value of MoEConfig.router that selects it).
+    causal=False: a token's routing depends on other tokens of its group, later ones included, so
+    the router cannot decode token by token (moe_jax.inference refuses it). impls: the values of
+    MoEConfig.router_impl it runs (the config refuses the others rather than ignore them)."""
+
+    def add(fn: Router) -> Router:
+        if name in ROUTERS:
+            raise ValueError(f"router {name!r} is registered twice")
+        ROUTERS[name] = fn
+        ROUTER_IMPLS[name] = tuple(impls)
+        if not causal:
+            NON_CAUSAL_ROUTERS.add(name)
+        return fn
+
+    return add
+
+
+@register_router("topk", impls=("jnp", "kernel"))
+def topk_router(logits: jax.Array, *, moe, train: bool, rng: Optional[jax.Array], drop_tokens: bool,
+                selection_bias: Optional[jax.Array] = None) -> Routing:
+    """DeepSpeed's top-k gating (`moe_jax.gating.top_k_gating`) with the RSample policy's Gumbel noise on the top-1
+    choice while training, and the training or eval capacity factor. moe.router_impl="kernel" runs
+    the fused gating kernel (moe_jax.kernels.gating; its jnp reference off GPU), same outputs.
+    selection_bias [E]: aux-loss-free balancing's bias on the choice (jnp router only)."""
+    rng_rsample, rng_gating = jax.random.split(rng) if rng is not None else (None, None)
+    rsample_noise = None
+    if train and moe.noisy_gate_policy == "RSample" and rng_rsample is not None:
+        rsample_noise = jax.random.gumbel(rng_rsample, logits.shape)
+    gating_fn = gating_kernel.top_k_gating if moe.router_impl == "kernel" else gating.top_k_gating
+    extra = {} if selection_bias is None else {"selection_bias": selection_bias}
+    return gating_fn(
+        logits, k=moe.k, capacity_factor=moe.capacity_factor if train else moe.eval_capacity_factor,
+        min_capacity=moe.min_capacity, drop_tokens=drop_tokens, use_rts=moe.use_rts,
+        second_expert_sampling=moe.second_expert_sampling, drop_policy=moe.drop_policy,
+        rng=rng_gating, rsample_noise=rsample_noise, **extra)
 
 
 def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float, min_capacity: int) -> int:
-    """Tokens per expert: C = ceil(S * cf / E) (float32 arithmetic, as `gating.compute_capacity`),
+    """Tokens per expert: C = ceil(S * cf / E) (float32 arithmetic, as `routing.compute_capacity`),
     at least min_capacity, at most S (an expert cannot take a token twice)."""
-    return min(gating.compute_capacity(num_tokens, num_experts, capacity_factor, min_capacity), num_tokens)
+    return min(compute_capacity(num_tokens, num_experts, capacity_factor, min_capacity), num_tokens)
 
 
 def expert_choice_gating(logits: jax.Array, *, capacity_factor: float, min_capacity: int = 0) -> Routing:
@@ -71,7 +127,7 @@ def expert_choice_gating(logits: jax.Array, *, capacity_factor: float, min_capac
         token_choices=taken.astype(jnp.float32))
 
 
-@gating.register_router("expert_choice", causal=False)
+@register_router("expert_choice", causal=False)
 def expert_choice_router(logits: jax.Array, *, moe, train: bool, rng: Optional[jax.Array],
                          drop_tokens: bool) -> Routing:
     """`expert_choice_gating` with the training or eval capacity factor and moe.min_capacity.
@@ -91,7 +147,7 @@ def sigmoid_gating(logits: jax.Array, *, k: int, capacity_factor: float, min_cap
     weighs); the combine weights are the chosen scores normalised to sum to 1 over the token's kept
     copies.
 
-    Capacity as DeepSpeed's top-k (`gating.compute_capacity` with k): copies take slots in (choice,
+    Capacity as DeepSpeed's top-k (`routing.compute_capacity` with k): copies take slots in (choice,
     token) order, all first choices before any second choice, and a copy beyond capacity is dropped
     (drop_tokens=False: capacity S, nothing dropped, DeepSeek-V3's own setting). The balance loss is
     the Switch form on the normalised affinities: aux = E / k * sum_e P_e f_e, with P_e the mean of
@@ -108,7 +164,7 @@ def sigmoid_gating(logits: jax.Array, *, k: int, capacity_factor: float, min_cap
     selection = scores if selection_bias is None else scores + selection_bias.astype(jnp.float32)
     _, expert_index = jax.lax.top_k(jax.lax.stop_gradient(selection), k)  # [S, k], best first
     expert_index = expert_index.astype(jnp.int32)
-    capacity = gating.compute_capacity(num_tokens, num_experts, capacity_factor, min_capacity, k) \
+    capacity = compute_capacity(num_tokens, num_experts, capacity_factor, min_capacity, k) \
         if drop_tokens else num_tokens
     # slots in (choice, token) order: each copy's rank among its expert's copies
     flat = expert_index.T.reshape(-1)
@@ -131,7 +187,7 @@ def sigmoid_gating(logits: jax.Array, *, k: int, capacity_factor: float, min_cap
         renormalized=True, score_fn="sigmoid", token_gates=affinity, token_choices=choices)
 
 
-@gating.register_router("sigmoid")
+@register_router("sigmoid")
 def sigmoid_router(logits: jax.Array, *, moe, train: bool, rng: Optional[jax.Array], drop_tokens: bool,
                    selection_bias: Optional[jax.Array] = None) -> Routing:
     """`sigmoid_gating` with moe.k, the training or eval capacity factor and moe.min_capacity;

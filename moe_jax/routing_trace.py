@@ -1,7 +1,7 @@
 """Routing traces: record which experts every token went to, and replay a recording.
 
 A trace of one MoE layer is a compact integer array `code [..., k]` over the layer's tokens (the
-token axes of its input, e.g. [B, T]) and the k columns of its mapping table (moe_jax.gating.Routing):
+token axes of its input, e.g. [B, T]) and the k columns of its mapping table (moe_jax.routing.Routing):
 code = e where the router sent the copy to expert e and kept it, -1 - e where it was routed to e and
 dropped (capacity) or, for expert-choice, where expert e did not take the token. Under expert
 parallelism it is the router's decision before the rows exchange's overflow (moe_jax.exchange),
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_jax import gating as gating_lib
-from moe_jax.gating import Routing
+from moe_jax.routing import Routing
 
 TRACE_DIR = "routing"
 CODE_DTYPE = np.int16
@@ -195,3 +195,22 @@ class TraceReader:
         data = self._cached[1]
         index = int(np.searchsorted(data["steps"], step))
         return {name: array[index].astype(np.int32) for name, array in data.items() if name.startswith("block_")}
+
+
+def replay_reader(path: str, last_step: int, layer_experts) -> TraceReader:
+    """The recorded run at `path` (config.replay_routing), checked to cover steps 1..last_step and
+    to have recorded the MoE layers of a model whose layer_experts() this is."""
+    try:
+        reader = TraceReader(path)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"config.replay_routing={path}: {error}") from None
+    try:
+        reader.check_covers(1, last_step)
+    except ValueError as error:
+        raise ValueError(f"config.replay_routing={path}: {error}") from None
+    codes = reader.codes(reader.steps[0])
+    layers = {f"block_{i}" for i, experts in enumerate(layer_experts) if experts}
+    if set(codes) != layers:
+        raise ValueError(f"config.replay_routing={path} recorded the MoE layers {sorted(codes)}, this model has "
+                         f"{sorted(layers)}; replay a run of the same architecture")
+    return reader

@@ -1,10 +1,11 @@
 """Run configs: the ml_collections.ConfigDict behind `--config`, and the library objects built from it
 (the model inside a run is a moe_jax.config.ModelConfig).
 
-A run config has groups model, moe, data, optim, mesh and top-level seed, total_steps,
-log_every_steps, eval_every_steps, checkpoint_every_steps, keep_checkpoints, eval_batches,
-deterministic_eval, stop_after_steps, init_from, init_from_noise, routing_probe, router_diagnostics,
-record_routing and replay_routing (`default_config(scale)` builds one).
+A run config has groups model, moe, data, optim, mesh and the top-level fields of `RunSettings`
+(seed, total_steps, cadences, start and routing-trace options; `default_config(scale)` builds one).
+Each field is typed and defaulted once, in a dataclass: `run_settings(config)` and
+`mesh_settings(config)` read the top level and the mesh group (a field a config lacks keeps its
+default, a misspelt one is an error), so no caller restates a default.
 
 The model, moe and optim groups are derived from the dataclasses `moe_jax.config.ModelConfig`,
 `moe_jax.config.MoEConfig` and `moe_jax.train_lib.OptimConfig`: every dataclass field is a config
@@ -76,6 +77,76 @@ SCALES = {
                   min_learning_rate=2e-5, warmup_steps=2_000, log_every_steps=100, eval_every_steps=2000,
                   eval_batches=50, compute_dtype="bfloat16"),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """The top-level fields of a run config. __post_init__ checks them (ValueError names the field)."""
+
+    seed: int = 0
+    total_steps: int = 300
+    log_every_steps: int = 10
+    eval_every_steps: int = 100
+    eval_batches: int = 8  # validation batches of each training-time evaluation
+    # False: evaluation routes as DeepSpeed's does (RTS, top-2's sampled second expert) with one fixed
+    # key (train_lib.eval_rng); True: routing without noise (RTS keeps the first tokens, top-2 the best two)
+    deterministic_eval: bool = False
+    checkpoint_every_steps: int = 100
+    keep_checkpoints: int = 3
+    stop_after_steps: int = 0  # > 0: end this run at that step (checkpointed); rerun to continue
+    init_from: str = ""  # a workdir (or checkpoint directory) of another run: start from its parameters
+    # (a dense run into an MoE model: upcycled, every expert a copy of the dense FFN, moe_jax.upcycle)
+    init_from_noise: float = 0.0  # upcycling: noise std on each expert's copy, as a fraction of the matrix's std
+    # routing traces (moe_jax.routing_trace, under workdir/routing/)
+    routing_probe: bool = True  # record the probe batch's expert choices at every evaluation
+    router_diagnostics: bool = True  # per MoE layer, LM vs balance gradient on the gate at each evaluation
+    record_routing: bool = False  # record every training step's expert choices (for replay)
+    replay_routing: str = ""  # a run recorded with record_routing: route every step with its recorded choices
+
+    def __post_init__(self):
+        if not self.init_from_noise >= 0:
+            raise ValueError(f"init_from_noise={self.init_from_noise} must be >= 0 (a fraction of each expert "
+                             "matrix's std; 0: exact copies)")
+        if self.stop_after_steps < 0:
+            raise ValueError(f"stop_after_steps={self.stop_after_steps} must be >= 0 (0: run to total_steps)")
+        for name in ("total_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+                     "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
+    @property
+    def last_step(self) -> int:
+        """The step this invocation ends at: stop_after_steps when set, else total_steps."""
+        return min(self.total_steps, self.stop_after_steps or self.total_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSettings:
+    """The mesh group: data x expert x tensor must equal the device count (-1 fills); see
+    moe_jax.parallel for the exchanges."""
+
+    data: int = -1
+    expert: int = 1
+    tensor: int = 1
+    expert_nodes: int = 1  # > 1 splits the expert axis into inter-node groups (hierarchical exchange)
+    exchange: str = "auto"
+    expert_slicing: bool = False
+    row_exchange: str = "auto"  # rows exchange of dropless / serve: auto (ragged on GPU), bounded, ragged
+    shard_optimizer: bool = True  # ZeRO-1: AdamW moments split over the data-parallel axes
+
+
+def _top_level(config: ml_collections.ConfigDict) -> dict:
+    return {name: value for name, value in config.items() if not isinstance(value, ml_collections.ConfigDict)}
+
+
+def run_settings(config: ml_collections.ConfigDict) -> RunSettings:
+    """The typed top-level fields of a run config (ValueError names one RunSettings lacks)."""
+    return RunSettings(**from_fields(RunSettings, _top_level(config), "config"))
+
+
+def mesh_settings(config: ml_collections.ConfigDict) -> MeshSettings:
+    """The typed mesh group of a run config (ValueError names a field MeshSettings lacks)."""
+    return MeshSettings(**from_fields(MeshSettings, config.get("mesh", {}), "mesh"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,26 +256,9 @@ def default_config(scale: str = "tiny", presets: Optional[Mapping[str, str]] = N
     """The run config of SCALES[scale] with the model `scale_model(scale, presets)`."""
     model = scale_model(scale, presets)
     s = SCALES[scale]
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.total_steps = s.total_steps
-    c.log_every_steps = s.log_every_steps
-    c.eval_every_steps = s.eval_every_steps
-    c.eval_batches = s.eval_batches
-    # False: evaluation routes as DeepSpeed's does (RTS, top-2's sampled second expert) with one fixed
-    # key (train_lib.eval_rng); True: routing without noise (RTS keeps the first tokens, top-2 the best two)
-    c.deterministic_eval = False
-    c.checkpoint_every_steps = s.eval_every_steps
-    c.keep_checkpoints = 3
-    c.stop_after_steps = 0  # > 0: end this run at that step (checkpointed); rerun to continue
-    c.init_from = ""  # a workdir (or checkpoint directory) of another run: start from its parameters
-    # (a dense run into an MoE model: upcycled, every expert a copy of the dense FFN, moe_jax.upcycle)
-    c.init_from_noise = 0.0  # upcycling: noise std on each expert's copy, as a fraction of the matrix's std
-    # routing traces (moe_jax.routing_trace, under workdir/routing/)
-    c.routing_probe = True  # record the probe batch's expert choices at every evaluation
-    c.router_diagnostics = True  # per MoE layer, LM vs balance gradient on the gate at each evaluation
-    c.record_routing = False  # record every training step's expert choices (for replay)
-    c.replay_routing = ""  # a run recorded with record_routing: route every step with its recorded choices
+    c = ml_collections.ConfigDict(to_fields(RunSettings(
+        total_steps=s.total_steps, log_every_steps=s.log_every_steps, eval_every_steps=s.eval_every_steps,
+        eval_batches=s.eval_batches, checkpoint_every_steps=s.eval_every_steps)))
     model_group, moe_group = model_groups(model)
     c.model = model_group
     c.moe = moe_group  # experts: "0" dense, "128", or a pyramid "32x10,64x2"
@@ -217,14 +271,7 @@ def default_config(scale: str = "tiny", presets: Optional[Mapping[str, str]] = N
                                             warmup_steps=s.warmup_steps, total_steps=s.total_steps))
     del optim["total_steps"]  # the run's total_steps
     c.optim = optim
-    # Device mesh (moe_jax.parallel): data x expert x tensor must equal the device count (-1 fills).
-    # expert_nodes > 1 splits the expert axis into inter-node groups (hierarchical exchange).
-    c.mesh = ml_collections.ConfigDict({"data": -1, "expert": 1, "tensor": 1, "expert_nodes": 1,
-                                        "exchange": "auto", "expert_slicing": False,
-                                        # rows exchange of dropless / serve: auto (ragged on GPU), bounded, ragged
-                                        "row_exchange": "auto",
-                                        # ZeRO-1: AdamW moments split over the data-parallel axes
-                                        "shard_optimizer": True})
+    c.mesh = to_fields(MeshSettings())
     return c
 
 
@@ -246,19 +293,16 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: Optional[int] = 
 
 def parallel_config(config: ml_collections.ConfigDict) -> Optional[parallel_lib.ParallelConfig]:
     """The mesh of a run, or None on a single device (no mesh, no shard_map)."""
-    m = config.mesh
+    m = mesh_settings(config)
     if jax.device_count() == 1 and m.expert in (1, -1) and m.tensor in (1, -1):
         return None
-    nodes = m.get("expert_nodes", 1)
-    mesh = parallel_lib.make_mesh(m.data, m.expert, m.tensor, nodes)
+    mesh = parallel_lib.make_mesh(m.data, m.expert, m.tensor, m.expert_nodes)
     expert = math.prod(mesh.shape[a] for a in parallel_lib.EXPERT_AXES)  # -1 resolved
     # DeepSpeed's Pyramid rule: the innermost expert axis is the model's smallest expert group
-    group = parallel_lib.smallest_expert_group(model_config(config).layer_experts(), expert, nodes)
-    mesh = parallel_lib.make_mesh(m.data, m.expert, m.tensor, nodes, expert_group=group)
-    return parallel_lib.ParallelConfig(mesh, exchange=m.get("exchange", "auto"),
-                                       expert_slicing=m.get("expert_slicing", False),
-                                       row_exchange=m.get("row_exchange", "auto"),
-                                       shard_optimizer=m.get("shard_optimizer", True))
+    group = parallel_lib.smallest_expert_group(model_config(config).layer_experts(), expert, m.expert_nodes)
+    mesh = parallel_lib.make_mesh(m.data, m.expert, m.tensor, m.expert_nodes, expert_group=group)
+    return parallel_lib.ParallelConfig(mesh, exchange=m.exchange, expert_slicing=m.expert_slicing,
+                                       row_exchange=m.row_exchange, shard_optimizer=m.shard_optimizer)
 
 
 def optim_config(config: ml_collections.ConfigDict) -> train_lib.OptimConfig:
@@ -268,15 +312,7 @@ def optim_config(config: ml_collections.ConfigDict) -> train_lib.OptimConfig:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks a run config before anything is built; ValueError names the field."""
-    if not config.get("init_from_noise", 0.0) >= 0:
-        raise ValueError(f"init_from_noise={config.init_from_noise} must be >= 0 (a fraction of each expert "
-                         "matrix's std; 0: exact copies)")
-    if config.get("stop_after_steps", 0) < 0:
-        raise ValueError(f"stop_after_steps={config.stop_after_steps} must be >= 0 (0: run to total_steps)")
-    for name in ("total_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-                 "keep_checkpoints"):
-        if config[name] < 1:
-            raise ValueError(f"{name}={config[name]} must be >= 1")
+    run_settings(config)
     if config.data.batch_size < 1 or config.data.seq_len < 1:
         raise ValueError("data.batch_size and data.seq_len must be >= 1")
     if config.data.seq_len > config.model.max_seq_len:
@@ -284,5 +320,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          "raise model.max_seq_len or shorten data.seq_len")
     model_config(config)
     optim_config(config)
-    if config.mesh.get("exchange", "auto") not in parallel_lib.EXCHANGES:
-        raise ValueError(f"mesh.exchange={config.mesh.exchange!r} is unknown; use one of {parallel_lib.EXCHANGES}")
+    mesh = mesh_settings(config)
+    if mesh.exchange not in parallel_lib.EXCHANGES:
+        raise ValueError(f"mesh.exchange={mesh.exchange!r} is unknown; use one of {parallel_lib.EXCHANGES}")

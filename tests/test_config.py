@@ -158,3 +158,34 @@ def test_scales_fit_the_tiny_presets_to_their_size():
     assert run_config.scale_model("350m", pr_moe) == config.preset("350m").replace(compute_dtype="bfloat16")
     with pytest.raises(ValueError, match="scale 'huge' is unknown"):
         run_config.default_config("huge")
+
+
+def test_run_settings_type_every_top_level_field_once():
+    """default_config's top level and mesh group are exactly RunSettings' and MeshSettings' fields
+    (one default each); a misspelt field or a bad value names itself."""
+    import dataclasses
+
+    from moe_jax import run_config
+
+    config = run_config.default_config("tiny")
+    top = {name for name, value in config.items() if not hasattr(value, "items")}
+    assert top == {f.name for f in dataclasses.fields(run_config.RunSettings)}
+    assert set(config.mesh) == {f.name for f in dataclasses.fields(run_config.MeshSettings)}
+    settings = run_config.run_settings(config)
+    assert (settings.total_steps, settings.eval_every_steps) == (300, 100)
+    assert settings.last_step == 300
+    config.stop_after_steps = 120
+    assert run_config.run_settings(config).last_step == 120
+    del config["routing_probe"]  # an older run's config: the field keeps its default
+    assert run_config.run_settings(config).routing_probe is True
+    config.eval_evry_steps = 5
+    with pytest.raises(ValueError, match="eval_evry_steps is not a field of RunSettings"):
+        run_config.run_settings(config)
+    del config["eval_evry_steps"]
+    config.init_from_noise = -0.1
+    with pytest.raises(ValueError, match="init_from_noise=-0.1 must be >= 0"):
+        run_config.validate(config)
+    config.init_from_noise = 0.0
+    config.mesh.shards = 2
+    with pytest.raises(ValueError, match="mesh.shards is not a field of MeshSettings"):
+        run_config.validate(config)

@@ -11,10 +11,10 @@ import pytest
 
 from experiments.configs import load_config_file
 from moe_jax import config as config_lib
-from moe_jax import gating
 from moe_jax import model as model_lib
 from moe_jax import train_lib
 from moe_jax import trainer
+from moe_jax import routers as routers_lib
 
 
 def _model(k: int, eval_capacity_factor: float):
@@ -47,8 +47,8 @@ def test_keyed_top2_eval_routing_samples_the_second_expert():
     Gumbel noise (DeepSpeed's top2_2nd_expert_sampling); without, the second-best expert."""
     moe = _model(2, 4.0).moe
     logits = jax.random.normal(jax.random.key(3), (64, 4))
-    noisy = gating.topk_router(logits, moe=moe, train=False, rng=train_lib.eval_rng(0), drop_tokens=True)
-    plain = gating.topk_router(logits, moe=moe, train=False, rng=None, drop_tokens=True)
+    noisy = routers_lib.topk_router(logits, moe=moe, train=False, rng=train_lib.eval_rng(0), drop_tokens=True)
+    plain = routers_lib.topk_router(logits, moe=moe, train=False, rng=None, drop_tokens=True)
     second_best = jnp.argsort(-logits, axis=-1)[:, 1]
     np.testing.assert_array_equal(plain.expert_index[:, 1], second_best)
     assert np.any(np.asarray(noisy.expert_index[:, 1]) != np.asarray(second_best))

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax.gating import compute_capacity, top_k_gating
+from moe_jax.gating import top_k_gating
+from moe_jax.routing import compute_capacity
 
 GOLDEN = pathlib.Path(__file__).parent / "data" / "deepspeed_gating.npz"
 

@@ -17,6 +17,7 @@ from jax.experimental.pallas import triton as pltriton
 from moe_jax import gating as gating_lib
 from moe_jax.kernels import platform
 from moe_jax.kernels.gating import kernel, ops, reference, triton_kernel
+from moe_jax import routing as routing_lib
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 
@@ -212,7 +213,7 @@ def test_lowers_for_cuda(num_tokens, num_experts, k, with_noise, rts):
 def test_jax_triton_kernel_matches_spec(num_tokens, num_experts, k):
     logits, _ = make_inputs(num_tokens, num_experts, None)
     noise = jax.random.gumbel(jax.random.key(7), logits.shape) if k == 2 else None
-    capacity = gating_lib.compute_capacity(num_tokens, num_experts, 1.0, 4, k)
+    capacity = routing_lib.compute_capacity(num_tokens, num_experts, 1.0, 4, k)
     got = triton_kernel.fused_gating(logits, noise, k=k, capacity=capacity)
     want = reference.fused_gating(logits, noise, k=k, capacity=capacity)
     for field in got._fields:
@@ -227,7 +228,7 @@ def test_jax_triton_kernel_matches_spec(num_tokens, num_experts, k):
 @pytest.mark.parametrize("num_tokens,num_experts,k,has_noise", [(4096, 64, 1, False), (1000, 100, 2, True)])
 def test_jax_triton_kernel_compiles_for_sm90(num_tokens, num_experts, k, has_noise):
     """Triton compiles both passes to PTX and a cubin for an H200 on any machine."""
-    capacity = gating_lib.compute_capacity(num_tokens, num_experts, 1.0, 4, k)
+    capacity = routing_lib.compute_capacity(num_tokens, num_experts, 1.0, 4, k)
     compiled = triton_kernel.compile_for_gpu(num_tokens, num_experts, k=k, capacity=capacity, has_noise=has_noise)
     for name, function in [("route", "_route_block_kernel"), ("slots", "_slot_kernel")]:
         ptx = compiled[name].asm["ptx"]

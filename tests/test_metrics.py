@@ -12,7 +12,9 @@ import pytest
 
 from moe_jax import config as config_lib
 from moe_jax import model as model_lib
+from moe_jax import load_stats
 from moe_jax.load_stats import expert_load_stats
+from moe_jax import routing as routing_lib
 from moe_jax.metrics import (
     MetricWriter,
     mfu,
@@ -193,16 +195,15 @@ def test_router_entropy_against_a_hand_computation():
     p = np.exp(z - z.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     want = np.mean(-(p * np.log(p)).sum(-1))
-    np.testing.assert_allclose(gating.routing_stats(routing)["router_entropy"], want, rtol=1e-5)
+    np.testing.assert_allclose(routing_lib.routing_stats(routing)["router_entropy"], want, rtol=1e-5)
     uniform = gating.top_k_gating(jnp.zeros((4, 5)) + jax.random.normal(jax.random.key(4), (4, 5)) * 1e-6, k=1,
                                   capacity_factor=1.0)
-    np.testing.assert_allclose(gating.routing_stats(uniform)["router_entropy"], np.log(5), rtol=1e-5)
+    np.testing.assert_allclose(routing_lib.routing_stats(uniform)["router_entropy"], np.log(5), rtol=1e-5)
 
 
 def test_dead_experts_are_counted_over_the_logging_window():
     """An expert idle at the logged step but busy earlier in the window is not dead; the load
     percentiles cover the whole window."""
-    from moe_jax import trainer
 
     def step(counts):
         return {1: {"expert_counts": jnp.asarray(counts), "kept_counts": jnp.asarray(counts),
@@ -211,8 +212,8 @@ def test_dead_experts_are_counted_over_the_logging_window():
 
     window = None
     for counts in ([4, 0, 0, 4], [3, 2, 0, 3], [8, 0, 0, 0]):
-        window = trainer._add_window_counts(window, step(counts))
-    stats = trainer._layer_stats(step([8, 0, 0, 0]), jax.device_get(window))["layer1"]
+        window = load_stats.add_window_counts(window, step(counts))
+    stats = load_stats.layer_stats(step([8, 0, 0, 0]), jax.device_get(window))["layer1"]
     assert stats["dead_experts"] == 1  # expert 2 only; expert 1 had tokens at the second step
     assert (stats["window_load_min"], stats["window_load_max"]) == (0.0, 15.0)
     assert stats["expert_counts"] == [8, 0, 0, 0] and stats["router_entropy"] == 0.5

@@ -7,10 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import config, gating
+from moe_jax import config
 from moe_jax import moe as moe_lib
+from moe_jax import routing as routing_lib
+from moe_jax import routers as routers_lib
 
-CASES = [(router, impl) for router in sorted(gating.ROUTERS) for impl in gating.ROUTER_IMPLS[router]]
+CASES = [(router, impl) for router in sorted(routers_lib.ROUTERS) for impl in routers_lib.ROUTER_IMPLS[router]]
 TABLE_FIELDS = ("expert_index", "slot", "weight", "kept")
 STAT_FIELDS = ("aux_loss", "z_loss", "expert_counts", "dropped_fraction", "gate_fraction", "token_fraction",
                "token_gates", "token_choices")
@@ -45,7 +47,7 @@ def test_routing_fields_are_present_finite_and_shaped(router, impl, train):
 
 
 @pytest.mark.parametrize("router,impl", CASES)
-@pytest.mark.parametrize("scope", gating.BALANCE_LOSS_SCOPES)
+@pytest.mark.parametrize("scope", routing_lib.BALANCE_LOSS_SCOPES)
 def test_every_balance_scope_gives_finite_stats_and_gradients(router, impl, scope):
     params = {"gate": _gate(), "experts": moe_lib.init_experts(jax.random.key(3), 8, 16, 32, 0.3, 0.3, jnp.float32)}
     x = jax.random.normal(jax.random.key(4), (3, 16, 16))
@@ -56,14 +58,14 @@ def test_every_balance_scope_gives_finite_stats_and_gradients(router, impl, scop
         return jnp.sum(jnp.sin(y)) + stats["aux_loss"] + stats["z_loss"], stats
 
     (_, stats), grads = jax.value_and_grad(loss, has_aux=True)(params)
-    for name in gating.STAT_NAMES:
+    for name in routing_lib.STAT_NAMES:
         assert np.all(np.isfinite(np.asarray(stats[name], np.float32))), f"{router}/{impl}/{scope}: {name}"
     gate_grad = np.asarray(grads["gate"]["kernel"])
     assert np.all(np.isfinite(gate_grad)) and np.abs(gate_grad).sum() > 0, f"{router}/{impl}: no gate gradient"
 
 
 def test_an_implementation_a_router_lacks_is_refused():
-    for router, impls in gating.ROUTER_IMPLS.items():
+    for router, impls in routers_lib.ROUTER_IMPLS.items():
         for impl in set(config.ROUTER_IMPLS) - set(impls):
             with pytest.raises(ValueError, match=f"moe.router={router!r} has no {impl!r} implementation"):
                 _moe(router, impl)

@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import config, gating, inference, parallel
+from moe_jax import config, inference, parallel
 from moe_jax import moe as moe_lib
 from moe_jax.routers import expert_choice_gating
+from moe_jax import routing as routing_lib
+from moe_jax import routers as routers_lib
 from tests.random_layers import moe_layer_params
 
 
@@ -74,7 +76,7 @@ def test_expert_choice_routing_equals_loop_reference(S, E, cf, min_cap, capacity
     np.testing.assert_array_equal(routing.slot, slots)
     np.testing.assert_array_equal(routing.expert_counts, taken.sum(axis=0))
     np.testing.assert_array_equal(routing.kept_counts(), np.full(E, capacity))
-    stats = gating.routing_stats(routing)
+    stats = routing_lib.routing_stats(routing)
     assert float(stats["dropped_fraction"]) == 0.0 and float(stats["aux_loss"]) == 0.0
     np.testing.assert_allclose(stats["unrouted_fraction"], 1.0 - taken.any(axis=1).mean(), rtol=1e-6)
     combine, dispatch = routing.to_dense()  # each expert's buffer is exactly full
@@ -83,7 +85,7 @@ def test_expert_choice_routing_equals_loop_reference(S, E, cf, min_cap, capacity
 
 def test_heavy_overflow_leaves_tokens_without_an_expert():
     routing = expert_choice_gating(jax.random.normal(jax.random.key(1), (64, 4)), capacity_factor=0.25)
-    assert float(gating.routing_stats(routing)["unrouted_fraction"]) >= 1 - 16 / 64
+    assert float(routing_lib.routing_stats(routing)["unrouted_fraction"]) >= 1 - 16 / 64
 
 
 @pytest.mark.parametrize("path", ["gather", "einsum", "dropless"])
@@ -137,7 +139,7 @@ def test_expert_choice_on_a_mesh_equals_per_shard_reference(path):
 def test_serving_refuses_a_non_causal_router():
     cfg = config.ModelConfig(vocab_size=32, num_layers=2, hidden_size=16, num_heads=2, max_seq_len=16,
                              moe=config.MoEConfig(experts=4, router="expert_choice"))
-    assert "expert_choice" in gating.NON_CAUSAL_ROUTERS and "topk" not in gating.NON_CAUSAL_ROUTERS
+    assert "expert_choice" in routers_lib.NON_CAUSAL_ROUTERS and "topk" not in routers_lib.NON_CAUSAL_ROUTERS
     with pytest.raises(ValueError, match="cannot generate token by token"):
         inference.serving_config(cfg)
     inference.serving_config(config.replace_moe(cfg, router="topk"))  # a causal router serves

@@ -67,7 +67,7 @@ def _replay_reference(params, x, code, capacity, renormalise):
 def test_codes_round_trip():
     expert = jnp.array([[0, 3], [2, 1], [5, 0]], jnp.int32)
     kept = jnp.array([[True, False], [True, True], [False, False]])
-    routing = moe_lib.gating_lib.Routing(
+    routing = moe_lib.routing_lib.Routing(
         expert_index=expert, slot=jnp.zeros_like(expert), weight=jnp.ones((3, 2)), kept=kept,
         aux_loss=jnp.zeros(()), z_loss=jnp.zeros(()), expert_counts=jnp.zeros(6, jnp.int32),
         dropped_fraction=jnp.zeros(()), gate_fraction=jnp.zeros(6), token_fraction=jnp.zeros(6), capacity=2,

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from moe_jax import gating as gating_lib
 from moe_jax.kernels import bench_util, platform
 from moe_jax.kernels.gating import kernel, reference, triton_kernel
+from moe_jax import routing as routing_lib
 
 SHAPES = [(4096, 64, 1), (16384, 128, 1), (16384, 128, 2), (65536, 128, 2), (16384, 16, 2), (16384, 512, 1)]
 QUICK_SHAPES = [(16384, 128, 1), (16384, 128, 2)]
@@ -30,7 +31,7 @@ def run(shapes=SHAPES, on_record=None) -> list[bench_util.Record]:
     for num_tokens, num_experts, k in shapes:
         logits = jax.random.normal(jax.random.key(0), (num_tokens, num_experts), jnp.float32)
         noise = jax.random.gumbel(jax.random.key(1), logits.shape) if k == 2 else None
-        capacity = gating_lib.compute_capacity(num_tokens, num_experts, 1.0, 4, k)
+        capacity = routing_lib.compute_capacity(num_tokens, num_experts, 1.0, 4, k)
         shape = f"S={num_tokens} E={num_experts} k={k}"
         bytes_moved = logits.size * 4 * (1 if noise is None else 2) + num_tokens * k * 4 * 4
         impls = {

@@ -1,6 +1,6 @@
 """Public entry of the fused gating op: a drop-in for moe_jax.gating.top_k_gating.
 
-    routing = top_k_gating(logits [S, E], k=..., capacity_factor=..., ...)   -> moe_jax.gating.Routing
+    routing = top_k_gating(logits [S, E], k=..., capacity_factor=..., ...)   -> moe_jax.routing.Routing
 
 Same arguments and the same Routing as the reference router. Which implementation runs:
 
@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from moe_jax import gating as gating_lib
 from moe_jax.kernels import platform
 from moe_jax.kernels.gating import kernel, reference, triton_kernel
+from moe_jax import routing as routing_lib
 
 IMPLS = ("pallas", "triton", "reference")
 
@@ -105,7 +106,7 @@ def top_k_gating(
     impl: Optional[str] = None,
     interpret: Optional[bool] = None,
     block_sizes: kernel.BlockSizes = kernel.BlockSizes(),
-) -> gating_lib.Routing:
+) -> routing_lib.Routing:
     """moe_jax.gating.top_k_gating (see its docstring for every argument) through the fused kernel.
 
     Extra arguments: impl ("pallas", "triton", "reference" or None: the best available),
@@ -131,7 +132,7 @@ def top_k_gating(
         gumbel = jax.random.gumbel(rng_gumbel, logits.shape)
     noise = rsample_noise if k == 1 else gumbel
     if drop_tokens:
-        capacity = gating_lib.compute_capacity(num_tokens, num_experts, capacity_factor, min_capacity, k)
+        capacity = routing_lib.compute_capacity(num_tokens, num_experts, capacity_factor, min_capacity, k)
     else:
         capacity = num_tokens
     impl, interpret = _resolve_impl(impl, interpret, rts)
@@ -139,7 +140,7 @@ def top_k_gating(
     noise = None if noise is None else jax.lax.stop_gradient(noise.astype(jnp.float32))
     scores = jax.lax.stop_gradient(rts_scores.astype(jnp.float32)) if rts else None
     outputs = _fused(impl, interpret, block_sizes, logits, noise, scores, k, capacity)
-    return gating_lib.Routing(
+    return routing_lib.Routing(
         expert_index=outputs.expert_index, slot=outputs.slot, weight=outputs.weight, kept=outputs.kept,
         aux_loss=outputs.aux_loss, z_loss=outputs.z_loss, expert_counts=outputs.expert_counts,
         dropped_fraction=outputs.dropped_fraction, gate_fraction=outputs.gate_fraction,

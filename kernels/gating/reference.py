@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 
 class GatingOutputs(NamedTuple):
-    """The mapping table and the router's statistics (field meanings as moe_jax.gating.Routing)."""
+    """The mapping table and the router's statistics (field meanings as moe_jax.routing.Routing)."""
 
     expert_index: jax.Array  # [S, k] int32
     slot: jax.Array  # [S, k] int32, 0 where dropped
