@@ -12,7 +12,7 @@ sum). Ratios are to the einsum path and to the dense floor, all measured in the 
 one-hot einsum path costs O(S^2 * M) (E * C is about S); the mapping table O(S * k * M).
 
 With --autodiff, "gather/ad" and "dropless/ad" rows time the same paths with the inverse-map VJPs
-off (moe_jax.dispatch.USE_CUSTOM_VJP = False: autodiff's scatter-adds), the code before them.
+off (the autodiff baselines of experiments/dispatch_autodiff.py: scatter-adds), the code before them.
 
 The last lines time the training step (moe_jax.train_lib.train_step under jax.jit, AdamW, batch
 16 x 128) of the tiny PR-MoE preset with its default dispatch path, with the inverse-map VJPs and
@@ -37,8 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import jax.numpy as jnp
 
+from experiments import dispatch_autodiff
 from moe_jax import config as config_lib
-from moe_jax import dispatch as dispatch_lib
 from moe_jax import experts as experts_lib
 from moe_jax import moe as moe_lib
 from moe_jax import train_lib
@@ -61,17 +61,6 @@ flags.DEFINE_integer("seq_len", 128, "Training sequence length.")
 AUTODIFF = "/ad"  # suffix of a path name timed without the inverse-map VJPs
 TILE = "@tile/"  # "dropless@tile/4": the dropless path with row tiles near mean group / 4
 PARTS = ("fwd", "bwd", "fwd+bwd")
-
-
-@contextlib.contextmanager
-def custom_vjp(enabled: bool):
-    """Traces inside see moe_jax.dispatch.USE_CUSTOM_VJP = enabled (jit a fresh function inside)."""
-    saved = dispatch_lib.USE_CUSTOM_VJP
-    dispatch_lib.USE_CUSTOM_VJP = enabled
-    try:
-        yield
-    finally:
-        dispatch_lib.USE_CUSTOM_VJP = saved
 
 
 @contextlib.contextmanager
@@ -129,8 +118,9 @@ def fwd_bwd_calls(forward, loss, params, x):
 
 def moe_calls(path, x, params):
     """fwd_bwd_calls of the MoE layer by `path` (a name ending in /ad: without the inverse-map VJPs)."""
-    use_custom_vjp = not path.endswith(AUTODIFF)
     dispatch, _, divisor = path.removesuffix(AUTODIFF).partition(TILE)
+    if path.endswith(AUTODIFF):  # the path registered by experiments/dispatch_autodiff.py
+        dispatch += dispatch_autodiff.SUFFIX
     moe = MoEConfig(experts=params["experts"]["w1"].shape[0], k=1, capacity_factor=1.0, min_capacity=4,
                     use_rts=False, dispatch=dispatch)
 
@@ -142,7 +132,7 @@ def moe_calls(path, x, params):
         y, aux = forward(params, x)
         return jnp.sum(y * y) + 0.01 * aux
 
-    with custom_vjp(use_custom_vjp), tile_divisor(int(divisor) if divisor else None):
+    with tile_divisor(int(divisor) if divisor else None):
         return fwd_bwd_calls(forward, loss, params, x)
 
 
@@ -154,15 +144,17 @@ def dense_calls(x, model_dim, ffn_dim):
 
 
 def train_step_call(preset, batch_size, seq_len, use_custom_vjp=True):
-    """(compiled training step of a preset, its args), traced with the VJP switch as given."""
+    """(compiled training step of a preset, its args); use_custom_vjp=False runs its dispatch path's
+    autodiff baseline (experiments/dispatch_autodiff.py)."""
     model_cfg = config_lib.preset(preset)
+    if not use_custom_vjp:
+        model_cfg = config_lib.replace_moe(model_cfg, dispatch=model_cfg.moe.dispatch + dispatch_autodiff.SUFFIX)
     optimizer = train_lib.make_optimizer(train_lib.OptimConfig())
     state = train_lib.init_state(jax.random.key(0), model_cfg, optimizer)
     tokens = jax.random.randint(jax.random.key(1), (batch_size, seq_len + 1), 0, model_cfg.vocab_size)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
     args = (state, batch, jax.random.key(2))
-    with custom_vjp(use_custom_vjp):
-        return compiled(functools.partial(train_lib.train_step, model_cfg=model_cfg, optimizer=optimizer), *args)
+    return compiled(functools.partial(train_lib.train_step, model_cfg=model_cfg, optimizer=optimizer), *args)
 
 
 def main(argv):

@@ -52,18 +52,15 @@ commits the step). There is no process-0-only logic here.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
-import json
-import logging as std_logging
 import os
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+
+from moe_jax import checkpoint_format
 
 __all__ = ["Checkpointer", "CorruptCheckpointError", "checkpoint_dir", "load_params"]
 
@@ -71,29 +68,7 @@ EXTRA_ITEM = "extra"
 CHECKSUM_KEY = "_leaf_sha256"  # in the extra item: item -> {leaf path: [dtype, sha256]}
 CORRUPT_DIR = "corrupt"  # where restore_latest moves unreadable steps
 CHECKPOINT_DIR = "checkpoints"  # a workdir's checkpoint directory
-# Orbax's commit marker; see orbax/checkpoint/_src/path/atomicity_types.py.
-COMMIT_MARKER = "commit_success.txt"
-
-
-def _whole_shard_array_writes() -> None:
-    """Has replica 0 of each shard write it whole (orbax's choice when JAX_PLATFORMS names a GPU),
-    unless a custom array handler is registered already. Otherwise orbax saves replica-parallel: every
-    replicated array is split between its replicas by one eager slice per replica, array shape and
-    slice, each a separate XLA compile. With several devices on one host (virtual CPU devices, a
-    CPU multi-host run) a save then spends seconds compiling slices and writes nothing in parallel
-    that it would not write anyway. The values saved are the same, and checkpoints written either way
-    restore either way."""
-    current = ocp.type_handlers.get_type_handler(jax.Array)
-    if type(current) is ocp.type_handlers.ArrayHandler and getattr(current, "_use_replica_parallel", False):
-        # orbax warns on every override, and this one is meant
-        quiet = lambda record: "overriding" not in record.getMessage()  # noqa: E731
-        std_logging.getLogger("absl").addFilter(quiet)
-        try:
-            ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
-                use_replica_parallel=False,  # the rest as orbax's default handler has it
-                array_metadata_store=getattr(current, "_array_metadata_store", None)), override=True)
-        finally:
-            std_logging.getLogger("absl").removeFilter(quiet)
+COMMIT_MARKER = checkpoint_format.COMMIT_MARKER
 
 
 
@@ -101,109 +76,16 @@ class CorruptCheckpointError(ValueError):
     """A committed step whose files cannot be read or whose arrays differ from their checksums."""
 
 
-def _leaf_digests(tree) -> Optional[dict]:
-    """{leaf path: [dtype, sha256 of its bytes]}, or None when a leaf is not wholly on this host."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            return None
-        if _is_prng_key(leaf):
-            leaf = jax.random.key_data(leaf)  # a typed PRNG key: its raw bits
-        value = np.ascontiguousarray(jax.device_get(leaf))
-        out[_path_name(path)] = [str(value.dtype), hashlib.sha256(value.tobytes()).hexdigest()]
-    return out
-
-
-def _is_committed(step_dir: epath.Path) -> bool:
-    return (step_dir / COMMIT_MARKER).exists()
-
-
-@dataclasses.dataclass(frozen=True)
-class _CommittedStepNameFormat:
-    """Orbax `NameFormat` that hides step directories without a commit marker.
-
-    Plugged into `CheckpointManagerOptions.step_name_format`, so Orbax itself
-    (latest step, should-save decisions, keep-last-K, restore) never sees an
-    uncommitted step. Names are Orbax's standard ones (`<step>`).
-    """
-
-    base: Any = dataclasses.field(default_factory=ocp.path.step.standard_name_format)
-
-    def __str__(self) -> str:
-        return f"CommittedOnly({self.base})"
-
-    def build_name(self, step: int) -> str:
-        return self.base.build_name(step)
-
-    def find_all(self, base_path) -> Iterator[Any]:
-        return (m for m in self.base.find_all(base_path) if _is_committed(epath.Path(m.path)))
-
-    def find_step(self, base_path, step: int):
-        metadata = self.base.find_step(base_path, step)  # raises ValueError if absent
-        if not _is_committed(epath.Path(metadata.path)):
-            raise ValueError(
-                f"Step directory {metadata.path} has no {COMMIT_MARKER}: the save did "
-                "not complete."
-            )
-        return metadata
-
-
-def _to_json_value(obj: Any) -> Any:
-    """`json.dumps` hook for numpy / jax scalars and small arrays."""
-    if isinstance(obj, (np.generic, np.ndarray, jax.Array)):
-        value = np.asarray(obj)
-        return value.item() if value.ndim == 0 else value.tolist()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    raise TypeError(
-        f"`extra` must be JSON-serialisable; got a {type(obj).__name__}: {obj!r:.80}"
-    )
-
-
-def _normalise_extra(extra: dict | None) -> dict:
-    if extra is None:
-        return {}
-    if not isinstance(extra, dict):
-        raise TypeError(f"`extra` must be a dict, got {type(extra).__name__}")
-    # Round trip through JSON here so that a bad value fails in the caller's
-    # thread, before Orbax has created the step's tmp directory.
-    return json.loads(json.dumps(extra, default=_to_json_value))
-
-
-def _abstract_target(target: Any) -> Any:
-    """Maps a target pytree to what `StandardRestore` accepts: jax arrays become
-    ShapeDtypeStructs (keeping their sharding), numpy scalars 0-d arrays (Orbax rejects
-    `np.generic` leaves)."""
-
-    def leaf(x):
-        if isinstance(x, jax.Array):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-        if isinstance(x, np.generic):
-            return np.asarray(x)
-        return x
-
-    return jax.tree.map(leaf, target)
-
-
-def _path_name(path) -> str:
-    """A pytree path as 'block_1/moe/experts/w1'."""
-    return "/".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
-
-
-def _is_prng_key(leaf) -> bool:
-    """A typed PRNG key array (or its abstract shape): stored on disk as its raw key data."""
-    return jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key)
-
-
-def _stored_shape(leaf) -> tuple:
-    """The shape a leaf has on disk: a typed PRNG key array is stored as its raw key data."""
-    if _is_prng_key(leaf):
-        return tuple(jax.eval_shape(jax.random.key_data, leaf).shape)
-    return tuple(leaf.shape if hasattr(leaf, "shape") else np.shape(leaf))
-
-
-def _shapes(tree) -> dict[str, tuple]:
-    return {_path_name(path): _stored_shape(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+def _saved_tree(step_dir, name: str) -> Any:
+    """The metadata tree of item `name` in a step directory (CorruptCheckpointError if unreadable)."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        return handler.metadata(step_dir / name).tree
+    except Exception as error:
+        raise CorruptCheckpointError(f"checkpoint {step_dir}/{name} cannot be read: {type(error).__name__}: "
+                                     f"{str(error)[:300]}") from error
+    finally:
+        handler.close()
 
 
 class Checkpointer:
@@ -226,13 +108,13 @@ class Checkpointer:
         if keep is not None and keep < 1:
             raise ValueError(f"keep must be >= 1 or None, got {keep}")
         if not read_only:  # where saves happen, not at import: importing this module changes nothing
-            _whole_shard_array_writes()
+            checkpoint_format.whole_shard_array_writes()
         directory = epath.Path(directory)
         if "://" not in str(directory):
             directory = directory.expanduser().resolve()
         self.directory = directory
         self.keep = keep
-        self._name_format = _CommittedStepNameFormat()
+        self._name_format = checkpoint_format.CommittedStepNameFormat()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=False,
@@ -259,15 +141,7 @@ class Checkpointer:
     def item_shapes(self, step: int, name: str) -> Any:
         """The saved tree of item `name` at `step` as jax.ShapeDtypeStructs (no shardings): a target
         that restores it whole onto the default device, whatever model wrote it."""
-        step_dir = self.directory / self._name_format.build_name(int(step))
-        handler = ocp.StandardCheckpointHandler()
-        try:
-            tree = handler.metadata(step_dir / name).tree
-        except Exception as error:
-            raise CorruptCheckpointError(f"checkpoint {step_dir}/{name} cannot be read: {type(error).__name__}: "
-                                         f"{str(error)[:300]}") from error
-        finally:
-            handler.close()
+        tree = _saved_tree(self.directory / self._name_format.build_name(int(step)), name)
         return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype), tree)
 
     def save(self, step: int, items: dict[str, Any], extra: Optional[dict] = None) -> bool:
@@ -279,14 +153,14 @@ class Checkpointer:
         step = int(step)
         if EXTRA_ITEM in items:
             raise ValueError(f"the item name {EXTRA_ITEM!r} is reserved for `extra`; rename that item")
-        extra = _normalise_extra(extra)
+        extra = checkpoint_format.normalise_extra(extra)
         if CHECKSUM_KEY in extra:
             raise ValueError(f"the extra key {CHECKSUM_KEY!r} is reserved for the checksums; rename it")
         if step in self._mngr.all_steps():
             logging.info("checkpoint for step %d already exists in %s; not saving", step, self.directory)
             return False
         args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
-        digests = {name: _leaf_digests(tree) for name, tree in items.items()}
+        digests = {name: checkpoint_format.leaf_digests(tree) for name, tree in items.items()}
         extra[CHECKSUM_KEY] = {name: d for name, d in digests.items() if d is not None}
         return bool(self._mngr.save(step, args=ocp.args.Composite(**args, **{EXTRA_ITEM: ocp.args.JsonSave(extra)})))
 
@@ -333,7 +207,7 @@ class Checkpointer:
                 args[name] = ocp.args.StandardRestore()
             else:
                 self._check_shapes(step_dir, name, tree)
-                args[name] = ocp.args.StandardRestore(_abstract_target(tree))
+                args[name] = ocp.args.StandardRestore(checkpoint_format.abstract_target(tree))
         if (step_dir / EXTRA_ITEM).exists():
             args[EXTRA_ITEM] = ocp.args.JsonRestore()
         try:
@@ -355,7 +229,7 @@ class Checkpointer:
     def _verify(self, step: int, name: str, tree: Any, saved: Optional[dict]) -> None:
         if not saved:  # written before checksums, or by several hosts
             return
-        for path, (dtype, digest) in (_leaf_digests(tree) or {}).items():
+        for path, (dtype, digest) in (checkpoint_format.leaf_digests(tree) or {}).items():
             if path in saved and saved[path][0] == dtype and saved[path][1] != digest:
                 raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory}: {name}/{path} differs "
                                              "from the checksum written with it (the files were changed or damaged)")
@@ -400,15 +274,8 @@ class Checkpointer:
         return items["params"]
 
     def _check_shapes(self, step_dir, name: str, target: Any) -> None:
-        handler = ocp.StandardCheckpointHandler()
-        try:
-            saved = _shapes(handler.metadata(step_dir / name).tree)
-        except Exception as error:
-            raise CorruptCheckpointError(f"checkpoint {step_dir}/{name} cannot be read: {type(error).__name__}: "
-                                         f"{str(error)[:300]}") from error
-        finally:
-            handler.close()
-        wanted = _shapes(target)
+        saved = checkpoint_format.shapes(_saved_tree(step_dir, name))
+        wanted = checkpoint_format.shapes(target)
         fix = "the run that wrote it has another model: use its config (or, to resume, a new --workdir)"
         for path, shape in wanted.items():
             if path not in saved:

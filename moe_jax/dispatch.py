@@ -64,10 +64,8 @@ def dispatch_einsum(x: jax.Array, routing: Routing, experts: dict) -> jax.Array:
 # (XLA:CPU runs a scatter-add one row after another). Rows are looked up with mode="fill": an index
 # past the end (a dropped copy, an empty row) reads a zero row.
 
-USE_CUSTOM_VJP = True
-"""When False, gather_to_buffer, combine_from_buffer and the dropless path differentiate their
-gathers by autodiff (scatter-adds) instead of the inverse-map VJPs below: the baseline that the
-benchmark and the tests compare with. Read at trace time."""
+# experiments/dispatch_autodiff.py keeps the plain gathers that autodiff differentiates (the
+# baseline these are tested equal to and timed against).
 
 
 def _take_rows(rows: jax.Array, index: jax.Array) -> jax.Array:
@@ -138,39 +136,24 @@ combine_copies.defvjp(_combine_copies_fwd, _combine_copies_bwd)
 
 def gather_to_buffer(x: jax.Array, routing: Routing) -> jax.Array:
     """x [S, M] -> the experts' input buffer [E, C, M] (empty slots are zero rows)."""
-    num_tokens, k = routing.expert_index.shape
-    rows = routing.num_experts * routing.capacity
-    if USE_CUSTOM_VJP:
-        position = routing.flat_position()
-        buffer = gather_copies(x, _row_copies(position, rows), position)
-        return buffer.reshape(routing.num_experts, routing.capacity, x.shape[1])
-    position = routing.flat_position().reshape(-1)
-    token = jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), k)
-    # slot -> token that fills it; num_tokens (a zero row) where empty. Dropped copies point past
-    # the end and are discarded by mode="drop".
-    slot_token = jnp.full((rows,), num_tokens, jnp.int32).at[position].set(token, mode="drop")
-    x_padded = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)], axis=0)
-    return x_padded[slot_token].reshape(routing.num_experts, routing.capacity, x.shape[1])
+    position = routing.flat_position()
+    buffer = gather_copies(x, _row_copies(position, routing.num_experts * routing.capacity), position)
+    return buffer.reshape(routing.num_experts, routing.capacity, x.shape[1])
 
 
 def combine_from_buffer(out: jax.Array, routing: Routing) -> jax.Array:
     """out [E, C, M] -> y [S, M] = sum over each token's kept copies of weight * expert output.
     Differentiable in out and in routing.weight."""
-    model_dim = out.shape[-1]
-    if USE_CUSTOM_VJP:
-        position = routing.flat_position()
-        row_copy = _row_copies(position, routing.num_experts * routing.capacity)
-        return combine_copies(out.reshape(-1, model_dim), position, row_copy, routing.weight)
-    flat = jnp.concatenate([out.reshape(-1, model_dim), jnp.zeros((1, model_dim), out.dtype)], axis=0)
-    rows = flat[routing.flat_position()]  # [S, k, M]; dropped copies read the zero row
-    return jnp.einsum("skm,sk->sm", rows, routing.weight.astype(out.dtype))
+    position = routing.flat_position()
+    row_copy = _row_copies(position, routing.num_experts * routing.capacity)
+    return combine_copies(out.reshape(-1, out.shape[-1]), position, row_copy, routing.weight)
 
 
 def dispatch_gather(x: jax.Array, routing: Routing, experts: dict) -> jax.Array:
     return combine_from_buffer(experts_lib.expert_ffn(experts, gather_to_buffer(x, routing)), routing)
 
 
-def _sort_copies(routing: Routing):
+def sort_copies(routing: Routing):
     """Copies sorted by expert (stable). Returns (order [N], sorted_expert [N], group_sizes [E])."""
     flat_expert = routing.expert_index.reshape(-1)
     order = jnp.argsort(flat_expert, stable=True).astype(jnp.int32)
@@ -192,7 +175,7 @@ DROPLESS_IMPLS = ("tiles", "ragged", "pallas")
 def dispatch_dropless(x: jax.Array, routing: Routing, experts: dict, impl: str | None = None) -> jax.Array:
     """x [S, M] -> y [S, M] with every copy computed: copies sorted by expert, then a grouped matmul.
 
-    With the inverse-map VJPs (USE_CUSTOM_VJP) the sort and, for "tiles", the padding to row tiles
+    The sort and, for "tiles", the padding to row tiles
     are one mapping table from token copies to rows: x is gathered straight into the rows the
     grouped matmul reads and the outputs are gathered straight back, so the backward pass has no
     scatter-add either."""
@@ -201,15 +184,7 @@ def dispatch_dropless(x: jax.Array, routing: Routing, experts: dict, impl: str |
     if impl not in DROPLESS_IMPLS:
         raise ValueError(f"dropless impl={impl!r}; use one of {DROPLESS_IMPLS}")
     grouped = {"ragged": experts_lib.grouped_ffn_ragged, "pallas": experts_lib.grouped_ffn_pallas}.get(impl)
-    order, sorted_expert, group_sizes = _sort_copies(routing)
-    if not USE_CUSTOM_VJP:
-        rows = x[order // k]
-        if grouped is not None:
-            out = grouped(experts, rows, sorted_expert, group_sizes)
-        else:
-            out = experts_lib.grouped_ffn_tiles(experts, rows, sorted_expert, group_sizes)
-        per_copy = jnp.zeros_like(out).at[order].set(out)  # back to (token, choice) order
-        return jnp.einsum("skm,sk->sm", per_copy.reshape(num_tokens, k, -1), routing.weight.astype(x.dtype))
+    order, sorted_expert, group_sizes = sort_copies(routing)
     num_copies, model_dim = order.shape[0], x.shape[1]
     rank = _inverse_permutation(order)  # copy -> its row in expert-sorted order
     if grouped is not None:  # "ragged", "pallas": the grouped matmul on the expert-sorted rows

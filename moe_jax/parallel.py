@@ -69,6 +69,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from moe_jax.pytree import path_name
 
 AXES = ("data", "expert_node", "expert_replica", "expert", "tensor")
 EXPERT_AXES = ("expert_node", "expert_replica", "expert")
@@ -277,16 +278,12 @@ def _rules(slicing: bool):
     ]
 
 
-def _path_name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
 def param_specs(params, par: ParallelConfig):
     """PartitionSpec of every parameter (params may be abstract)."""
     rules = _rules(par.expert_slicing)
 
     def spec(path, leaf):
-        name = _path_name(path)
+        name = path_name(path)
         for pattern, rule in rules:
             if re.search(pattern, name):
                 if name.split("/")[-2:-1] == ["experts"]:  # the layer's own expert axes, or none

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from moe_jax import model as model_lib
 from moe_jax.config import ModelConfig
+from moe_jax.pytree import path_name
 
 _EXPERT_MATRICES = ("w1", "w2")
 
@@ -75,7 +76,7 @@ def upcycle_params(dense: dict, cfg: ModelConfig, rng: jax.Array, *, noise: floa
             else:
                 block[part] = jax.tree_util.tree_map_with_path(
                     lambda path, f, d, p=f"{name}/{part}": _check(
-                        p + "/" + "/".join(str(getattr(k, "key", k)) for k in path), d, f.shape, fix).astype(f.dtype),
+                        p + "/" + path_name(path), d, f.shape, fix).astype(f.dtype),
                     sub, source[part])
         out[name] = block
     return out

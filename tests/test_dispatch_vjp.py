@@ -1,8 +1,8 @@
 """The inverse-map VJPs of the mapping table's gathers against autodiff of the plain gathers.
 
-With USE_CUSTOM_VJP off, gather_to_buffer, combine_from_buffer and the dropless path are the plain
-gathers that autodiff differentiates with scatter-adds; with it on, their backward passes are the
-inverse-map gathers. Forward outputs must not change and gradients must agree, on random data with
+experiments/dispatch_autodiff.py keeps gather_to_buffer, combine_from_buffer and the dropless path as
+the plain gathers that autodiff differentiates with scatter-adds; the library's backward passes are
+the inverse-map gathers. Forward outputs must not change and gradients must agree, on random data with
 dropped copies, empty slots and k = 2, in float32 and bfloat16.
 """
 
@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import dispatch_autodiff
 from moe_jax import dispatch as dispatch_lib
 from moe_jax.gating import top_k_gating
 
@@ -43,16 +44,12 @@ CASES = [(48, 8, 2, 0.6), (64, 4, 1, 1.0), (60, 6, 3, 0.8)]
 
 
 def both_ways(fn, *args):
-    """(value, grads) of fn with the inverse-map VJPs and with autodiff of the plain gathers."""
-    results = []
-    for custom in (True, False):
-        dispatch_lib.USE_CUSTOM_VJP = custom
-        try:
-            # a fresh jit per mode: the switch is read when the function is traced
-            results.append(jax.jit(jax.value_and_grad(fn, argnums=tuple(range(len(args)))))(*args))
-        finally:
-            dispatch_lib.USE_CUSTOM_VJP = True
-    return results
+    """(value, grads) of fn(library, *args) with the library's inverse-map VJPs and with autodiff of
+    the plain gathers (`library` is the module whose gather_to_buffer, combine_from_buffer and
+    dispatch_dropless fn calls)."""
+    argnums = tuple(range(len(args)))
+    return [jax.jit(jax.value_and_grad(functools.partial(fn, library), argnums=argnums))(*args)
+            for library in (dispatch_lib, dispatch_autodiff)]
 
 
 def assert_same(custom, autodiff, dtype):
@@ -78,8 +75,8 @@ def test_gather_to_buffer_vjp(S, E, k, cf, dtype):
     check_case(routing)
     probe = jax.random.normal(jax.random.key(7), (E, routing.capacity, x.shape[1])).astype(dtype)
 
-    def loss(x):
-        return jnp.sum(dispatch_lib.gather_to_buffer(x, routing) * probe)
+    def loss(library, x):
+        return jnp.sum(library.gather_to_buffer(x, routing) * probe)
 
     assert_same(*both_ways(loss, x), dtype)
 
@@ -91,8 +88,8 @@ def test_combine_from_buffer_vjp(S, E, k, cf, dtype):
     check_case(routing)
     out = jax.random.normal(jax.random.key(8), (E, routing.capacity, x.shape[1])).astype(dtype)
 
-    def loss(out, weight):
-        return jnp.sum(dispatch_lib.combine_from_buffer(out, routing.replace(weight=weight)) * cotangent)
+    def loss(library, out, weight):
+        return jnp.sum(library.combine_from_buffer(out, routing.replace(weight=weight)) * cotangent)
 
     custom, autodiff = both_ways(loss, out, routing.weight)
     assert_same(custom, autodiff, dtype)
@@ -108,8 +105,8 @@ def test_combine_from_buffer_vjp(S, E, k, cf, dtype):
 def test_dropless_vjp(S, E, k, cf, dtype, impl):
     x, routing, experts, cotangent = make_case(S, E, k, cf, dtype=dtype)
 
-    def loss(x, experts, weight):
-        y = dispatch_lib.dispatch_dropless(x, routing.replace(weight=weight), experts, impl=impl)
+    def loss(library, x, experts, weight):
+        y = library.dispatch_dropless(x, routing.replace(weight=weight), experts, impl=impl)
         return jnp.sum(y * cotangent)
 
     assert_same(*both_ways(loss, x, experts, routing.weight), dtype)
@@ -122,8 +119,8 @@ def test_dropless_vjp_without_drops():
                            min_capacity=0, drop_tokens=False)
     assert np.asarray(routing.kept).all()
 
-    def loss(x, experts, weight):
-        return jnp.sum(dispatch_lib.dispatch_dropless(x, routing.replace(weight=weight), experts) * cotangent)
+    def loss(library, x, experts, weight):
+        return jnp.sum(library.dispatch_dropless(x, routing.replace(weight=weight), experts) * cotangent)
 
     assert_same(*both_ways(loss, x, experts, routing.weight), jnp.float32)
 
@@ -142,3 +139,33 @@ def test_gather_copies_is_a_partial_permutation():
     weight = jnp.array([[0.5, 2.0], [3.0, 0.25], [1.0, 1.0]])
     y = dispatch_lib.combine_copies(rows, position, row_copy, weight)
     np.testing.assert_array_equal(y, [[0 * 0.5 + 0 * 2, 1 * 0.5 + 1 * 2], [2 * 0.25, 3 * 0.25], [0, 0]])
+
+
+@pytest.mark.parametrize("path", ["gather", "dropless"])
+def test_a_path_registered_outside_the_library_runs_in_the_layer(path):
+    """experiments/dispatch_autodiff.py adds its paths with register_path alone: the MoE layer runs
+    them by name, equal to the library's path forward and backward."""
+    from moe_jax import moe as moe_lib
+    from moe_jax.config import MoEConfig
+
+    E, M, F, S = 6, 16, 24, 40
+    keys = jax.random.split(jax.random.key(5), 6)
+    params = {"gate": {"kernel": jax.random.normal(keys[0], (M, E))},
+              "experts": {"w1": jax.random.normal(keys[1], (E, M, F)) / np.sqrt(M),
+                          "b1": jax.random.normal(keys[2], (E, F)) * 0.1,
+                          "w2": jax.random.normal(keys[3], (E, F, M)) / np.sqrt(F),
+                          "b2": jax.random.normal(keys[4], (E, M)) * 0.1}}
+    x = jax.random.normal(keys[5], (S, M))
+
+    def loss(params, x, dispatch):
+        moe = MoEConfig(experts=E, k=2, capacity_factor=0.8, min_capacity=0, use_rts=False, dispatch=dispatch,
+                        drop_tokens=path != "dropless")
+        y, stats = moe_lib.moe_forward(params, x, moe=moe, train=True)
+        return jnp.sum(y * y) + stats["aux_loss"]
+
+    want = jax.value_and_grad(loss, argnums=(0, 1))(params, x, path)
+    got = jax.value_and_grad(loss, argnums=(0, 1))(params, x, path + dispatch_autodiff.SUFFIX)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+        assert np.abs(np.asarray(w)).max() > 0
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
