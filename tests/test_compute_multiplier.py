@@ -67,27 +67,27 @@ def _row(losses, flops):
 
 
 def test_the_suite_reports_multipliers_from_its_ladder_runs(tmp_path):
-    from experiments import ablations
+    from experiments import ablation_report, ablation_specs
 
-    table = {rung: _row([3.0 - 0.1 * i, 3.05 - 0.1 * i], F * 2 ** i) for i, rung in enumerate(ablations.LADDER)}
+    table = {rung: _row([3.0 - 0.1 * i, 3.05 - 0.1 * i], F * 2 ** i) for i, rung in enumerate(ablation_specs.LADDER)}
     table["moe"] = _row([3.0 - 0.1 * math.log2(5), 3.05 - 0.1 * math.log2(5)], 1.25 * F)  # 5x dense at 1.25x cost
     table["pr_moe"] = _row([2.0, 2.1], F)  # beyond the ladder's top
     table["top2"] = {"val_loss_by_seed": {"0": 2.9}}  # no test evaluation: left out
-    out = ablations.multiplier_table(table)
+    out = ablation_report.multiplier_table(table)
     assert set(out) == {"moe", "pr_moe"}
     assert out["moe"].mean == pytest.approx(4.0)  # 5x the dense compute / 1.25x its own
     assert out["pr_moe"].mean is None and "> 8.00x" in out["pr_moe"].text()
-    text = ablations.multiplier_markdown(table, out)
+    text = ablation_report.multiplier_markdown(table, out)
     assert "| moe | 1.25e+07 | 1.25x |" in text and "dense_x8 8.00x" in text
-    png = ablations.plot_loss_vs_compute(table, out, str(tmp_path))
+    png = ablation_report.plot_loss_vs_compute(table, out, str(tmp_path))
     assert (tmp_path / "compute.png").stat().st_size > 1000 and png.endswith("compute.png")
     del table["dense_x8"]["test_loss_by_seed"]  # an unfinished ladder gives no multiplier at all
-    assert ablations.multiplier_table(table) == {}
+    assert ablation_report.multiplier_table(table) == {}
 
 
 def test_ladder_rungs_grow_the_dense_model_and_its_compiled_flops():
-    from experiments import ablations
+    from experiments import ablation_specs, ablations
 
-    flops = [ablations._compiled_flops(rung, "micro", "", 0) for rung in ablations.LADDER]
+    flops = [ablations._compiled_flops(rung, "micro", "", 0) for rung in ablation_specs.LADDER]
     assert all(b > 1.3 * a for a, b in zip(flops, flops[1:])), flops
     assert flops[-1] > 4 * flops[0]

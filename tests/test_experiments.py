@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from experiments import ablations
+from experiments import ablations, ablation_specs
 from moe_jax import checkpoint as checkpoint_lib
 from moe_jax import run_config
 from conftest import binary_env
@@ -17,32 +17,32 @@ from conftest import binary_env
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("scale", ablations.SCALES)
+@pytest.mark.parametrize("scale", ablation_specs.SCALES)
 def test_variant_table_builds_every_run(scale):
-    """Every row of ablations.VARIANTS builds a valid config at every scale, with the same shape
+    """Every row of ablation_specs.VARIANTS builds a valid config at every scale, with the same shape
     for every variant (only the MoE part differs) and its row's overrides and KD schedule."""
-    configs = {variant: ablations.variant_config(variant, scale, 0, "", 0) for variant in ablations.VARIANTS}
+    configs = {variant: ablation_specs.variant_config(variant, scale, 0, "", 0) for variant in ablation_specs.VARIANTS}
     models = {variant: run_config.model_config(config) for variant, config in configs.items()}
     for variant, config in configs.items():
         run_config.validate(config)
-        if ablations.VARIANTS[variant].grow is None:  # the dense ladder's rungs are grown on purpose
+        if ablation_specs.VARIANTS[variant].grow is None:  # the dense ladder's rungs are grown on purpose
             assert models[variant].hidden_size == models["dense"].hidden_size
-        fraction = ablations.VARIANTS[variant].step_fraction
+        fraction = ablation_specs.VARIANTS[variant].step_fraction
         assert config.total_steps == max(1, round(configs["dense"].total_steps * fraction))
-        if ablations.VARIANTS[variant].kd not in (None, "none"):
-            assert config.kd.schedule == ablations.VARIANTS[variant].kd
+        if ablation_specs.VARIANTS[variant].kd not in (None, "none"):
+            assert config.kd.schedule == ablation_specs.VARIANTS[variant].kd
     assert models["moe_2x"].moe.experts == 2 * models["moe"].moe.experts
     assert models["teacher"] == models["pr_moe"]
     teacher_layers = models["teacher"].num_layers
     assert models["student_staged_kd"].num_layers == teacher_layers - max(1, round(teacher_layers / 8))
-    assert set(ablations.SUITES["all"]) == set(ablations.VARIANTS)
+    assert set(ablation_specs.SUITES["all"]) == set(ablation_specs.VARIANTS)
     # the upcycled run and its dense start together take the steps of a run from scratch
     assert configs["dense_half"].total_steps + configs["pr_moe_upcycled"].total_steps == configs["pr_moe"].total_steps
     assert models["pr_moe_upcycled"] == models["pr_moe"]
     assert models["top1_loss_free"].moe.bias_update_rate > 0 and models["top1_loss_free"].moe.aux_loss_coef == 0
     assert models["expert_choice"].moe.router == "expert_choice"
     # the ladder: wider, then wider and deeper, FFN kept at the dense model's ratio; the expert counts
-    rungs = [models[v] for v in ablations.LADDER]
+    rungs = [models[v] for v in ablation_specs.LADDER]
     assert [m.hidden_size for m in rungs] == sorted({m.hidden_size for m in rungs})
     assert rungs[-1].num_layers > rungs[0].num_layers and all(m.moe is None for m in rungs)
     assert all(m.ffn_size * rungs[0].hidden_size == rungs[0].ffn_size * m.hidden_size for m in rungs)
@@ -60,7 +60,7 @@ def test_every_ablation_suite_runs_at_micro_scale(tmp_path):
     cmd = [sys.executable, str(ROOT / "experiments" / "ablations.py"), "--scale=micro", f"--workdir={tmp_path}"]
     subprocess.run([*cmd, "--suite=all", "--seeds=1"], check=True, env=env, capture_output=True)
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["variants"]) == set(ablations.VARIANTS)
+    assert set(results["variants"]) == set(ablation_specs.VARIANTS)
     assert set(results["variants"]) == {"dense", "moe", "first_half", "second_half", "top2", "residual", "moe_2x",
                                         "pyramid", "pr_moe", "teacher", "student_no_kd", "student_full_kd",
                                         "student_staged_kd", "top1_loss_free", "expert_choice", "dense_half",
@@ -207,7 +207,7 @@ def test_finished_run_files_from_another_folder_are_not_trained_again(tmp_path):
     """--runs_from: committed run files seed a new workdir; the suite reads them instead of training."""
     source = tmp_path / "committed" / "dense" / "seed0"
     source.mkdir(parents=True)
-    steps = ablations.variant_config("dense", "micro", 0, "", 0).total_steps
+    steps = ablation_specs.variant_config("dense", "micro", 0, "", 0).total_steps
     curve = {"step": [steps], "train_ce": [4.0], "val_step": [steps], "val_loss": [4.5], "step_time_s": [0.1]}
     fake = {"steps": steps, "params_total": 10, "params_active": 10, "val_loss": 4.5, "val_bpb": 6.5,
             "test_loss": 4.25, "test_bpb": 6.1, "step_time_s": 0.1, "tokens_per_sec": 2560.0, "curve": curve}
