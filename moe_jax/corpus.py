@@ -47,17 +47,6 @@ from typing import ClassVar
 
 import numpy as np
 
-__all__ = [
-    "DEFAULT_MAX_BYTES",
-    "DEFAULT_VAL_PERCENT",
-    "MAX_SCANNED_TOKENS",
-    "ByteTokenizer",
-    "Corpus",
-    "DataError",
-    "load_corpus",
-    "stdlib_corpus",
-]
-
 DEFAULT_MAX_BYTES = 8 * 2**20
 DEFAULT_VAL_PERCENT = 5.0
 # A .bin file with at most this many tokens (train + val) is scanned for its
@@ -68,10 +57,8 @@ _SCAN_CHUNK = 16 * 2**20
 # Directory names (anywhere in the relative path) left out of the stdlib corpus:
 # installed third-party code, test suites, caches, and generated data tables
 # (codec charmaps, pydoc topic dumps).
-_STDLIB_EXCLUDED_DIRS = frozenset(
-    {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test",
-     "encodings", "pydoc_data"}
-)
+_STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test",
+                                   "encodings", "pydoc_data"})
 
 _PATH_HINT = (
     "pass an existing text file, a glob like 'docs/*.md', a nanoGPT-style uint16 "
@@ -147,13 +134,8 @@ class Corpus:
         return "val_bpb" if self.tokens_are_bytes else "val_bits_per_token"
 
 
-def load_corpus(
-    path: str | None = None,
-    *,
-    max_bytes: int | None = DEFAULT_MAX_BYTES,
-    val_percent: float = DEFAULT_VAL_PERCENT,
-    vocab_size: int | None = None,
-) -> Corpus:
+def load_corpus(path: str | None = None, *, max_bytes: int | None = DEFAULT_MAX_BYTES,
+                val_percent: float = DEFAULT_VAL_PERCENT, vocab_size: int | None = None) -> Corpus:
     """Load the corpus named by `path` (see the module docstring for formats).
 
     Args:
@@ -196,9 +178,7 @@ def load_corpus(
     return _split_single(data, source=path, label=f"text file {path}", val_percent=val_percent)
 
 
-def stdlib_corpus(
-    *, max_bytes: int | None = DEFAULT_MAX_BYTES, val_percent: float = DEFAULT_VAL_PERCENT
-) -> Corpus:
+def stdlib_corpus(*, max_bytes: int | None = DEFAULT_MAX_BYTES, val_percent: float = DEFAULT_VAL_PERCENT) -> Corpus:
     """The running Python's standard library `.py` sources as a byte corpus.
 
     Files are taken in sorted order of their POSIX relative paths under
@@ -221,13 +201,8 @@ def stdlib_corpus(
         files.append((rel.as_posix(), p))
     files.sort()
     version = platform.python_version()
-    corpus = _split_files(
-        files,
-        source=str(root),
-        label=f"Python {version} standard library",
-        max_bytes=max_bytes,
-        val_percent=val_percent,
-    )
+    corpus = _split_files(files, source=str(root), label=f"Python {version} standard library", max_bytes=max_bytes,
+                          val_percent=val_percent)
     if corpus is None:
         raise DataError(f"the Python {version} standard library at {str(root)!r} has no readable .py files; "
                         "pass data.path explicitly")
@@ -248,13 +223,8 @@ def _glob_corpus(pattern: str, *, max_bytes: int | None, val_percent: float) -> 
         if not data:
             raise DataError(f"data.path={pattern!r} matches only the empty file {paths[0]!r}; {_PATH_HINT}")
         return _split_single(data, source=pattern, label=f"text glob {pattern!r} (1 file)", val_percent=val_percent)
-    corpus = _split_files(
-        [(p, pathlib.Path(p)) for p in paths],
-        source=pattern,
-        label=f"text glob {pattern!r}",
-        max_bytes=max_bytes,
-        val_percent=val_percent,
-    )
+    corpus = _split_files([(p, pathlib.Path(p)) for p in paths], source=pattern, label=f"text glob {pattern!r}",
+                          max_bytes=max_bytes, val_percent=val_percent)
     if corpus is None:
         raise DataError(f"data.path={pattern!r} matches only empty files; {_PATH_HINT}")
     return corpus
@@ -268,14 +238,8 @@ def _read_bytes(path: pathlib.Path, max_bytes: int | None) -> bytes:
         raise DataError(f"data.path={str(path)!r} cannot be read ({e.strerror}); {_PATH_HINT}") from e
 
 
-def _split_files(
-    files: list[tuple[str, pathlib.Path]],
-    *,
-    source: str,
-    label: str,
-    max_bytes: int | None,
-    val_percent: float,
-) -> Corpus | None:
+def _split_files(files: list[tuple[str, pathlib.Path]], *, source: str, label: str, max_bytes: int | None,
+                 val_percent: float) -> Corpus | None:
     """Read `(key, path)` files in order into per-file chunks (content + `\\n`)
     up to `max_bytes` in total, then split them by `crc32(key)`.
 

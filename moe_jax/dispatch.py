@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import experts as experts_lib
+from moe_jax.kernels import moe_layer as kernel_layer
 from moe_jax.routing import Routing
 
 
@@ -234,9 +235,7 @@ def dispatch_serving(x: jax.Array, routing: Routing, experts: dict) -> jax.Array
 
 def dispatch_kernel(x: jax.Array, routing: Routing, experts: dict) -> jax.Array:
     """The GPU kernels' path (moe_jax/kernels/moe_layer.py); their jnp references on CPU."""
-    from moe_jax.kernels.moe_layer import dispatch_kernel as kernel_path  # lazy: the kernels import the core
-
-    return kernel_path(x, routing, experts)
+    return kernel_layer.dispatch_kernel(x, routing, experts)
 
 
 # ----------------------------------------------------------------------------------------------

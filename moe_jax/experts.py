@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from moe_jax.kernels.grouped_matmul import ops as gmm_ops
 from moe_jax.kernels.platform import next_power_of_2
 
 
@@ -72,8 +73,6 @@ def grouped_ffn_pallas(experts: dict, rows: jax.Array, sorted_expert: jax.Array,
     forward and backward kernels): on an H200 it ran at 68% of the bf16 peak where
     jax.lax.ragged_dot ran at 2% (WORKSPACE.md, GPU results). `interpret` as the kernels' platform.mode
     (off GPU: their jnp reference, i.e. ragged_dot)."""
-    from moe_jax.kernels.grouped_matmul import ops as gmm_ops
-
     dtype = rows.dtype
     hidden = gmm_ops.grouped_matmul(rows, experts["w1"].astype(dtype), group_sizes, interpret=interpret)
     hidden = activation(hidden + experts["b1"].astype(dtype)[sorted_expert])
