@@ -3,7 +3,7 @@ steps and seeds, then writes results.json, results.md and validation-loss plots 
 
   python experiments/ablations.py --suite=all --scale=tiny --workdir=workdirs/ablations --seeds=3
 
-Suites (the paper's findings they test, REFERENCE.md; CLAIMS states each one):
+Suites (the paper's findings they test; CLAIMS in experiments/ablation_specs.py states each one):
   placement         dense, MoE (every other layer), First-Half MoE, Second-Half MoE
                     (MoE < dense; Second-Half better than First-Half), and First-Half MoE without
                     dropping (a diagnosis: is dropping in the first layers what hurts?)

@@ -303,14 +303,15 @@ def replace_moe(cfg: ModelConfig, **changes) -> ModelConfig:
 # ----------------------------------------------------------------------------------------------
 
 GPT2_VOCAB = 50257
-_BASES = {
-    # name: (layers, hidden, heads, init_std)
+_BASES = {  # the paper's dense bases (Rajbhandari et al. 2022, Table 1): layers, hidden size, heads
     "350m": dict(num_layers=24, hidden_size=1024, num_heads=16),
     "1.3b": dict(num_layers=24, hidden_size=2048, num_heads=16),
     "6.7b": dict(num_layers=32, hidden_size=4096, num_heads=32),
 }
+# Every paper model: GPT-2's vocabulary, sequences of 2048 tokens, init std 0.014 (its training scripts).
 _PAPER = dict(vocab_size=GPT2_VOCAB, max_seq_len=2048, init_std=0.014)
-# The paper's MoE settings: top-1, cf 1.0 in training and eval, min capacity 4, aux coeff 0.01.
+# The paper's MoE settings (its Table 1 and training scripts): top-1, capacity factor 1.0 in training
+# and evaluation, min capacity 4 (DeepSpeed's MoE layer default), aux loss coefficient 0.01.
 _PAPER_MOE = dict(k=1, capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=4, aux_loss_coef=0.01)
 
 _TINY = dict(vocab_size=256, num_layers=8, hidden_size=128, num_heads=4, max_seq_len=256, init_std=0.02)

@@ -10,7 +10,7 @@ tests/data/deepspeed_gating.npz) and returns a `Routing`:
   weight       [S, k] f32    combine weight (0 where dropped)
   kept         [S, k] bool   whether the copy fits in its expert's capacity
 
-Semantics (REFERENCE.md):
+Semantics (DeepSpeed 0.19.8, deepspeed/moe/sharded_moe.py; `_capacity` for the capacity):
   * capacity C = max(ceil(S / E * k * cf), min_capacity) evaluated in float32 as DeepSpeed does;
     with drop_tokens=False nothing is dropped and the static buffer size is C = S (no expert can
     receive more than S copies, since a token's k experts are distinct).

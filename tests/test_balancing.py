@@ -1,6 +1,5 @@
 """Aux-loss-free balancing: the selection bias picks experts only, its update, its state in training."""
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +9,7 @@ import pytest
 from moe_jax import balancing, checkpoint, config, parallel, train_lib, trainer
 from moe_jax import moe as moe_lib
 from moe_jax.gating import top_k_gating
+from tests.helpers import losses
 
 CFG = config.ModelConfig(vocab_size=32, num_layers=4, hidden_size=16, num_heads=2, ffn_size=32, max_seq_len=16,
                          moe=config.MoEConfig(experts="4x1,8x1", bias_update_rate=0.01, drop_tokens=False,
@@ -124,11 +124,6 @@ def _micro_config(steps):
     return config_dict
 
 
-def _losses(workdir):
-    with open(workdir / "metrics.jsonl") as f:
-        return [json.loads(line)["loss"] for line in f]
-
-
 def test_bias_is_checkpointed_and_resumed_exactly(tmp_path):
     straight = _micro_config(4)
     trainer.train_and_evaluate(straight, str(tmp_path / "straight"))
@@ -137,7 +132,7 @@ def test_bias_is_checkpointed_and_resumed_exactly(tmp_path):
     trainer.train_and_evaluate(split, str(tmp_path / "split"))
     split.stop_after_steps = 0
     trainer.train_and_evaluate(split, str(tmp_path / "split"))
-    assert _losses(tmp_path / "straight") == _losses(tmp_path / "split")  # bit for bit
+    assert losses(tmp_path / "straight") == losses(tmp_path / "split")  # bit for bit
     with checkpoint.Checkpointer(tmp_path / "straight" / "checkpoints", read_only=True) as ckpt:
         items, _ = ckpt.restore(4, {"router_state": None})
     with checkpoint.Checkpointer(tmp_path / "split" / "checkpoints", read_only=True) as ckpt:

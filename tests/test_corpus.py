@@ -7,12 +7,9 @@ import pytest
 
 from moe_jax import run_config, trainer
 from moe_jax.corpus import ByteTokenizer, Corpus, DataError, load_corpus
+from tests.helpers import random_tokens
 
 SMALL = 64 * 1024  # max_bytes for stdlib loads: keeps every test fast
-
-
-def random_tokens(n: int, vocab: int = 256, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, vocab, size=n).astype(np.uint16)
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -257,5 +254,12 @@ def test_directory_and_bad_val_percent_raise(tmp_path):
         load_corpus(None, val_percent=0)
 
 
-def test_data_error_is_value_error():
-    assert issubclass(DataError, ValueError)
+def test_a_data_error_reaches_the_caller_as_the_config_error_it_is(tmp_path):
+    """The binaries report ValueErrors as one line naming the field: a missing corpus raised while a
+    run is built is one of them, naming data.path."""
+    from moe_jax import run_config, trainer
+
+    config = run_config.default_config("micro")
+    config.data.path = str(tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match=r"data.path=.*missing.txt.* does not exist"):
+        trainer.train_and_evaluate(config, str(tmp_path / "run"))

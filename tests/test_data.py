@@ -4,10 +4,7 @@ import pytest
 
 from moe_jax.corpus import DataError, load_corpus
 from moe_jax.data import BatchIterator, eval_batches
-
-
-def random_tokens(n: int, vocab: int = 256, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, vocab, size=n).astype(np.uint16)
+from tests.helpers import random_tokens
 
 
 # ---------------------------------------------------------------- training batches

@@ -8,16 +8,7 @@ import pytest
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import experts as experts_lib
 from moe_jax.gating import top_k_gating
-
-
-def make_experts(rng, num_experts, model_dim, ffn_dim):
-    k1, k2, k3, k4 = jax.random.split(rng, 4)
-    return {
-        "w1": jax.random.normal(k1, (num_experts, model_dim, ffn_dim)) / np.sqrt(model_dim),
-        "b1": jax.random.normal(k2, (num_experts, ffn_dim)) * 0.1,
-        "w2": jax.random.normal(k3, (num_experts, ffn_dim, model_dim)) / np.sqrt(ffn_dim),
-        "b2": jax.random.normal(k4, (num_experts, model_dim)) * 0.1,
-    }
+from tests.helpers import make_experts
 
 
 def loop_reference(x, routing, experts):

@@ -24,6 +24,7 @@ from moe_jax import model as model_lib
 from moe_jax import run_config
 from moe_jax import train_lib
 from conftest import binary_env
+from tests.helpers import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -35,11 +36,6 @@ STUDENT = distill.student_config(TEACHER, 3)
 
 def load_config(name, arg="tiny"):
     return load_config_file(name, arg)
-
-
-def read_metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -117,13 +117,23 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_tiny_ablation_placement_suite(tmp_path):
-    """The real experiment (about 8 minutes on 2 cores): MoE beats dense at equal steps."""
-    env = binary_env()
+def test_tiny_ablation_suite_trains_and_tests_every_variant_alike(tmp_path):
+    """The real experiment at tiny scale, one seed of dense and MoE (about 5 minutes on 2 cores):
+    both learn (the training loss falls by over a nat, the test loss ends far below a uniform byte's
+    ln 256 = 5.55 nats) and both are judged on the same windows of the whole test split. Which one
+    is better is the suite's verdict over seeds (results/), not an assertion on one run."""
     subprocess.run([sys.executable, str(ROOT / "experiments" / "ablations.py"), "--scale=tiny", "--suite=placement",
-                    f"--workdir={tmp_path}"], check=True, env=env, capture_output=True)
+                    "--variants=dense,moe", "--seeds=1", f"--workdir={tmp_path}"], check=True, env=binary_env(),
+                   capture_output=True)
+    runs = {v: json.loads((tmp_path / v / "seed0" / ablations.RUN_FILE).read_text()) for v in ("dense", "moe")}
+    for run in runs.values():
+        curve = run["curve"]["train_ce"]
+        assert curve[0] - curve[-1] > 1.0 and run["test_loss"] < 3.0
+        assert run["steps"] == 300 and run["corpus_identity"] == runs["dense"]["corpus_identity"]
+    assert runs["moe"]["test_tokens"] == runs["dense"]["test_tokens"] > 0
+    assert runs["moe"]["test_windows"] == runs["dense"]["test_windows"]
     variants = json.loads((tmp_path / "results.json").read_text())["variants"]
-    assert variants["moe"]["val_loss"] < variants["dense"]["val_loss"]
+    assert variants["moe"]["params_total"] > variants["dense"]["params_total"]
 
 
 def _ablation_cmd(workdir, seeds):

@@ -9,7 +9,7 @@ import pytest
 
 from moe_jax import config, parallel
 from moe_jax import moe as moe_lib
-from tests.random_layers import moe_layer_params
+from tests.helpers import moe_layer_params
 
 E, G, M = 16, 4, 8
 

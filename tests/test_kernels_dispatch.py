@@ -10,11 +10,10 @@ from moe_jax import dispatch as dispatch_lib
 from moe_jax import gating as gating_lib
 from moe_jax.kernels import platform
 from moe_jax.kernels.dispatch import kernel, ops, reference
+from tests.helpers import needs_gpu
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 
-ON_GPU = jax.default_backend() == "gpu"
-needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")]
 MODES = [pytest.param(True, id="interpret"), pytest.param(False, id="compiled", marks=needs_gpu)]
 SMALL_TILES = kernel.BlockSizes(block_rows=16, block_cols=16)  # several tiles per axis, ragged edges
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}

@@ -18,11 +18,10 @@ from moe_jax import gating as gating_lib
 from moe_jax.kernels import platform
 from moe_jax.kernels.gating import kernel, ops, reference, triton_kernel
 from moe_jax import routing as routing_lib
+from tests.helpers import ON_GPU, needs_gpu
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 
-ON_GPU = jax.default_backend() == "gpu"
-needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")]
 # interpret=True everywhere; interpret=False (the compiled kernel) only on a GPU.
 MODES = [pytest.param(True, id="interpret"), pytest.param(False, id="compiled", marks=needs_gpu)]
 SMALL_BLOCKS = kernel.BlockSizes(block_tokens=16)  # several blocks even for small S: tests the scan

@@ -8,11 +8,10 @@ from jax.experimental.pallas import triton as pltriton
 
 from moe_jax.kernels import platform
 from moe_jax.kernels.grouped_matmul import kernel, ops, reference
+from tests.helpers import ON_GPU, needs_gpu
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 
-ON_GPU = jax.default_backend() == "gpu"
-needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")]
 MODES = [pytest.param(True, id="interpret"), pytest.param(False, id="compiled", marks=needs_gpu)]
 SMALL_TILES = kernel.BlockSizes(block_m=16, block_n=16, block_k=16, group_width=2)
 TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2}

@@ -14,22 +14,11 @@ from moe_jax import moe as moe_lib
 from moe_jax.config import MoEConfig
 from moe_jax.kernels import moe_layer, platform
 from moe_jax.kernels.gating import ops as gating_ops
+from tests.helpers import make_experts, needs_gpu
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 
-ON_GPU = jax.default_backend() == "gpu"
-needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")]
 MODES = [pytest.param(True, id="interpret"), pytest.param(False, id="compiled", marks=needs_gpu)]
-
-
-def make_experts(key, num_experts, model_dim, ffn_dim, dtype=jnp.float32):
-    keys = jax.random.split(key, 4)
-    return {
-        "w1": (jax.random.normal(keys[0], (num_experts, model_dim, ffn_dim)) / np.sqrt(model_dim)).astype(dtype),
-        "b1": (jax.random.normal(keys[1], (num_experts, ffn_dim)) * 0.1).astype(dtype),
-        "w2": (jax.random.normal(keys[2], (num_experts, ffn_dim, model_dim)) / np.sqrt(ffn_dim)).astype(dtype),
-        "b2": (jax.random.normal(keys[3], (num_experts, model_dim)) * 0.1).astype(dtype),
-    }
 
 
 @pytest.mark.parametrize("interpret", MODES)

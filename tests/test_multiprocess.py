@@ -1,7 +1,6 @@
 """Two local processes with 4 CPU devices each (gloo collectives) train like one 8-device process,
 save from both processes and resume."""
 
-import json
 import os
 import pathlib
 import socket
@@ -10,6 +9,7 @@ import sys
 
 import numpy as np
 from conftest import binary_env
+from tests.helpers import losses
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FLAGS = [
@@ -44,17 +44,12 @@ def _two_processes(workdir, *extra):
         assert p.returncode == 0, out[-3000:]
 
 
-def _losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f]
-
-
 def test_two_processes_equal_one_and_resume(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "experiments" / "train.py"), *FLAGS, f"--workdir={tmp_path / 'one'}"],
                    env=_env(8), check=True, capture_output=True)
     _two_processes(tmp_path / "two", "--config.stop_after_steps=2")  # both processes save step 2
     assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["2"]
     _two_processes(tmp_path / "two")  # both restore step 2 and go on to 4
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    one, two = list(losses(tmp_path / "one").values()), list(losses(tmp_path / "two").values())
     assert len(one) == len(two) == 4
     np.testing.assert_allclose(two, one, rtol=1e-6)

@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 from moe_jax import config, exchange, model, parallel, train_lib
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import moe as moe_lib
-from tests.random_layers import moe_layer_params
+from tests.helpers import moe_layer_params
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1), (1, 4, 2)]
 # every mesh with the flat exchange; each other exchange on the meshes where it differs from flat

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from moe_jax import config, exchange, parallel, run_config, train_lib
 from moe_jax import moe as moe_lib
-from tests.random_layers import moe_layer_params
+from tests.helpers import moe_layer_params
 
 
 def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,

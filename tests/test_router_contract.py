@@ -11,6 +11,7 @@ from moe_jax import config
 from moe_jax import moe as moe_lib
 from moe_jax import routing as routing_lib
 from moe_jax import routers as routers_lib
+from tests.helpers import check_gradient
 
 CASES = [(router, impl) for router in sorted(routers_lib.ROUTERS) for impl in routers_lib.ROUTER_IMPLS[router]]
 TABLE_FIELDS = ("expert_index", "slot", "weight", "kept")
@@ -62,6 +63,8 @@ def test_every_balance_scope_gives_finite_stats_and_gradients(router, impl, scop
         assert np.all(np.isfinite(np.asarray(stats[name], np.float32))), f"{router}/{impl}/{scope}: {name}"
     gate_grad = np.asarray(grads["gate"]["kernel"])
     assert np.all(np.isfinite(gate_grad)) and np.abs(gate_grad).sum() > 0, f"{router}/{impl}: no gate gradient"
+    # the gate's gradient is the derivative of the loss (weights, aux and z-loss through the router)
+    check_gradient(jax.jit(lambda gate: loss({**params, "gate": gate})[0]), params["gate"], seed=6)
 
 
 def test_an_implementation_a_router_lacks_is_refused():

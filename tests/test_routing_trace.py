@@ -2,7 +2,6 @@
 of whole training runs (moe_jax.routing_trace)."""
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 
 from moe_jax import config, parallel, routing_trace, trainer
 from moe_jax import moe as moe_lib
-from tests.random_layers import moe_layer_params
+from tests.helpers import ffn_reference, losses, moe_layer_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,13 +26,6 @@ ROUTERS = [("topk", 1, 0.5, True, "probs"), ("topk", 2, 0.6, False, "probs"), ("
 def _moe(router, k, cf, rts, policy, path="gather"):
     return config.MoEConfig(experts="6", router=router, k=k if router == "topk" else 1, capacity_factor=cf,
                             eval_capacity_factor=cf, min_capacity=1, use_rts=rts, drop_policy=policy, dispatch=path)
-
-
-def _ffn(experts, e, x):
-    w1, b1, w2, b2 = (np.asarray(experts[n][e], np.float64) for n in ("w1", "b1", "w2", "b2"))
-    h = x @ w1 + b1
-    h = 0.5 * h * (1 + np.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
-    return h @ w2 + b2
 
 
 def _replay_reference(params, x, code, capacity, renormalise):
@@ -60,7 +52,7 @@ def _replay_reference(params, x, code, capacity, renormalise):
             weights = weights / weights.sum()
         for c in range(k):
             if processed[s, c]:
-                y[s] += weights[c] * _ffn(params["experts"], expert[s, c], x[s])
+                y[s] += weights[c] * ffn_reference(params["experts"], expert[s, c], x[s])
     return y, processed
 
 
@@ -180,11 +172,6 @@ def _micro(steps=4, **top):
     return c
 
 
-def _losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f]
-
-
 def _trace(workdir, steps):
     reader = routing_trace.TraceReader(str(workdir))
     return [reader.codes(step) for step in steps]
@@ -214,7 +201,7 @@ def test_a_replayed_run_follows_the_recording(recording, tmp_path):
     same.eval_every_steps = 1
     trainer.train_and_evaluate(same, str(tmp_path / "same"))
     # the same numbers up to float rounding (the replayed weights are computed by other fused ops)
-    np.testing.assert_allclose(_losses(tmp_path / "same"), _losses(recording), rtol=1e-5)
+    np.testing.assert_allclose(list(losses(tmp_path / "same").values()), list(losses(recording).values()), rtol=1e-5)
 
     other = _micro(replay_routing=str(recording), record_routing=True, seed=5)
     trainer.train_and_evaluate(other, str(tmp_path / "other"))

@@ -12,7 +12,7 @@ from moe_jax import config, model, parallel
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import moe as moe_lib
 from moe_jax.experts import gelu
-from tests.random_layers import moe_layer_params
+from tests.helpers import moe_layer_params
 
 M, F, E, N_SHARED = 16, 8, 8, 3
 

@@ -1,7 +1,6 @@
 """The training binary and loop: every config trains, resume is exact (also after SIGKILL), errors are clear."""
 
 import importlib.util
-import json
 import logging
 import os
 import pathlib
@@ -19,6 +18,7 @@ from moe_jax import checkpoint as checkpoint_lib
 from moe_jax import config as config_lib
 from moe_jax import run_config, trainer
 from conftest import binary_env
+from tests.helpers import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p.stem for p in (ROOT / "experiments" / "configs").glob("*.py") if not p.stem.startswith("_"))
@@ -47,11 +47,6 @@ def small(config, steps=2):
     if "," in experts:  # pyramid lists name every MoE layer: 2 of them now
         config.moe.experts = "2x1,4x1"
     return config
-
-
-def read_metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_every_config_has_docstring_and_all_scales():

@@ -1,7 +1,6 @@
 """Sharded optimizer state (ZeRO-1, parallel.shard_optimizer): the layout, training equal to the
 replicated optimizer, the memory it saves in the compiled step, and checkpoints across meshes."""
 
-import json
 import logging
 import math
 
@@ -12,6 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from moe_jax import config, parallel, train_lib, trainer
+from tests.helpers import losses
 
 CFG = config.ModelConfig(vocab_size=32, num_layers=4, hidden_size=16, num_heads=2, ffn_size=32, max_seq_len=16,
                          moe=config.MoEConfig(experts="4x1,8x1", drop_tokens=False, use_rts=False))
@@ -151,11 +151,6 @@ def _micro(steps, mesh):
     return c
 
 
-def _losses(workdir):
-    with open(workdir / "metrics.jsonl") as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
-
-
 def test_a_sharded_checkpoint_resumes_on_another_mesh(tmp_path, caplog):
     whole = _losses_after(tmp_path / "whole", [(8, 1, 1, 4, 0)])
     with caplog.at_level(logging.INFO):
@@ -170,4 +165,4 @@ def _losses_after(workdir, legs):
         c = _micro(steps, (data, expert, tensor))
         c.stop_after_steps = stop
         trainer.train_and_evaluate(c, str(workdir))
-    return _losses(workdir)
+    return losses(workdir)
