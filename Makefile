@@ -1,7 +1,7 @@
 # The two set-up commands: `make demo` (main job) and `make test`. Both create .venv first.
 PY := .venv/bin/python
 
-.PHONY: demo test test-all lint venv
+.PHONY: demo test test-slow test-all lint venv
 
 venv: .venv/.installed
 
@@ -13,6 +13,10 @@ demo: .venv/.installed
 
 test: .venv/.installed
 	$(PY) -m pytest -m "not slow" -q -n 2 --dist loadgroup --durations=15
+
+# the tests `make test` leaves out (fault injection, end-to-end suites, the 64-device compile); CI runs them
+test-slow: .venv/.installed
+	$(PY) -m pytest -m slow -q -n 2 --dist loadgroup --durations=10
 
 test-all: .venv/.installed
 	$(PY) -m pytest -q -n 2 --dist loadgroup
