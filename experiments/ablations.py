@@ -74,8 +74,8 @@ flags.DEFINE_list("variants", [], "Only these variants of the suite (default: al
 
 def read_curve(workdir: str) -> dict:
     steps, loss, val_steps, val_loss, step_times, moe = [], [], [], [], [], None
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
+    with open(os.path.join(workdir, "metrics.jsonl")) as lines:
+        for line in lines:
             record = json.loads(line)
             layers: dict = {}  # "moe/<layer>/<stat>" fields of a logged step
             for key, value in record.items():
@@ -118,8 +118,8 @@ def finished_run(workdir: str, variant: str, seed: int, total_steps: int) -> Opt
     path = os.path.join(run_dir(workdir, variant, seed), RUN_FILE)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        summary = json.load(f)
+    with open(path) as handle:
+        summary = json.load(handle)
     if summary.get("steps") != total_steps:
         return None
     if "test_loss" not in summary:  # finished before the test split existed: evaluate it, train nothing

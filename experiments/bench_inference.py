@@ -43,13 +43,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from moe_jax import cli
+from moe_jax import dispatch as dispatch_lib
 from moe_jax import inference
 from moe_jax import model as model_lib
 from moe_jax import moe as moe_lib
 from moe_jax.config import ModelConfig, MoEConfig, replace_moe
 from moe_jax.routing import compute_capacity
 
-PATHS = ("einsum", "gather", "serve", "kernel", "dense")
+# every registered dispatch path (dropless is the training form of serve), and the dense model
+PATHS = (*(p for p in dispatch_lib.PATHS if p != "dropless"), "dense")
 
 flags.DEFINE_string("json", None, "Write the records to this file.")
 flags.DEFINE_string("png", "bench_inference.png", "Where the plot goes.")
