@@ -88,7 +88,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments.configs import load_config_file  # noqa: E402
-from moe_jax import cli, cost, parallel, run_config  # noqa: E402
+from moe_jax import cli, cost, run_config  # noqa: E402
 from moe_jax.config import dtype as config_dtype, parse_expert_list  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Run config file (path.py:arg).", lock_config=False)
@@ -363,7 +363,7 @@ def main(argv):
     print(f"model: {model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, experts "
           f"{model_cfg.layer_experts()}; batch {f.config.data.batch_size} x {f.config.data.seq_len}; "
           f"dispatch {model_cfg.moe.dispatch if model_cfg.moe else '-'}, exchange "
-          f"{f.config.mesh.get('exchange', parallel.ParallelConfig.exchange)}")
+          f"{run_config.mesh_settings(f.config).exchange}")
     print(f"mesh (data, expert, tensor, expert_nodes) = {(data, expert, tensor, nodes)}, {n} devices"
           + (f"; standing for {target} devices (experts and batch compiled at 1/{factor})" if factor > 1 else "")
           + ("; depth extrapolated from 2-layer variants" if f.extrapolate_layers else ""))

@@ -52,7 +52,7 @@ def layout_row(name: str, scale: str, mesh_sizes) -> dict:
     group = parallel.smallest_expert_group(model_cfg.layer_experts(), expert, nodes)
     mesh = parallel.abstract_mesh(data, expert, tensor, nodes, expert_group=group)
     params = jax.eval_shape(lambda: model_lib.init_params(jax.random.key(0), model_cfg))
-    out = {"model": f"{scale} {config.get('preset', name)}", "devices": data * expert * tensor,
+    out = {"model": f"{scale} {name}", "devices": data * expert * tensor,
            "mesh": mesh_sizes}
     for zero in (False, True):
         par = parallel.ParallelConfig(mesh, shard_optimizer=zero)

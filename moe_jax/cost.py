@@ -155,9 +155,8 @@ def train_step_cost(config, mesh_shape: Optional[str | Sequence[int]] = None, *,
             logging.warning("mesh %s on %d of %d devices: built by parallel.make_mesh, not the run config",
                             (data, expert, tensor, nodes), num_devices, jax.device_count())
             mesh = parallel_lib.make_mesh(data, expert, tensor, nodes, devices=jax.devices()[:num_devices])
-            par = parallel_lib.ParallelConfig(mesh, run.mesh.exchange, run.mesh.expert_slicing,
-                                              run.mesh.get("row_exchange", "auto"),
-                                              run.mesh.get("shard_optimizer", True))
+            m = run_config.mesh_settings(run)
+            par = parallel_lib.ParallelConfig(mesh, m.exchange, m.expert_slicing, m.row_exchange, m.shard_optimizer)
         parallel_lib.validate(model_cfg, par, config.data.batch_size)
         step_fn = functools.partial(step_fn, parallel=par)
         out_shardings = parallel_lib.shardings(parallel_lib.state_specs(state, par, optimizer), par.mesh)
