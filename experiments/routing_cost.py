@@ -25,12 +25,13 @@ from moe_jax import cli, metrics, routing_cost, routing_trace, run_config
 
 flags.DEFINE_string("workdir", None, "A run's folder with routing probes (any MoE run with routing_probe on).")
 flags.DEFINE_list("devices", ["2", "4", "8"], "Expert-parallel group sizes to replay the routing on.")
+flags.DEFINE_integer("nodes", 2, "Nodes the devices are split into, for the inter-node rows (1: none).")
 flags.DEFINE_enum("steps", "last", ["last", "all"], "The last probe, or every evaluation's probe.")
 flags.DEFINE_string("out", None, "Folder for routing_cost.md / .json (default: --workdir).")
 flags.mark_flag_as_required("workdir")
 
 
-def rows(workdir: str, devices: list[int], steps: str) -> list[dict]:
+def rows(workdir: str, devices: list[int], steps: str, nodes: int = 1) -> list[dict]:
     """One row per (probe step, layer, device count): the real and balanced ExchangeLoad fields."""
     with open(os.path.join(workdir, metrics.CONFIG_FILE)) as handle:
         config = run_config.model_config(ml_collections.ConfigDict(json.load(handle)["config"]))
@@ -49,8 +50,14 @@ def rows(workdir: str, devices: list[int], steps: str) -> list[dict]:
     for probe in probes if steps == "all" else probes[-1:]:
         for layer, code in probe["layers"].items():
             for n in devices:
-                cost = routing_cost.trace_cost(code, probe["num_experts"][layer], n, **options)
-                out.append({"step": probe["step"], "layer": layer, "devices": n,
+                experts = probe["num_experts"][layer]
+                cost = routing_cost.trace_cost(code, experts, n, **options)
+                internode = {}
+                if nodes > 1 and n % nodes == 0 and experts % nodes == 0:
+                    crossing = routing_cost.internode_rows(code, experts, n, nodes)
+                    internode = {"internode_rows_per_copy": crossing.per_copy,
+                                 "internode_rows_per_node": crossing.per_node}
+                out.append({"step": probe["step"], "layer": layer, "devices": n, **internode,
                             **{f"{name}_{key}": value for name, load in cost.items()
                                for key, value in dataclasses.asdict(load).items()},
                             "real_received_imbalance": cost["real"].received_imbalance,
@@ -62,8 +69,8 @@ def markdown(table: list[dict], label: str) -> str:
     lines = [f"Routing-realistic exchange cost of {label}: the recorded probe routing (real) against a balanced "
              "router (bal) of the same shapes.", "",
              "| step | layer | E | devices | dropped real / bal | buffer useful real / bal | overflow real / bal "
-             "| received max/mean real / bal | expert load max/mean |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| received max/mean real / bal | expert load max/mean | inter-node rows: every copy / once per node |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         lines.append(
             f"| {r['step']} | {r['layer']} | {r['real_experts']} | {r['devices']} "
@@ -71,7 +78,8 @@ def markdown(table: list[dict], label: str) -> str:
             f"| {r['real_buffer_useful_fraction']:.1%} / {r['balanced_buffer_useful_fraction']:.1%} "
             f"| {r['real_overflow_fraction']:.1%} / {r['balanced_overflow_fraction']:.1%} "
             f"| {r['real_received_imbalance']:.2f} / {r['balanced_received_imbalance']:.2f} "
-            f"| {r['real_expert_load_max_over_mean']:.2f} |")
+            f"| {r['real_expert_load_max_over_mean']:.2f} "
+            f"| {r.get('internode_rows_per_copy', '-')} / {r.get('internode_rows_per_node', '-')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -84,7 +92,7 @@ def main(argv):
     except ValueError:
         cli.fail(f"--devices={','.join(f.devices)} must be integers, e.g. 2,4,8")
     try:
-        table = rows(f.workdir, devices, f.steps)
+        table = rows(f.workdir, devices, f.steps, f.nodes)
     except (FileNotFoundError, ValueError) as error:
         cli.fail(str(error))
     text = markdown(table, f.workdir)

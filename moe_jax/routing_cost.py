@@ -121,3 +121,36 @@ def trace_cost(code: np.ndarray, num_experts: int, devices: int, **options) -> d
     k = np.asarray(code).shape[-1]
     balanced = balanced_counts(devices, num_experts, int(counts.sum(axis=1).max()))
     return {"real": exchange_load(counts, k, **options), "balanced": exchange_load(balanced, k, **options)}
+
+
+@dataclasses.dataclass(frozen=True)
+class InterNodeRows:
+    """Rows a trace sends between nodes: devices split into `nodes` nodes, experts placed
+    node-major (expert e on node e // (E / nodes)), batch shard s on node s // (devices / nodes)."""
+
+    nodes: int
+    copies: int
+    per_copy: int  # today's exchanges: every copy whose expert is on another node crosses
+    per_node: int  # a once-per-node exchange (DeepSeek's): a token crosses once per remote node it uses
+    max_nodes_per_token: int
+
+    @property
+    def saved_fraction(self) -> float:
+        return 1.0 - self.per_node / max(self.per_copy, 1)
+
+
+def internode_rows(code: np.ndarray, num_experts: int, devices: int, nodes: int) -> InterNodeRows:
+    """The InterNodeRows of a token-major trace code [B, T, k] on `devices` devices in `nodes` nodes."""
+    code = np.asarray(code)
+    if devices % nodes or num_experts % nodes or code.shape[0] % devices:
+        raise ValueError(f"{nodes} nodes must divide the {devices} devices and the {num_experts} experts, and "
+                         f"{devices} devices the trace's batch of {code.shape[0]}")
+    expert, _ = decode(code)
+    batch_node = np.repeat(np.arange(devices) // (devices // nodes), code.shape[0] // devices)  # [B]
+    expert_node = expert // (num_experts // nodes)  # [B, T, k]
+    remote = expert_node != batch_node[:, None, None]
+    used = np.zeros(code.shape[:2] + (nodes,), bool)  # [B, T, node]: the nodes a token's copies use
+    np.put_along_axis(used, expert_node, True, axis=-1)
+    used_remote = used & (np.arange(nodes) != batch_node[:, None, None])
+    return InterNodeRows(nodes=nodes, copies=int(expert.size), per_copy=int(remote.sum()),
+                         per_node=int(used_remote.sum()), max_nodes_per_token=int(used.sum(axis=-1).max()))

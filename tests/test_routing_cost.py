@@ -98,3 +98,16 @@ def test_the_binary_reads_a_runs_probes_and_writes_its_table(tmp_path):
                                    row_exchange_factor=config.moe.row_exchange_factor)["real"]
     assert table[1]["real_dropped_fraction"] == want.dropped_fraction
     assert "| 6 | block_1 |" in (tmp_path / "routing_cost.md").read_text()
+
+
+def test_internode_rows_per_copy_and_once_per_node():
+    """2 nodes of 2 devices, 4 experts (0, 1 on node 0; 2, 3 on node 1), top-2, batch of 4 (one
+    sequence per device) of one token: sequences 0, 1 are on node 0, sequences 2, 3 on node 1."""
+    code = np.array([[[2, 3]], [[0, 2]], [[2, 3]], [[0, 1]]], np.int32)
+    rows = routing_cost.internode_rows(code, 4, 4, 2)
+    # crossing copies: seq 0 both (2, 3), seq 1 one (2), seq 2 none, seq 3 both (0, 1) -> 5;
+    # once per remote node: seq 0 once, seq 1 once, seq 3 once -> 3
+    assert (rows.per_copy, rows.per_node, rows.max_nodes_per_token) == (5, 3, 2)
+    assert rows.saved_fraction == 1 - 3 / 5
+    top1 = routing_cost.internode_rows(code[..., :1], 4, 4, 2)
+    assert top1.per_copy == top1.per_node == 2  # with one copy per token there is nothing to merge
