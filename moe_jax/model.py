@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import experts as experts_lib
+from moe_jax import tied_embedding
 from moe_jax.config import ModelConfig
 from moe_jax.moe import MLP, ROUTER_STATE, ROUTING_RECORD, ROUTING_REPLAY, MoELayer
 from moe_jax.parallel import ParallelConfig
@@ -141,7 +142,12 @@ class GPT(nn.Module):
         if positions is None:  # with a cache the tokens continue at the cache's write index
             start = 0 if cache is None else cache[0]["index"]
             positions = start + jnp.arange(tokens.shape[1])[None, :]
-        x = (wte[tokens] + wpe[positions]).astype(compute_dtype)
+        # on a batch-sharded mesh both uses of the tied embedding read per-device copies, so that its
+        # gradient is reduced once (moe_jax.tied_embedding)
+        tied = cache is None and tied_embedding.applies(self.parallel, tokens.shape[0])
+        wte_copies = tied_embedding.copies(wte, self.parallel) if tied else None
+        embedded = tied_embedding.lookup(wte_copies, tokens, self.parallel) if tied else wte[tokens]
+        x = (embedded + wpe[positions]).astype(compute_dtype)
         x = nn.Dropout(cfg.dropout)(x, deterministic=not train or cfg.dropout == 0.0)
         layer_stats, new_cache = [], []
         block = Block if cfg.remat == "none" or cache is not None else nn.remat(
@@ -153,8 +159,11 @@ class GPT(nn.Module):
             if stats is not None:
                 layer_stats.append((i, stats))
         x = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype, name="ln_f")(x)
-        logits = jnp.einsum("btm,vm->btv", x.astype(compute_dtype), wte.astype(compute_dtype),
-                            preferred_element_type=jnp.float32)
+        if tied:
+            logits = tied_embedding.logits(wte_copies, x, self.parallel, compute_dtype)
+        else:
+            logits = jnp.einsum("btm,vm->btv", x.astype(compute_dtype), wte.astype(compute_dtype),
+                                preferred_element_type=jnp.float32)
         zero = jnp.zeros((), jnp.float32)
         aux = {
             "aux_loss": sum((s["aux_loss"] for _, s in layer_stats), zero),
