@@ -19,7 +19,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moe_jax import cli, counterfactual
+from moe_jax import cli, counterfactual, metrics
 
 flags.DEFINE_string("workdir", None, "A finished MoE run's folder.")
 flags.DEFINE_integer("max_batches", 0, "Test batches to read (0: the whole test split).")
@@ -44,11 +44,8 @@ def main(argv):
     text = counterfactual.markdown(rows, label)
     out = f.out or f.workdir
     os.makedirs(out, exist_ok=True)
-    for name, content in (("counterfactual.md", text), ("counterfactual.json", json.dumps(rows, indent=1))):
-        tmp = os.path.join(out, name + ".tmp")
-        with open(tmp, "w") as handle:
-            handle.write(content)
-        os.replace(tmp, os.path.join(out, name))
+    metrics.atomic_write_text(os.path.join(out, "counterfactual.md"), text)
+    metrics.atomic_write_text(os.path.join(out, "counterfactual.json"), json.dumps(rows, indent=1))
     print(text)
 
 

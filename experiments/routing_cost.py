@@ -99,11 +99,8 @@ def main(argv):
     print(text)
     out = f.out or f.workdir
     os.makedirs(out, exist_ok=True)
-    for name, content in (("routing_cost.md", text), ("routing_cost.json", json.dumps(table, indent=1))):
-        tmp = os.path.join(out, name + ".tmp")
-        with open(tmp, "w") as handle:
-            handle.write(content)
-        os.replace(tmp, os.path.join(out, name))
+    metrics.atomic_write_text(os.path.join(out, "routing_cost.md"), text)
+    metrics.atomic_write_text(os.path.join(out, "routing_cost.json"), json.dumps(table, indent=1))
 
 
 if __name__ == "__main__":

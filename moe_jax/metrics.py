@@ -87,7 +87,8 @@ def _json_default(obj: Any) -> Any:
     return repr(obj)
 
 
-def _atomic_write_text(path: str, text: str) -> None:
+def atomic_write_text(path: str, text: str) -> None:
+    """Writes text to path through a temporary file and a rename: a reader never sees half a file."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -175,7 +176,7 @@ class MetricWriter:
                     continue
             kept.append(line)
         if dropped:
-            _atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+            atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Logs `metrics` at `step` (one JSON line + TensorBoard scalars)."""
@@ -205,7 +206,7 @@ class MetricWriter:
         if not self.active:
             return
         text = json.dumps(config, default=_json_default, indent=2, sort_keys=True)
-        _atomic_write_text(self.config_path, text + "\n")
+        atomic_write_text(self.config_path, text + "\n")
         if self._tb is not None:
             self._tb.add_text("config", "``\n" + text + "\n``", global_step=0)
 
