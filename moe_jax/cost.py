@@ -26,7 +26,7 @@ from absl import logging
 
 from moe_jax import parallel as parallel_lib
 from moe_jax import run_config, train_lib
-from moe_jax.hlo import COLLECTIVE_KINDS, Collective, walk_hlo
+from moe_jax.hlo import COLLECTIVE_KINDS, Collective, compile_partitioned, walk_hlo
 
 # LLVM optimisation off: the same optimised HLO, cost and memory analyses; about half the compile time.
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
@@ -69,9 +69,13 @@ class CostRecord:
                 for key in ("flops", "peak_memory", "bytes_accessed")}
 
 
-def record_of(compiled, dynamic_trip_count: Optional[int] = None) -> CostRecord:
-    """The CostRecord of an already compiled function (jax.stages.Compiled)."""
+def record_of(compiled, dynamic_trip_count: Optional[int] = None, collectives_from: Optional[str] = None
+              ) -> CostRecord:
+    """The CostRecord of an already compiled function (jax.stages.Compiled). collectives_from: an
+    HLO text to take the collectives from instead (the partitioned module: `_compile`)."""
     walk = walk_hlo(compiled.as_text(), dynamic_trip_count)
+    if collectives_from is not None:
+        walk.collectives = walk_hlo(collectives_from, dynamic_trip_count).collectives
     analysis = compiled.cost_analysis() or {}
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis  # a list in older jax
     memory = compiled.memory_analysis()
@@ -90,11 +94,21 @@ def record_of(compiled, dynamic_trip_count: Optional[int] = None) -> CostRecord:
         custom_calls=tuple(walk.custom_calls))
 
 
-def compiled_cost(fn, *args, dynamic_trip_count: Optional[int] = None, **kwargs) -> CostRecord:
+def _compile(lowered, dynamic_trip_count: Optional[int], partitioned: bool) -> CostRecord:
+    if not partitioned:
+        return record_of(lowered.compile(COMPILER_OPTIONS), dynamic_trip_count)
+    compiled, text = compile_partitioned(lowered, COMPILER_OPTIONS)
+    return record_of(compiled, dynamic_trip_count, collectives_from=text)
+
+
+def compiled_cost(fn, *args, dynamic_trip_count: Optional[int] = None, partitioned: bool = False,
+                  **kwargs) -> CostRecord:
     """Compiles fn (jitted, or jitted here) for args (arrays or jax.ShapeDtypeStruct, with
-    shardings where the step is sharded) and returns its per-device CostRecord."""
+    shardings where the step is sharded) and returns its per-device CostRecord. partitioned: the
+    collectives as XLA's SPMD partitioner emits them, in the program's dtypes (moe_jax.hlo.
+    compile_partitioned), not as the backend rewrote them."""
     jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
-    return record_of(jitted.lower(*args, **kwargs).compile(COMPILER_OPTIONS), dynamic_trip_count)
+    return _compile(jitted.lower(*args, **kwargs), dynamic_trip_count, partitioned)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,7 +139,7 @@ def parse_mesh(spec: str | Sequence[int]) -> MeshShape:
 
 
 def train_step_cost(config, mesh_shape: Optional[str | Sequence[int]] = None, *,
-                    dynamic_trip_count: Optional[int] = None) -> CostRecord:
+                    dynamic_trip_count: Optional[int] = None, partitioned: bool = False) -> CostRecord:
     """Per-device cost of one train step of the run config's model, from abstract inputs (nothing
     is allocated). mesh_shape: (data, expert, tensor[, expert_nodes]) or 'd,e,t[,nodes]', replacing
     config.mesh's sizes; None or one device: the single-device step (no mesh, no shard_map). A mesh
@@ -156,7 +170,8 @@ def train_step_cost(config, mesh_shape: Optional[str | Sequence[int]] = None, *,
                             (data, expert, tensor, nodes), num_devices, jax.device_count())
             mesh = parallel_lib.make_mesh(data, expert, tensor, nodes, devices=jax.devices()[:num_devices])
             m = run_config.mesh_settings(run)
-            par = parallel_lib.ParallelConfig(mesh, m.exchange, m.expert_slicing, m.row_exchange, m.shard_optimizer)
+            par = parallel_lib.ParallelConfig(mesh, m.exchange, m.expert_slicing, m.row_exchange, m.shard_optimizer,
+                                              m.grad_reduce_dtype)
         parallel_lib.validate(model_cfg, par, config.data.batch_size)
         step_fn = functools.partial(step_fn, parallel=par)
         out_shardings = parallel_lib.shardings(parallel_lib.state_specs(state, par, optimizer), par.mesh)
@@ -166,4 +181,4 @@ def train_step_cost(config, mesh_shape: Optional[str | Sequence[int]] = None, *,
                                          (state, batch, key), shardings)
         out_shardings = (out_shardings, None)
     step = jax.jit(step_fn, donate_argnums=(0,), out_shardings=out_shardings)
-    return record_of(step.lower(state, batch, key).compile(COMPILER_OPTIONS), dynamic_trip_count)
+    return _compile(step.lower(state, batch, key), dynamic_trip_count, partitioned)

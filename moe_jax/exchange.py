@@ -44,10 +44,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import experts as experts_lib
+from moe_jax import grad_precision
 from moe_jax import routing_trace
 from moe_jax.routing import Routing
 from moe_jax.parallel import BATCH_AXES, EXPERT_AXES, INTRA_NODE_AXES, ParallelConfig, param_specs
@@ -301,10 +302,13 @@ def sharded_moe(params: dict, tokens: jax.Array, *, moe, train: bool, rng, par: 
                          f"the {num_experts} experts of a layer over {par.group_size(num_experts)} devices; use one of "
                          f"{usable}, or mesh.expert=1")
     expert_specs = param_specs({"experts": params["experts"]}, par)["experts"]
+    experts_in, expert_specs, carried = _expert_copies(params["experts"], expert_specs, par)
     x_spec = P(BATCH_AXES)
     has_rng = rng is not None
 
     def body(x, gate, experts, key, code):
+        if carried:
+            experts = jax.tree.map(lambda c: c[0], experts)
         batch, length, model_dim = x.shape
         flat = x.reshape(-1, model_dim)
         if has_rng:  # a different stream per shard (RTS, jitter and noise are per-shard draws)
@@ -337,4 +341,28 @@ def sharded_moe(params: dict, tokens: jax.Array, *, moe, train: bool, rng, par: 
         stat_specs["routing_code"] = x_spec
     fn = jax.shard_map(body, mesh=par.mesh, in_specs=(x_spec, P(), expert_specs, P(), x_spec),
                        out_specs=(x_spec, stat_specs), check_vma=False)
-    return fn(tokens, params["gate"], params["experts"], key, replay)
+    return fn(tokens, params["gate"], experts_in, key, replay)
+
+
+def _expert_copies(experts: dict, specs: dict, par: ParallelConfig) -> tuple[dict, dict, bool]:
+    """(experts, in_specs, carried). Under a reduce dtype other than the weights' (moe_jax.
+    grad_precision) the expert weights enter shard_map as per-device copies over the mesh axes their
+    spec leaves out (batch axes, and tensor unless slicing), so that their gradient's sum over those
+    axes is taken in that dtype outside shard_map (shard_map sums a replicated input's cotangent in
+    the input's float32)."""
+    dtype = grad_precision.current()
+    if dtype is None or all(leaf.dtype == dtype for leaf in jax.tree.leaves(experts)):
+        return experts, specs, False
+
+    def carried_spec(spec):  # the copies' axis over the batch axes the weight is replicated over
+        named = {a for entry in spec if entry for a in (entry if isinstance(entry, tuple) else (entry,))}
+        missing = tuple(a for a in BATCH_AXES + ("tensor",) if a not in named and par.mesh.shape[a] > 1)
+        return P(missing or None, *spec)
+
+    def carry(leaf, spec):
+        axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
+        n = math.prod(par.mesh.shape[a] for a in axes)
+        return jax.lax.with_sharding_constraint(grad_precision.copies(n, leaf), NamedSharding(par.mesh, spec))
+
+    specs = jax.tree.map(carried_spec, specs, is_leaf=lambda x: isinstance(x, P))
+    return jax.tree.map(carry, experts, specs, is_leaf=lambda x: isinstance(x, P)), specs, True

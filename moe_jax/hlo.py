@@ -33,11 +33,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import re
+import tempfile
 from typing import Optional
 
+import jax
 import numpy as np
 from absl import logging
+from jax.experimental.compilation_cache import compilation_cache
 
 COLLECTIVE_KINDS = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
 _OPCODE_KIND = {**{k: k for k in COLLECTIVE_KINDS}, **{f"{k}-start": k for k in COLLECTIVE_KINDS},
@@ -263,3 +267,27 @@ def walk_hlo(text: str, dynamic_trip_count: Optional[int] = None) -> _Walk:
 # ----------------------------------------------------------------------------------------------
 # The cost record
 # ----------------------------------------------------------------------------------------------
+
+
+def compile_partitioned(lowered, options: Optional[dict] = None):
+    """(compiled, text): `lowered` compiled, and its module right after XLA's SPMD partitioner, with
+    the collectives in the dtypes the program asks for. A backend rewrites them afterwards: XLA:CPU
+    promotes bfloat16 all-reduces, reduce-scatters, all-gathers and all-to-alls to float32 (a GPU
+    runs them in bfloat16), and GPU fuses an all-reduce and a slice into a reduce-scatter."""
+    # A persistent-cache hit runs no pass and dumps nothing (dump options are not in the cache key):
+    # the cache is off for this compile (reset_cache makes jax read the setting again).
+    cached = jax.config.jax_enable_compilation_cache
+    with tempfile.TemporaryDirectory() as directory:
+        jax.config.update("jax_enable_compilation_cache", False)
+        compilation_cache.reset_cache()
+        try:
+            compiled = lowered.compile({**(options or {}), "xla_dump_to": directory,
+                                        "xla_dump_hlo_pass_re": "spmd-partitioning"})
+        finally:
+            jax.config.update("jax_enable_compilation_cache", cached)
+            compilation_cache.reset_cache()
+        dumps = sorted(f for f in os.listdir(directory) if "after_spmd-partitioning" in f)
+        if not dumps:
+            raise RuntimeError(f"XLA wrote no module after spmd-partitioning (files: {os.listdir(directory)})")
+        with open(os.path.join(directory, dumps[-1])) as f:
+            return compiled, f.read()

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import experts as experts_lib
+from moe_jax import grad_precision
 from moe_jax import tied_embedding
 from moe_jax.config import ModelConfig
 from moe_jax.moe import MLP, ROUTER_STATE, ROUTING_RECORD, ROUTING_REPLAY, MoELayer
@@ -72,7 +73,7 @@ class Attention(nn.Module):
         w_out = self.param("out_kernel", nn.initializers.normal(self.out_std), (model_dim, model_dim),
                            self.param_dtype)
         b_out = self.param("out_bias", nn.initializers.zeros, (model_dim,), self.param_dtype)
-        qkv = x @ w_qkv.astype(dtype) + b_qkv.astype(dtype)
+        qkv = grad_precision.add_bias(grad_precision.matmul("btm,mf->btf", x, w_qkv.astype(dtype)), b_qkv)
         # Columns are head-major (head, q/k/v, dim): splitting them over tensor ranks gives each rank
         # whole heads' q, k and v, so attention runs on local heads with no all-gather.
         qkv = qkv.reshape(batch, length, self.num_heads, 3, head_dim)
@@ -88,7 +89,7 @@ class Attention(nn.Module):
                                    kv_valid=cache.get("valid"))
             new_cache = {**cache, "k": keys, "v": values, "index": index + length}
         out = out.reshape(batch, length, model_dim)
-        return out @ w_out.astype(dtype) + b_out.astype(dtype), new_cache
+        return grad_precision.add_bias(grad_precision.matmul("btm,mf->btf", out, w_out.astype(dtype)), b_out), new_cache
 
 
 class Block(nn.Module):
@@ -162,8 +163,8 @@ class GPT(nn.Module):
         if tied:
             logits = tied_embedding.logits(wte_copies, x, self.parallel, compute_dtype)
         else:
-            logits = jnp.einsum("btm,vm->btv", x.astype(compute_dtype), wte.astype(compute_dtype),
-                                preferred_element_type=jnp.float32)
+            logits = grad_precision.matmul("btm,vm->btv", x.astype(compute_dtype), wte.astype(compute_dtype),
+                                           preferred_element_type=jnp.float32)
         zero = jnp.zeros((), jnp.float32)
         aux = {
             "aux_loss": sum((s["aux_loss"] for _, s in layer_stats), zero),

@@ -25,6 +25,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import experts as experts_lib
+from moe_jax import grad_precision
 from moe_jax import exchange as exchange_lib
 from moe_jax import parallel as parallel_lib
 from moe_jax import routing_trace
@@ -95,8 +96,9 @@ def group_limit_mask(scores: jax.Array, groups: int, limit: int) -> jax.Array:
 
 def dense_mlp(mlp: dict, x: jax.Array) -> jax.Array:
     dtype = x.dtype
-    hidden = experts_lib.gelu(x @ mlp["w1"].astype(dtype) + mlp["b1"].astype(dtype))
-    return hidden @ mlp["w2"].astype(dtype) + mlp["b2"].astype(dtype)
+    hidden = grad_precision.matmul("...m,mf->...f", x, mlp["w1"].astype(dtype))
+    hidden = experts_lib.gelu(grad_precision.add_bias(hidden, mlp["b1"]))
+    return grad_precision.add_bias(grad_precision.matmul("...f,fm->...m", hidden, mlp["w2"].astype(dtype)), mlp["b2"])
 
 
 def residual_coefficient(coef: dict, x: jax.Array) -> jax.Array:

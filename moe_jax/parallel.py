@@ -16,8 +16,8 @@ Parameters (partition rules by name, `param_specs`):
   dense MLP w1 [M, F] (None, tensor), w2 [F, M] (tensor, None); residual MLP and shared experts likewise
   experts w1 [E, M, F] (EP, None, tensor if expert_slicing), w2 [E, F, M] (EP, tensor if slicing, None)
   everything else (embeddings, LayerNorm, gates, coefficients) replicated.
-The dense part runs under GSPMD (jit with these shardings); each MoE layer runs under
-`jax.shard_map` (moe_jax.exchange: route locally, move tokens to their experts' devices, run, return).
+The dense part runs under GSPMD (jit with these shardings); each MoE layer under `jax.shard_map`
+(moe_jax.exchange). Gradients are reduced in `grad_reduce_dtype` (moe_jax.grad_precision).
 
 Exchanges (`exchange`), the topology of the all_to_all and what tensor ranks do:
   "auto"          (default) "coordinated" when tensor > 1 without expert slicing, else "flat"
@@ -49,10 +49,9 @@ and the optimizer memory per device divided by the data-parallel degree. The ari
 update is elementwise, so only the gradient norm's summation order differs from the replicated
 optimizer (float32 rounding).
 
-Load-balancing loss: the per-expert gate and token fractions are averaged over the whole batch
-(all shards) before their product is taken, so the loss equals the single-device loss exactly.
-(DeepSpeed averages per-shard losses instead.) Capacity, dropping and random token selection stay
-per shard, as in DeepSpeed.
+Load-balancing loss: the per-expert gate and token fractions are averaged over the whole batch (all
+shards) before their product is taken, so the loss equals the single-device loss exactly (DeepSpeed
+averages per-shard losses). Capacity, dropping and random token selection stay per shard, as in DeepSpeed.
 """
 
 from __future__ import annotations
@@ -63,12 +62,12 @@ import re
 from typing import Optional
 
 from absl import logging
-
 import jax
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from moe_jax import grad_precision
 from moe_jax.pytree import path_name
 
 AXES = ("data", "expert_node", "expert_replica", "expert", "tensor")
@@ -102,6 +101,7 @@ class ParallelConfig:
     expert_slicing: bool = False
     row_exchange: str = "auto"  # ROW_EXCHANGES
     shard_optimizer: bool = False  # ZeRO-1: optimizer state split over the batch axes (module docstring)
+    grad_reduce_dtype: str = "float32"  # the dtype gradients are reduced in (moe_jax.grad_precision)
 
     def __post_init__(self):
         if tuple(self.mesh.axis_names) != AXES:
@@ -115,6 +115,7 @@ class ParallelConfig:
             _check_expert_axis_within_hosts(self.mesh)
         if self.row_exchange not in ROW_EXCHANGES:
             raise ValueError(f"mesh.row_exchange={self.row_exchange!r} is unknown; use one of {ROW_EXCHANGES}")
+        grad_precision.check_dtype(self.grad_reduce_dtype)
 
     @property
     def resolved_row_exchange(self) -> str:

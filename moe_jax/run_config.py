@@ -133,6 +133,7 @@ class MeshSettings:
     expert_slicing: bool = False
     row_exchange: str = "auto"  # rows exchange of dropless / serve: auto (ragged on GPU), bounded, ragged
     shard_optimizer: bool = True  # ZeRO-1: AdamW moments split over the data-parallel axes
+    grad_reduce_dtype: str = "float32"  # "bfloat16": gradients reduced in bf16 (moe_jax.grad_precision)
 
 
 def _top_level(config: ml_collections.ConfigDict) -> dict:
@@ -302,7 +303,8 @@ def parallel_config(config: ml_collections.ConfigDict) -> Optional[parallel_lib.
     group = parallel_lib.smallest_expert_group(model_config(config).layer_experts(), expert, m.expert_nodes)
     mesh = parallel_lib.make_mesh(m.data, m.expert, m.tensor, m.expert_nodes, expert_group=group)
     return parallel_lib.ParallelConfig(mesh, exchange=m.exchange, expert_slicing=m.expert_slicing,
-                                       row_exchange=m.row_exchange, shard_optimizer=m.shard_optimizer)
+                                       row_exchange=m.row_exchange, shard_optimizer=m.shard_optimizer,
+                                       grad_reduce_dtype=m.grad_reduce_dtype)
 
 
 def optim_config(config: ml_collections.ConfigDict) -> train_lib.OptimConfig:

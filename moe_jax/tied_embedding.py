@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from moe_jax import grad_precision
 from moe_jax.parallel import BATCH_AXES, ParallelConfig
 
 
@@ -31,8 +32,9 @@ def applies(par: Optional[ParallelConfig], batch_size: int) -> bool:
 
 
 def copies(wte: jax.Array, par: ParallelConfig) -> jax.Array:
-    """wte [V, M] -> [n, V, M], one copy per batch shard (n = the batch axes' size)."""
-    stacked = jnp.broadcast_to(wte[None], (par.batch_size_divisor, *wte.shape))
+    """wte [V, M] -> [n, V, M], one copy per batch shard (n = the batch axes' size). The gradient,
+    the sum over the copies, is taken in the reduce dtype when one is set (moe_jax.grad_precision)."""
+    stacked = grad_precision.copies(par.batch_size_divisor, wte)
     return jax.lax.with_sharding_constraint(stacked, jax.sharding.NamedSharding(par.mesh, P(BATCH_AXES)))
 
 
@@ -49,3 +51,4 @@ def logits(wte_copies: jax.Array, h: jax.Array, par: ParallelConfig, dtype) -> j
 
     return jax.shard_map(local, mesh=par.mesh, in_specs=(P(BATCH_AXES), P(BATCH_AXES)),
                          out_specs=P(BATCH_AXES))(wte_copies, h)
+

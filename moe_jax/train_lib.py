@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from moe_jax import balancing
+from moe_jax import grad_precision
 from moe_jax import model as model_lib
 from moe_jax.config import ModelConfig
 from moe_jax import parallel as parallel_lib
@@ -126,9 +127,10 @@ def train_step(state: dict, batch: dict, rng: jax.Array, hook_inputs: Any = None
     optimizer (moe_jax.balancing). Routing replay and recording: `loss_fn`."""
     rngs = step_rngs(rng, state["step"])
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, metrics), grads = grad_fn(state["params"], batch, model_cfg, rngs=rngs, train=True, step=state["step"],
-                                  loss_hook=loss_hook, hook_inputs=hook_inputs, parallel=parallel,
-                                  router_state=state.get("router_state"), record_routing=record_routing)
+    with grad_precision.reduce_gradients_in(None if parallel is None else parallel.grad_reduce_dtype):
+        (_, metrics), grads = grad_fn(state["params"], batch, model_cfg, rngs=rngs, train=True, step=state["step"],
+                                      loss_hook=loss_hook, hook_inputs=hook_inputs, parallel=parallel,
+                                      router_state=state.get("router_state"), record_routing=record_routing)
     if parallel is not None and parallel.shard_optimizer:  # ZeRO-1: reduced into shards (moe_jax.parallel)
         grads = jax.lax.with_sharding_constraint(
             grads, parallel_lib.shardings(parallel_lib.optimizer_specs(grads, parallel), parallel.mesh))
