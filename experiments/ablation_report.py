@@ -75,8 +75,10 @@ def judge_claims(table: dict, suites: list) -> list:
         if not common:
             continue
         diff = paired_stats.paired_difference([a[s] for s in common], [b[s] for s in common])
+        judged = paired_stats.verdict(diff, claim.margin)
+        needed = paired_stats.seeds_to_resolve(diff, claim.margin) if judged == paired_stats.NOT_RESOLVED else None
         out.append({**dataclasses.asdict(claim), **diff.as_dict(), "seeds": [int(s) for s in common],
-                    "split": split, "verdict": paired_stats.verdict(diff, claim.margin)})
+                    "split": split, "verdict": judged, "seeds_to_resolve": needed})
     return out
 
 
@@ -117,12 +119,17 @@ def markdown(table: dict, claims: list, suite: str, scale: str, tokens_per_step:
                   "difference of the final test loss (a - b, nats; the split column says where a run has only "
                   "validation) over the "
                   "seeds both variants have, 95% Student-t interval; \"holds\" when the interval lies below the "
-                  "threshold (0, or the parity margin), \"contradicted\" when it lies above, else \"not resolved\".",
+                  "threshold (0, or the parity margin), \"contradicted\" when it lies above, else \"not resolved\"; "
+                  "for an unresolved claim, the seeds at which an interval with the same mean and spread would "
+                  "exclude the threshold (a guide, not a promise).",
                   "", "| claim | a - b | split | mean | 95% interval | threshold | seeds | verdict |",
                   "|---|---|---|---|---|---|---|---|"]
         for c in claims:
+            needed = c.get("seeds_to_resolve")
+            judged = c["verdict"] + (f" (~{needed} seeds)" if needed else
+                                     " (> 200 seeds)" if c["verdict"] == paired_stats.NOT_RESOLVED else "")
             lines.append(f"| {c['text']} | {c['a']} - {c['b']} | {c.get('split', 'val')} | {c['mean']:+.4f} | "
-                         f"{_interval(c)} | {c['margin']:+.3f} | {c['n']} | {c['verdict']} |")
+                         f"{_interval(c)} | {c['margin']:+.3f} | {c['n']} | {judged} |")
     return "\n".join(lines) + "\n"
 
 

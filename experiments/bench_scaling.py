@@ -44,6 +44,10 @@ expert_nodes > 1 the devices that share a (data, expert_node) coordinate. Per de
             slice where a GPU runs a reduce-scatter: for every all-gather of updated parameters the
             same bytes of all-reduce are counted at reduce-scatter's traffic (half), so gradient
             reduction + gather cost one all-reduce, as they do on GPU.
+            With mesh.grad_reduce_dtype=bfloat16 the all-reduces and reduce-scatters are taken from
+            the module as XLA's SPMD partitioner emits it (moe_jax.cost, partitioned=True: in
+            bfloat16, where XLA:CPU's compile promotes them to float32) and the ZeRO correction is
+            applied to gradient bytes at 2 per element.
   overlap   a model of what XLA's latency-hiding scheduler can hide (the flags of moe_jax.xla_flags),
             per (dense, MoE) pair of layers in model order, from the compiled per-pair FLOPs and
             bytes (--extrapolate_layers; without it the step is split evenly over the pairs).
@@ -157,6 +161,7 @@ class Assumptions:
     flop_efficiency: float  # fraction of peak FLOP/s reached
     recompute: bool  # activation checkpointing: one more forward pass, a third of the step's FLOPs
     exchange_scale: float  # GPU / CPU bytes of an all-to-all element (XLA:CPU runs bf16 ones in float32)
+    gradient_scale: float = 1.0  # bytes of a reduced gradient element / of a parameter's (0.5: bf16 reduction)
 
 
 def summarize(record: cost.CostRecord, factor: int, split_nodes: bool, assume: Assumptions) -> dict:
@@ -187,7 +192,7 @@ def summarize(record: cost.CostRecord, factor: int, split_nodes: bool, assume: A
             # ZeRO-1 on a GPU: the gradient of each gathered parameter was reduced into shards, the
             # all-reduce + slice that XLA:CPU keeps fused into one reduce-scatter by GPU's pipeline
             # (ReduceScatterCreator): half an all-reduce's traffic for those bytes
-            out["other_s"] -= seconds
+            out["other_s"] -= seconds * assume.gradient_scale
     out["compute_s"] = record.flops * (4 / 3 if assume.recompute else 1) / (gpu.flops * assume.flop_efficiency)
     return out
 
@@ -216,7 +221,8 @@ def measure_parts(config, mesh, factor: int, assume: Assumptions, extrapolate: b
     """(the rest of the model, [each (dense, MoE) pair of layers in model order]) as summarize() dicts;
     without extrapolation the whole step is the rest and no pair (overlap_step splits it)."""
     def one(cfg):
-        return summarize(cost.train_step_cost(cfg, mesh), factor, cost.parse_mesh(mesh or "1,1,1")[3] > 1, assume)
+        record = cost.train_step_cost(cfg, mesh, partitioned=assume.gradient_scale != 1.0)
+        return summarize(record, factor, cost.parse_mesh(mesh or "1,1,1")[3] > 1, assume)
 
     if not extrapolate:
         return one(config), []
@@ -352,7 +358,8 @@ def main(argv):
         factor = target // n
         config = scale_config(f.config, factor)
         itemsize = config_dtype(run_config.model_config(config).compute_dtype).itemsize
-        assume = Assumptions(GPUS[f.gpu], f.flop_efficiency, f.recompute, min(1.0, itemsize / 4))
+        reduce_itemsize = config_dtype(config.mesh.grad_reduce_dtype).itemsize
+        assume = Assumptions(GPUS[f.gpu], f.flop_efficiency, f.recompute, min(1.0, itemsize / 4), reduce_itemsize / 4)
         base, pairs = measure_parts(config, f.mesh, factor, assume, f.extrapolate_layers)
         mine = _combine([(1, base)] + [(1, pair) for pair in pairs])
         overlap = overlap_step(base, pairs, run_config.model_config(config).num_layers // 2)

@@ -108,3 +108,17 @@ def verdict(diff: PairedDifference, threshold: float = 0.0) -> str:
     if diff.low > threshold:
         return CONTRADICTED
     return NOT_RESOLVED
+
+
+def seeds_to_resolve(diff: PairedDifference, threshold: float = 0.0, limit: int = 200) -> Optional[int]:
+    """The smallest n at which an interval with this mean and standard deviation would exclude
+    `threshold` (t quantile at n - 1 degrees of freedom): a guide to how many seeds an unresolved
+    claim needs if its mean and spread stayed as they are, not a promise. None: more than `limit`, or
+    the mean sits on the threshold."""
+    gap = abs(diff.mean - threshold)
+    if diff.n < 2 or gap == 0.0:
+        return None
+    for n in range(2, limit + 1):
+        if t_quantile(0.5 + diff.confidence / 2, n - 1) * diff.std / math.sqrt(n) < gap:
+            return n
+    return None

@@ -57,3 +57,13 @@ def test_one_seed_gives_no_interval():
         paired_stats.paired_difference([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="df=0"):
         paired_stats.t_quantile(0.975, 0)
+
+
+def test_seeds_to_resolve_is_where_the_interval_first_excludes_the_threshold():
+    diff = paired_stats.paired_difference([0.0, 0.1, 0.02, 0.05], [0.0, 0.0, 0.0, 0.0])  # mean 0.0425
+    assert paired_stats.verdict(diff) == paired_stats.NOT_RESOLVED
+    n = paired_stats.seeds_to_resolve(diff)
+    half = [paired_stats.t_quantile(0.975, m - 1) * diff.std / m ** 0.5 for m in (n - 1, n)]
+    assert half[0] >= diff.mean > half[1]  # n - 1 seeds would not exclude 0, n would
+    assert paired_stats.seeds_to_resolve(diff, threshold=diff.mean) is None  # a mean on the margin never resolves
+    assert paired_stats.seeds_to_resolve(diff, threshold=0.04, limit=20) is None  # beyond the limit
