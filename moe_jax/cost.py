@@ -28,6 +28,7 @@ from moe_jax import parallel as parallel_lib
 from moe_jax import run_config, train_lib
 from moe_jax.hlo import COLLECTIVE_KINDS, Collective, compile_partitioned, walk_hlo
 
+REDUCTIONS = ("all-reduce", "reduce-scatter")
 # LLVM optimisation off: the same optimised HLO, cost and memory analyses; about half the compile time.
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
@@ -69,13 +70,14 @@ class CostRecord:
                 for key in ("flops", "peak_memory", "bytes_accessed")}
 
 
-def record_of(compiled, dynamic_trip_count: Optional[int] = None, collectives_from: Optional[str] = None
+def record_of(compiled, dynamic_trip_count: Optional[int] = None, reductions_from: Optional[str] = None
               ) -> CostRecord:
-    """The CostRecord of an already compiled function (jax.stages.Compiled). collectives_from: an
-    HLO text to take the collectives from instead (the partitioned module: `_compile`)."""
+    """The CostRecord of an already compiled function (jax.stages.Compiled). reductions_from: an HLO
+    text to take the all-reduces and reduce-scatters from instead (the partitioned module, `_compile`)."""
     walk = walk_hlo(compiled.as_text(), dynamic_trip_count)
-    if collectives_from is not None:
-        walk.collectives = walk_hlo(collectives_from, dynamic_trip_count).collectives
+    if reductions_from is not None:
+        reductions = [c for c in walk_hlo(reductions_from, dynamic_trip_count).collectives if c.kind in REDUCTIONS]
+        walk.collectives = [c for c in walk.collectives if c.kind not in REDUCTIONS] + reductions
     analysis = compiled.cost_analysis() or {}
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis  # a list in older jax
     memory = compiled.memory_analysis()
@@ -98,15 +100,16 @@ def _compile(lowered, dynamic_trip_count: Optional[int], partitioned: bool) -> C
     if not partitioned:
         return record_of(lowered.compile(COMPILER_OPTIONS), dynamic_trip_count)
     compiled, text = compile_partitioned(lowered, COMPILER_OPTIONS)
-    return record_of(compiled, dynamic_trip_count, collectives_from=text)
+    return record_of(compiled, dynamic_trip_count, reductions_from=text)
 
 
 def compiled_cost(fn, *args, dynamic_trip_count: Optional[int] = None, partitioned: bool = False,
                   **kwargs) -> CostRecord:
     """Compiles fn (jitted, or jitted here) for args (arrays or jax.ShapeDtypeStruct, with
     shardings where the step is sharded) and returns its per-device CostRecord. partitioned: the
-    collectives as XLA's SPMD partitioner emits them, in the program's dtypes (moe_jax.hlo.
-    compile_partitioned), not as the backend rewrote them."""
+    all-reduces and reduce-scatters (the gradient reductions) as XLA's SPMD partitioner emits them,
+    in the dtypes the program reduces in (moe_jax.hlo.compile_partitioned: XLA:CPU promotes bfloat16
+    ones to float32 afterwards, a GPU keeps them); everything else as compiled."""
     jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
     return _compile(jitted.lower(*args, **kwargs), dynamic_trip_count, partitioned)
 

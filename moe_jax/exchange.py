@@ -35,7 +35,8 @@ sends the copies of 1/tp of the tokens, and a layer that is not split runs 1/tp 
 slots (buffer paths) or of its tokens (rows paths) per rank.
 
 The hierarchical exchange runs each all_to_all as an intra-node stage over `expert` and an
-inter-node stage over `expert_node` (moe_jax.parallel).
+inter-node stage over `expert_node` (moe_jax.parallel); "node_dedup" sends each token to a node
+once and fans it out there (moe_jax.node_exchange; capacity-buffer paths).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import experts as experts_lib
 from moe_jax import grad_precision
+from moe_jax import node_exchange
 from moe_jax import routing_trace
 from moe_jax.routing import Routing
 from moe_jax.parallel import BATCH_AXES, EXPERT_AXES, INTRA_NODE_AXES, ParallelConfig, param_specs
@@ -77,7 +79,7 @@ def _sliced(par: ParallelConfig) -> bool:
 
 def _split_over_tensor(par: ParallelConfig) -> bool:
     """Whether tensor ranks share out the expert work (else it is sliced or repeated)."""
-    return par.tensor_size > 1 and not par.expert_slicing and par.resolved_exchange != "flat"
+    return par.tensor_size > 1 and not par.expert_slicing and par.resolved_exchange not in ("flat", "node_dedup")
 
 
 def _expert_ffn(experts: dict, buffer: jax.Array, par: ParallelConfig) -> jax.Array:
@@ -303,6 +305,10 @@ def sharded_moe(params: dict, tokens: jax.Array, *, moe, train: bool, rng, par: 
                          f"{usable}, or mesh.expert=1")
     expert_specs = param_specs({"experts": params["experts"]}, par)["experts"]
     experts_in, expert_specs, carried = _expert_copies(params["experts"], expert_specs, par)
+    dedup = par.exchange == "node_dedup" and axes == EXPERT_AXES and par.mesh.shape["expert_node"] > 1
+    if dedup and path.payload != "buffer":
+        raise ValueError(f"mesh.exchange='node_dedup' needs a capacity-buffer dispatch path (moe.dispatch einsum "
+                         f"or gather), not {moe.dispatch!r}; or use mesh.exchange='hierarchical'")
     x_spec = P(BATCH_AXES)
     has_rng = rng is not None
 
@@ -320,6 +326,9 @@ def sharded_moe(params: dict, tokens: jax.Array, *, moe, train: bool, rng, par: 
         overflow = jnp.zeros(routing.kept.shape, bool)
         if not sharded:
             y = local_layer(flat, routing, experts, par, path, moe.dispatch)
+        elif dedup:
+            y, overflow = node_exchange.exchange(flat, routing, experts, par, moe.route_group_limit,
+                                                 lambda e, b: _expert_ffn(e, b, par))
         elif path.payload == "buffer":
             y = buffer_exchange(flat, routing, experts, par, path, axes)
         else:

@@ -27,8 +27,8 @@ Exchanges (`exchange`), the topology of the all_to_all and what tensor ranks do:
                   work and all-gather the results (DeepSpeed's tensor-coordinated exchange)
   "hierarchical"  intra-node all_to_all over `expert`, then inter-node over `expert_node`
                   (O(G + ep/G) hops), same result; tensor ranks share the work as "coordinated"
-Expert slicing (`expert_slicing=True`) instead splits each expert's FFN dimension over `tensor`;
-partial outputs are summed over `tensor`.
+  "node_dedup"    each token crosses to a node once, then fans out within it (moe_jax.node_exchange)
+Expert slicing (`expert_slicing=True`) splits each expert's FFN dimension over `tensor` instead.
 
 Layers with fewer experts than the expert group (Pyramid-MoE) follow DeepSpeed's rule: such a
 layer's expert-parallel group is min(ep, E_layer) devices and the rest is expert-data parallelism.
@@ -74,7 +74,7 @@ AXES = ("data", "expert_node", "expert_replica", "expert", "tensor")
 EXPERT_AXES = ("expert_node", "expert_replica", "expert")
 INTRA_NODE_AXES = ("expert_replica", "expert")  # the first stage of the hierarchical exchange
 BATCH_AXES = ("data",) + EXPERT_AXES
-EXCHANGES = ("auto", "flat", "hierarchical", "coordinated")
+EXCHANGES = ("auto", "flat", "hierarchical", "coordinated", "node_dedup")
 # How the rows exchange (dispatch paths "dropless", "serve") moves token copies: "bounded" sends
 # every device a fixed number of rows with all_to_all (XLA:CPU has no ragged collective); "ragged"
 # sends only the rows that exist with ragged_all_to_all (GPU); "auto": ragged on GPU meshes.
@@ -111,8 +111,8 @@ class ParallelConfig:
         if self.exchange == "coordinated" and self.expert_slicing:
             raise ValueError("mesh.exchange='coordinated' splits tokens over tensor ranks and "
                              "mesh.expert_slicing=True splits experts over them; choose one")
-        if self.exchange == "hierarchical":
-            _check_expert_axis_within_hosts(self.mesh)
+        if self.exchange in ("hierarchical", "node_dedup"):
+            _check_expert_axis_within_hosts(self.mesh, self.exchange)
         if self.row_exchange not in ROW_EXCHANGES:
             raise ValueError(f"mesh.row_exchange={self.row_exchange!r} is unknown; use one of {ROW_EXCHANGES}")
         grad_precision.check_dtype(self.grad_reduce_dtype)
@@ -168,7 +168,7 @@ class ParallelConfig:
         return bool(self.layer_axes(num_experts))
 
 
-def _check_expert_axis_within_hosts(mesh: jax.sharding.Mesh) -> None:
+def _check_expert_axis_within_hosts(mesh: jax.sharding.Mesh, exchange: str) -> None:
     """The hierarchical exchange's first stage runs over (expert_replica, expert) as the intra-node
     stage: every group of devices along those axes must live in one process (host)."""
     intra = [AXES.index(a) for a in INTRA_NODE_AXES]
@@ -178,7 +178,7 @@ def _check_expert_axis_within_hosts(mesh: jax.sharding.Mesh) -> None:
         hosts = sorted({device.process_index for device in group})
         if len(hosts) > 1:
             raise ValueError(
-                f"mesh.exchange='hierarchical' runs its intra-node stage within each node's expert devices, but "
+                f"mesh.exchange={exchange!r} runs its intra-node stage within each node's expert devices, but "
                 f"the mesh {dict(mesh.shape)} puts devices of processes {hosts} in one node's group; set "
                 "mesh.expert_nodes so that mesh.expert / expert_nodes devices sit in each host, or use "
                 "mesh.exchange='flat'")
