@@ -120,6 +120,9 @@ class MoEConfig:
     # route_group_limit of them, the groups with the highest best score for it. 0: no limit.
     route_groups: int = 0
     route_group_limit: int = 0
+    # mesh.exchange="node_dedup": each node's buffer holds this times the balanced share of tokens
+    # (moe_jax.node_exchange); above 1 fewer tokens lose their copies on a busy node, for more bytes.
+    node_capacity_factor: float = 1.0
 
     def __post_init__(self):
         object.__setattr__(self, "experts", parse_expert_list(self.experts))
@@ -138,6 +141,9 @@ class MoEConfig:
             if self.route_groups < 1 or not 1 <= self.route_group_limit <= self.route_groups:
                 raise ValueError(f"moe.route_group_limit={self.route_group_limit} needs moe.route_groups >= it "
                                  f"(got route_groups={self.route_groups}); 0 turns the limit off")
+        if not self.node_capacity_factor > 0:
+            raise ValueError(f"moe.node_capacity_factor={self.node_capacity_factor} must be > 0 "
+                             "(1.0: the balanced share)")
         if self.shared_experts < 0:
             raise ValueError(f"moe.shared_experts={self.shared_experts} must be >= 0 (0: none)")
         if self.residual and self.k != 1:

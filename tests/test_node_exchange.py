@@ -47,7 +47,8 @@ def _shard_reference(params, tokens, moe, nodes, limit):
     routing = moe_lib.route(params["gate"], tokens, moe=moe, train=True, rng=None)
     expert, weight = np.asarray(routing.expert_index), np.asarray(routing.weight)
     kept = np.asarray(routing.kept).copy()
-    cap = node_exchange.node_capacity(tokens.shape[0], routing.capacity, E, moe.k, nodes, limit)
+    cap = node_exchange.node_capacity(tokens.shape[0], routing.capacity, E, moe.k, nodes, limit,
+                                      moe.node_capacity_factor)
     node = expert // (E // nodes)
     for g in range(nodes):
         wanting = [s for s in range(tokens.shape[0]) if np.any(kept[s] & (node[s] == g))]
@@ -62,9 +63,9 @@ def _shard_reference(params, tokens, moe, nodes, limit):
     return y, kept, np.asarray(routing.kept)
 
 
-@pytest.mark.parametrize("limit", [1, 0])
-def test_with_dropping_equal_to_a_per_shard_loop_with_node_capacity(limit):
-    moe = _moe(limit, capacity_factor=0.5, min_capacity=0)
+@pytest.mark.parametrize("limit, factor", [(1, 1.0), (0, 1.0), (1, 1.5)])
+def test_with_dropping_equal_to_a_per_shard_loop_with_node_capacity(limit, factor):
+    moe = _moe(limit, capacity_factor=0.5, min_capacity=0, node_capacity_factor=factor)
     params = moe_layer_params(E, M, F, 7)
     x = jax.random.normal(jax.random.key(8), (16, 8, M))  # 16 tokens per shard on 8 devices
     par = parallel.ParallelConfig(parallel.make_mesh(1, 8, 1, expert_nodes=2), exchange="node_dedup")
@@ -75,7 +76,7 @@ def test_with_dropping_equal_to_a_per_shard_loop_with_node_capacity(limit):
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
     node_dropped = sum(int(np.sum(routed & ~sent)) for _, sent, routed in results)
     copies = x.shape[0] * x.shape[1] * moe.k
-    if limit:
+    if limit and factor == 1.0:
         assert node_dropped > 0  # the node capacity bites at this size
     np.testing.assert_allclose(stats["overflow_fraction"], node_dropped / copies, rtol=1e-6)
     kept_total = sum(int(np.sum(sent)) for _, sent, _ in results)
