@@ -160,6 +160,7 @@ def test_bf16_reduction_halves_the_gradient_bytes_of_the_partitioned_step(mesh, 
     assert gradient_share[0] < low_bytes / f32_bytes < gradient_share[1]
 
 
+@pytest.mark.slow  # the unit tests above check matmul and add_bias under bf16 compute
 def test_float32_reduction_under_bf16_compute_keeps_weight_gradients_float32(monkeypatch):
     """bfloat16 compute alone would reduce the matmul weights' gradients in bfloat16 (autodiff makes
     them in the weights' compute dtype); grad_reduce_dtype=float32, the default, makes them float32."""
