@@ -327,8 +327,7 @@ def sharded_moe(params: dict, tokens: jax.Array, *, moe, train: bool, rng, par: 
         if not sharded:
             y = local_layer(flat, routing, experts, par, path, moe.dispatch)
         elif dedup:
-            y, overflow = node_exchange.exchange(flat, routing, experts, par, moe.route_group_limit,
-                                                 lambda e, b: _expert_ffn(e, b, par), moe.node_capacity_factor)
+            y, overflow = node_exchange.exchange(flat, routing, experts, par, moe, lambda e, b: _expert_ffn(e, b, par))
         elif path.payload == "buffer":
             y = buffer_exchange(flat, routing, experts, par, path, axes)
         else:

@@ -20,9 +20,10 @@ Covered: the weight matmuls that run under GSPMD (attention, the dense FFN, Resi
 shared experts, the untied logits) through `matmul`; the weights that enter shard_map (the experts
 on every dispatch path, the tied embedding) through `copies`: per-device copies whose sum, the
 gradient's reduction, is taken in the reduce dtype (their matmuls inside shard_map are local).
-Left in float32: biases and LayerNorm scales outside the experts, the position embedding, the gate
-and the Residual-MoE coefficient: vectors and [M, E] matrices, 0.5-1% of the tiny model's gradient
-bytes, and the router's numerics.
+Biases and LayerNorm scales outside the experts, the position embedding, the gate and the
+Residual-MoE coefficient are reduced as autodiff makes them (float32 under float32 compute, and
+`add_bias` keeps bias sums float32 under a float32 reduction with bfloat16 compute): vectors and
+[M, E] matrices, 0.5-1% of the tiny model's gradient bytes, and the router's numerics.
 """
 
 from __future__ import annotations
@@ -59,31 +60,34 @@ def current() -> Optional[jnp.dtype]:
     return _REDUCE_DTYPE.get()
 
 
-def matmul(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
-    """jnp.einsum(spec, x, w), with w's gradient made in the reduce dtype. spec: "<x>,<w>-><out>",
-    a matmul (every index of w appears in x or the output, none repeated)."""
-    dtype = _REDUCE_DTYPE.get()
-    if dtype is None or dtype == w.dtype:
-        return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
-    return _matmul(spec, dtype, preferred_element_type, x, w)
+def matmul(spec: str, x: jax.Array, w: jax.Array, dtype=None, preferred_element_type=None) -> jax.Array:
+    """jnp.einsum(spec, x, w.astype(dtype)) (dtype: the compute dtype, None: w's), with w's gradient
+    made in the reduce dtype and returned in w's own dtype (the parameter's float32: a float32
+    reduction under bfloat16 compute keeps float32 values). spec: "<x>,<w>-><out>", a matmul: no
+    index repeated, every index of w in x or the output and every index of x in w or the output."""
+    compute = jnp.dtype(dtype or w.dtype)
+    reduce = _REDUCE_DTYPE.get()
+    if reduce is None or reduce == compute:
+        return jnp.einsum(spec, x, w.astype(compute), preferred_element_type=preferred_element_type)
+    return _matmul(spec, reduce, compute, preferred_element_type, x, w)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _matmul(spec, dtype, preferred, x, w):
-    return jnp.einsum(spec, x, w, preferred_element_type=preferred)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _matmul(spec, reduce, compute, preferred, x, w):
+    return jnp.einsum(spec, x, w.astype(compute), preferred_element_type=preferred)
 
 
-def _matmul_fwd(spec, dtype, preferred, x, w):
-    return _matmul(spec, dtype, preferred, x, w), (x, w)
+def _matmul_fwd(spec, reduce, compute, preferred, x, w):
+    return _matmul(spec, reduce, compute, preferred, x, w), (x, w)
 
 
-def _matmul_bwd(spec, dtype, preferred, residuals, g):
+def _matmul_bwd(spec, reduce, compute, preferred, residuals, g):
     x, w = residuals
     inputs, out = spec.split("->")
     x_spec, w_spec = inputs.split(",")
-    d_x = jnp.einsum(f"{out},{w_spec}->{x_spec}", g, w, preferred_element_type=jnp.float32).astype(x.dtype)
-    d_w = jnp.einsum(f"{x_spec},{out}->{w_spec}", x, g, preferred_element_type=dtype)
-    return d_x, d_w.astype(w.dtype)
+    d_x = jnp.einsum(f"{out},{w_spec}->{x_spec}", g, w.astype(compute), preferred_element_type=jnp.float32)
+    d_w = jnp.einsum(f"{x_spec},{out}->{w_spec}", x, g, preferred_element_type=reduce)
+    return d_x.astype(x.dtype), d_w.astype(w.dtype)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
@@ -123,30 +127,29 @@ def copies(n: int, w: jax.Array) -> jax.Array:
     dtype = _REDUCE_DTYPE.get()
     if dtype is None or dtype == w.dtype:
         return jnp.broadcast_to(w[None], (n, *w.shape))
-    return _copies(n, w)
+    return _copies(n, dtype, w)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _copies(n, w):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _copies(n, dtype, w):
     return jnp.broadcast_to(w[None], (n, *w.shape))
 
 
-def _copies_fwd(n, w):
-    return _copies(n, w), None
+def _copies_fwd(n, dtype, w):
+    return _copies(n, dtype, w), None
 
 
-def _copies_bwd(n, _, cotangent):
-    return (sum_copies(cotangent),)
+def _copies_bwd(n, dtype, _, cotangent):
+    return (sum_copies(cotangent, dtype),)
 
 
 _copies.defvjp(_copies_fwd, _copies_bwd)
 
 
-def sum_copies(copies_cotangent: jax.Array) -> jax.Array:
-    """The sum over axis 0 (the per-device copies of a weight), done in the reduce dtype when one
-    is set (lax.reduce in that dtype: jnp.sum would upcast a bfloat16 sum to float32)."""
-    dtype = _REDUCE_DTYPE.get()
-    if dtype is None or dtype == copies_cotangent.dtype:
+def sum_copies(copies_cotangent: jax.Array, dtype=None) -> jax.Array:
+    """The sum over axis 0 (the per-device copies of a weight), in `dtype` when it is lower than the
+    cotangent's (lax.reduce in that dtype: jnp.sum would upcast a bfloat16 sum to float32)."""
+    if dtype is None or jnp.dtype(dtype) == copies_cotangent.dtype:
         return jnp.sum(copies_cotangent, axis=0)
     low = copies_cotangent.astype(dtype)
     return jax.lax.reduce(low, jnp.zeros((), dtype), jax.lax.add, (0,)).astype(copies_cotangent.dtype)

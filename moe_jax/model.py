@@ -73,7 +73,7 @@ class Attention(nn.Module):
         w_out = self.param("out_kernel", nn.initializers.normal(self.out_std), (model_dim, model_dim),
                            self.param_dtype)
         b_out = self.param("out_bias", nn.initializers.zeros, (model_dim,), self.param_dtype)
-        qkv = grad_precision.add_bias(grad_precision.matmul("btm,mf->btf", x, w_qkv.astype(dtype)), b_qkv)
+        qkv = grad_precision.add_bias(grad_precision.matmul("btm,mf->btf", x, w_qkv, dtype), b_qkv)
         # Columns are head-major (head, q/k/v, dim): splitting them over tensor ranks gives each rank
         # whole heads' q, k and v, so attention runs on local heads with no all-gather.
         qkv = qkv.reshape(batch, length, self.num_heads, 3, head_dim)
@@ -89,7 +89,7 @@ class Attention(nn.Module):
                                    kv_valid=cache.get("valid"))
             new_cache = {**cache, "k": keys, "v": values, "index": index + length}
         out = out.reshape(batch, length, model_dim)
-        return grad_precision.add_bias(grad_precision.matmul("btm,mf->btf", out, w_out.astype(dtype)), b_out), new_cache
+        return grad_precision.add_bias(grad_precision.matmul("btm,mf->btf", out, w_out, dtype), b_out), new_cache
 
 
 class Block(nn.Module):
@@ -163,7 +163,7 @@ class GPT(nn.Module):
         if tied:
             logits = tied_embedding.logits(wte_copies, x, self.parallel, compute_dtype)
         else:
-            logits = grad_precision.matmul("btm,vm->btv", x.astype(compute_dtype), wte.astype(compute_dtype),
+            logits = grad_precision.matmul("btm,vm->btv", x.astype(compute_dtype), wte, compute_dtype,
                                            preferred_element_type=jnp.float32)
         zero = jnp.zeros((), jnp.float32)
         aux = {

@@ -96,9 +96,9 @@ def group_limit_mask(scores: jax.Array, groups: int, limit: int) -> jax.Array:
 
 def dense_mlp(mlp: dict, x: jax.Array) -> jax.Array:
     dtype = x.dtype
-    hidden = grad_precision.matmul("...m,mf->...f", x, mlp["w1"].astype(dtype))
+    hidden = grad_precision.matmul("...m,mf->...f", x, mlp["w1"], dtype)
     hidden = experts_lib.gelu(grad_precision.add_bias(hidden, mlp["b1"]))
-    return grad_precision.add_bias(grad_precision.matmul("...f,fm->...m", hidden, mlp["w2"].astype(dtype)), mlp["b2"])
+    return grad_precision.add_bias(grad_precision.matmul("...f,fm->...m", hidden, mlp["w2"], dtype), mlp["b2"])
 
 
 def residual_coefficient(coef: dict, x: jax.Array) -> jax.Array:

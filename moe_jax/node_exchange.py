@@ -15,11 +15,11 @@ split over G nodes (`expert_node`) of L devices each (`expert_replica` x `expert
 
 Capacity. A source device sends a node at most C_node = min(S, ceil(f * C * E * reach / (k * G)))
 rows (S its tokens, C the layer's expert capacity, reach = the most nodes a token can use: min(k, G),
-or `moe.route_group_limit` when routing is group-limited over the G nodes, f =
-`moe.node_capacity_factor`): C * E / k is the tokens the capacity factor admits, reach / G the share
-of them a node receives when routing is balanced.
+and under group-limited routing at most m groups' nodes, f = `moe.node_capacity_factor`): C * E / k
+is the tokens the capacity factor admits, reach / G the share of them a node receives when routing
+is balanced. Expert-choice routing (each expert takes C tokens) sends a node up to C * E / G rows.
 Tokens past a node's C_node are dropped for that node (their copies there count as dropped, as the
-rows exchange's overflow does); with no token dropping (C = S) nothing is. The intra-node stage
+rows exchange's overflow does); with no token dropping (C = S) C_node = S and nothing is. The intra-node stage
 needs no new bound: a device receives at most C copies per expert from each of G sources.
 
 What it saves: the inter-node stage carries G * C_node rows per device where the hierarchical one
@@ -38,19 +38,28 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from moe_jax.config import MoEConfig
 from moe_jax.parallel import INTRA_NODE_AXES, ParallelConfig
 from moe_jax.routing import Routing
 
 
-def node_capacity(num_tokens: int, capacity: int, num_experts: int, k: int, nodes: int, group_limit: int = 0,
-                  factor: float = 1.0) -> int:
-    """Rows a device sends each node (module docstring)."""
-    reach = min(k, nodes, group_limit or k)
+def node_capacity(num_tokens: int, capacity: int, num_experts: int, k: int, nodes: int, *, groups: int = 0,
+                  group_limit: int = 0, factor: float = 1.0, column_per_expert: bool = False) -> int:
+    """Rows a device sends each node (module docstring). groups / group_limit: moe.route_groups /
+    route_group_limit (a group spans ceil(nodes / groups) nodes); column_per_expert: expert-choice
+    routing, whose E / G experts on a node take C tokens each."""
+    if capacity >= num_tokens:  # no token dropping: no node may drop either
+        return num_tokens
+    if column_per_expert:
+        return max(1, min(num_tokens, math.ceil(factor * capacity * num_experts / nodes)))
+    reach = min(k, nodes)
+    if group_limit:
+        reach = min(reach, group_limit * -(-nodes // groups))
     return max(1, min(num_tokens, math.ceil(factor * capacity * num_experts * reach / (k * nodes))))
 
 
-def exchange(tokens: jax.Array, routing: Routing, experts: dict, par: ParallelConfig, group_limit: int,
-             expert_ffn: Callable[[dict, jax.Array], jax.Array], factor: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def exchange(tokens: jax.Array, routing: Routing, experts: dict, par: ParallelConfig, moe: MoEConfig,
+             expert_ffn: Callable[[dict, jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
     """Local tokens [S, M] -> (y [S, M], overflow [S, k]: kept copies dropped at a node's capacity),
     through experts split over the whole expert group. expert_ffn(experts, [E_local, rows, M])."""
     nodes = par.mesh.shape["expert_node"]
@@ -58,7 +67,9 @@ def exchange(tokens: jax.Array, routing: Routing, experts: dict, par: ParallelCo
     num_tokens, model_dim = tokens.shape
     num_experts, k = routing.num_experts, routing.k
     per_node = num_experts // nodes
-    cap = node_capacity(num_tokens, routing.capacity, num_experts, k, nodes, group_limit, factor)
+    cap = node_capacity(num_tokens, routing.capacity, num_experts, k, nodes, groups=moe.route_groups,
+                        group_limit=moe.route_group_limit, factor=moe.node_capacity_factor,
+                        column_per_expert=routing.column_per_expert)
     # 1. the distinct tokens per destination node, in token order, at most `cap` each
     node = routing.expert_index // per_node  # [S, k]
     wanted = jnp.any(jax.nn.one_hot(node, nodes, dtype=jnp.bool_) & routing.kept[..., None], axis=1)  # [S, G]

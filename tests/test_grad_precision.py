@@ -44,6 +44,38 @@ def test_matmul_makes_the_weight_gradient_in_the_reduce_dtype(spec, x_shape, w_s
     assert not np.array_equal(dw, plain_dw)  # rounded to bfloat16 on the way
 
 
+def test_float32_reduction_under_bf16_compute_keeps_float32_values():
+    """bf16 activations and compute, float32 parameter: the weight gradient is made and returned in
+    float32 (autodiff would make it in bf16, the cast weight's dtype), with float32 values."""
+    x = jax.random.normal(jax.random.key(0), (4, 32, 8)).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (8, 6))
+    probe = jax.random.normal(jax.random.key(2), (4, 32, 6))
+
+    def grad(fn):
+        return jax.grad(lambda w: jnp.sum(fn(w).astype(jnp.float32) * probe))(w)
+
+    with grad_precision.reduce_gradients_in("float32"):
+        dw = grad(lambda w: grad_precision.matmul("btm,mf->btf", x, w, jnp.bfloat16))
+    want = jnp.einsum("btm,btf->mf", x.astype(jnp.float32), probe.astype(jnp.bfloat16).astype(jnp.float32))
+    np.testing.assert_allclose(dw, want, rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(dw, dw.astype(jnp.bfloat16).astype(jnp.float32))  # not rounded to bf16
+    autodiff = grad(lambda w: jnp.einsum("btm,mf->btf", x, w.astype(jnp.bfloat16)))
+    assert np.array_equal(autodiff, autodiff.astype(jnp.bfloat16).astype(jnp.float32))  # what it replaces
+
+
+def test_copies_take_the_reduce_dtype_when_traced():
+    """A pullback built inside reduce_gradients_in and run outside it still sums in bf16."""
+    w = jax.random.normal(jax.random.key(1), (5, 3))
+    weights = jax.random.normal(jax.random.key(2), (4, 5, 3)) * 1000.0
+    with grad_precision.reduce_gradients_in("bfloat16"):
+        _, pullback = jax.vjp(lambda w: grad_precision.copies(4, w) * weights, w)
+    (inside,) = pullback(jnp.ones((4, 5, 3)))
+    with grad_precision.reduce_gradients_in("bfloat16"):
+        (again,) = pullback(jnp.ones((4, 5, 3)))
+    assert np.array_equal(inside, again)
+    assert not np.array_equal(inside, np.sum(np.asarray(weights), axis=0))
+
+
 def test_matmul_and_copies_are_the_plain_ops_without_a_lower_dtype():
     x, w = jnp.ones((2, 3)), jnp.ones((3, 4))
     for dtype in (None, "float32"):

@@ -47,8 +47,8 @@ def _shard_reference(params, tokens, moe, nodes, limit):
     routing = moe_lib.route(params["gate"], tokens, moe=moe, train=True, rng=None)
     expert, weight = np.asarray(routing.expert_index), np.asarray(routing.weight)
     kept = np.asarray(routing.kept).copy()
-    cap = node_exchange.node_capacity(tokens.shape[0], routing.capacity, E, moe.k, nodes, limit,
-                                      moe.node_capacity_factor)
+    cap = node_exchange.node_capacity(tokens.shape[0], routing.capacity, E, moe.k, nodes, groups=moe.route_groups,
+                                      group_limit=limit, factor=moe.node_capacity_factor)
     node = expert // (E // nodes)
     for g in range(nodes):
         wanting = [s for s in range(tokens.shape[0]) if np.any(kept[s] & (node[s] == g))]
@@ -118,3 +118,31 @@ def test_node_dedup_needs_a_capacity_buffer_path():
     par = parallel.ParallelConfig(parallel.make_mesh(1, 8, 1, expert_nodes=2), exchange="node_dedup")
     with pytest.raises(ValueError, match="mesh.exchange='node_dedup' needs a capacity-buffer dispatch path"):
         moe_lib.moe_forward(moe_layer_params(E, M, F, 5), jnp.ones((16, 4, M)), moe=moe, train=True, parallel=par)
+
+
+def test_node_capacity_follows_the_nodes_a_token_can_reach():
+    # top-2 on 4 nodes, C = 4 of S = 64 tokens, E = 8: C * E / k = 16 tokens admitted
+    assert node_exchange.node_capacity(64, 4, 8, 2, 4) == 8  # reach 2 of 4 nodes
+    assert node_exchange.node_capacity(64, 4, 8, 2, 4, groups=4, group_limit=1) == 4  # one node
+    assert node_exchange.node_capacity(64, 4, 8, 2, 4, groups=2, group_limit=1) == 8  # a group spans 2 nodes
+    assert node_exchange.node_capacity(64, 4, 8, 2, 4, group_limit=1, groups=4, factor=1.5) == 6
+    assert node_exchange.node_capacity(64, 4, 8, 8, 4, column_per_expert=True) == 8  # 2 experts x C per node
+    assert node_exchange.node_capacity(64, 64, 8, 2, 4, groups=4, group_limit=1) == 64  # no dropping
+
+
+@pytest.mark.parametrize("router, nodes, groups", [("expert_choice", 2, 0), ("topk", 4, 2), ("topk", 2, 4)])
+def test_equal_to_the_hierarchical_exchange_where_node_buffers_are_ample(router, nodes, groups):
+    """Capacity factor 2: no node buffer overflows, so the layer is the hierarchical exchange's
+    (expert-choice: each node's E/G experts take C tokens each; a routing group spanning two nodes)."""
+    moe = config.MoEConfig(experts=E, k=2, use_rts=False, second_expert_sampling=False, capacity_factor=2.0,
+                           router=router, route_groups=groups, route_group_limit=1 if groups else 0)
+    params = moe_layer_params(E, M, F, 9)
+    x = jax.random.normal(jax.random.key(10), (16, 4, M))
+    out = {}
+    for name in ("hierarchical", "node_dedup"):
+        par = parallel.ParallelConfig(parallel.make_mesh(1, 8, 1, expert_nodes=nodes), exchange=name)
+        out[name] = jax.jit(lambda p, x: moe_lib.moe_forward(p, x, moe=moe, train=True, parallel=par))(params, x)
+    (y_ref, s_ref), (y, s) = out["hierarchical"], out["node_dedup"]
+    assert float(s["overflow_fraction"]) == 0.0
+    np.testing.assert_allclose(s["dropped_fraction"], s_ref["dropped_fraction"], rtol=1e-6)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)

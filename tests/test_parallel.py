@@ -282,11 +282,11 @@ def test_hierarchical_exchange_needs_each_expert_group_within_one_host():
             self.devices = np.array([Device(h) for h in hosts], dtype=object).reshape(1, 2, 2, 2, 1)
             self.shape = {"data": 1, "expert_node": 2, "expert_replica": 2, "expert": 2, "tensor": 1}
 
-    for exchange in ("hierarchical", "node_dedup"):
-        parallel._check_expert_axis_within_hosts(FakeMesh([0, 0, 0, 0, 1, 1, 1, 1]), exchange)  # one host per node
-        with pytest.raises(ValueError, match=f"mesh.exchange='{exchange}' runs its intra-node stage .* puts "
+    for name in ("hierarchical", "node_dedup"):
+        parallel._check_expert_axis_within_hosts(FakeMesh([0, 0, 0, 0, 1, 1, 1, 1]), name)  # one host per node
+        with pytest.raises(ValueError, match=f"mesh.exchange='{name}' runs its intra-node stage .* puts "
                                              "devices of processes \\[0, 1\\] in one node's group"):
-            parallel._check_expert_axis_within_hosts(FakeMesh([0, 1, 0, 1, 0, 1, 0, 1]), exchange)
+            parallel._check_expert_axis_within_hosts(FakeMesh([0, 1, 0, 1, 0, 1, 0, 1]), name)
 
 
 def test_a_sharding_that_does_not_divide_is_logged(caplog):
