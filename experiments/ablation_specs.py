@@ -60,10 +60,10 @@ VARIANTS = {
     # today's designs beside the paper's, at the top-1 MoE's active compute (the `modern` suite):
     # DeepSeekMoE's shared + fine-grained experts, then DeepSeek-V3's sigmoid router with loss-free
     # balancing and no token dropped
-    "shared_fine": Variant("shared_fine", max_seeds=3),
+    "shared_fine": Variant("shared_fine", max_seeds=5),
     "sigmoid_bias": Variant("shared_fine", overrides={
         "moe.router": "sigmoid", "moe.bias_update_rate": 0.01, "moe.aux_loss_coef": 0.0,
-        "moe.drop_tokens": False, "moe.dispatch": "dropless"}, max_seeds=3),
+        "moe.drop_tokens": False, "moe.dispatch": "dropless"}, max_seeds=5),
 }
 LADDER = ["dense", "dense_x2", "dense_x4", "dense_x8"]
 TEACHER = "teacher"
