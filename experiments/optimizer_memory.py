@@ -1,8 +1,9 @@
 r"""What sharding the optimizer state (ZeRO-1, mesh.shard_optimizer) saves per device.
 
-  python experiments/optimizer_memory.py            # the tables below, about 2 minutes on 2 cores
+  python experiments/optimizer_memory.py            # the tables below, about 3 minutes on 2 cores
 
-Two tables, before (replicated AdamW moments) and after (moments split over the batch axes):
+Two tables, before (replicated AdamW moments) and after (moments split over the batch axes), and a
+third for the gradient reduction's dtype (mesh.grad_reduce_dtype):
 1. Layout arithmetic on the paper-scale meshes, exact and compile-free: per-device bytes of the
    parameters and of the two float32 moments from moe_jax.parallel's specs on an abstract mesh of
    the target size (350M+PR-MoE-32/64 on 64 devices, 1.3B+PR-MoE-64/128 on 128, 8 per node).
@@ -10,6 +11,10 @@ Two tables, before (replicated AdamW moments) and after (moments split over the 
    bytes, peak memory and collective output bytes by kind. XLA:CPU keeps the sharded gradient as
    an all-reduce followed by a slice (GPU's pipeline fuses the pair into one reduce-scatter), so
    on CPU the gathered parameters show as added all-gather bytes on top of an unchanged all-reduce.
+3. The same step's all-reduce bytes with gradients reduced in float32 and in bfloat16, counted in the
+   module as XLA's SPMD partitioner emits it (cost.train_step_cost(..., partitioned=True): XLA:CPU
+   promotes bf16 all-reduces to float32 afterwards, a GPU runs them in bf16). On (2,2,2) both
+   columns also hold the tensor-parallel activations' all-reduces, the same bytes in each.
 """
 
 from __future__ import annotations
@@ -94,6 +99,18 @@ def main(argv):
                          f"{rec.peak_memory / MiB:.2f} MiB "
                          f"| {b['all-reduce'] / MiB:.2f} MiB | {b['all-gather'] / MiB:.2f} MiB | "
                          f"{b['all-to-all'] / MiB:.2f} MiB | {b['reduce-scatter'] / MiB:.2f} MiB |")
+    lines += ["", "Gradient reduction dtype, tiny PR-MoE step (all-reduce bytes per device, partitioned module):", "",
+              "| mesh | optimizer | float32 | bfloat16 | ratio |", "|---|---|---|---|---|"]
+    for mesh_sizes in TINY_MESHES + [(8, 1, 1)]:
+        for zero in (False, True):
+            reduced = {}
+            for dtype in ("float32", "bfloat16"):
+                config = load_config_file("pr_moe", "tiny")
+                config.mesh.shard_optimizer, config.mesh.grad_reduce_dtype = zero, dtype
+                reduced[dtype] = cost.train_step_cost(config, mesh_sizes, partitioned=True).collective_bytes(
+                    "all-reduce")
+            lines.append(f"| {mesh_sizes} | {'sharded' if zero else 'replicated'} | {reduced['float32']:,} B | "
+                         f"{reduced['bfloat16']:,} B | {reduced['bfloat16'] / reduced['float32']:.3f} |")
     print("\n".join(lines))
 
 
