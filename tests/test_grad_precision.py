@@ -136,7 +136,8 @@ def _train(par, num_steps=3):
     return state, result
 
 
-@pytest.mark.parametrize("mesh", [(2, 2, 2), (1, 8, 1)], ids=lambda m: "x".join(map(str, m)))
+@pytest.mark.parametrize("mesh", [(2, 2, 2), pytest.param((1, 8, 1), marks=pytest.mark.slow)],
+                         ids=lambda m: "x".join(map(str, m)))
 def test_bf16_reduction_trains_as_float32_within_its_rounding(mesh):
     """Same forward pass (the first loss is equal); gradients rounded once to bfloat16 before the
     reduction: the gradient norm within bfloat16's rounding, the parameters after three AdamW steps
