@@ -74,3 +74,20 @@ def check_gradient(loss, params, seed: int = 0, eps: float = 1e-3, rtol: float =
     analytic = float(sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction))))
     assert abs(analytic) > 1e-3, "a zero gradient proves nothing"
     np.testing.assert_allclose(analytic, numeric, rtol=rtol)
+
+
+def train_on_mesh(model_cfg, optimizer, par, batches, key=2):
+    """train_lib.train_step on the mesh `par` from seed 0, one step per batch: (state, [metrics])."""
+    from moe_jax import parallel, train_lib
+
+    state = train_lib.init_state(jax.random.key(0), model_cfg, optimizer)
+    shardings = parallel.shardings(parallel.state_specs(state, par, optimizer), par.mesh)
+    state = jax.device_put(state, shardings)
+    step = jax.jit(lambda s, b: train_lib.train_step(s, b, jax.random.key(key), model_cfg=model_cfg,
+                                                     optimizer=optimizer, parallel=par),
+                   out_shardings=(shardings, None))
+    metrics = []
+    for batch in batches:
+        state, m = step(state, parallel.device_put_batch(batch, par))
+        metrics.append(m)
+    return state, metrics

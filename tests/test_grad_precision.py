@@ -10,7 +10,7 @@ import pytest
 
 from experiments.configs import load_config_file
 from moe_jax import config, cost, grad_precision, hlo, parallel, train_lib
-from tests.helpers import random_tokens
+from tests.helpers import random_tokens, train_on_mesh
 
 CFG = config.ModelConfig(vocab_size=32, num_layers=4, hidden_size=16, num_heads=2, ffn_size=32, max_seq_len=16,
                          moe=config.MoEConfig(experts="4x1,8x1", drop_tokens=False, use_rts=False,
@@ -122,18 +122,11 @@ def test_an_unknown_reduce_dtype_is_refused_by_name():
 
 
 def _train(par, num_steps=3):
-    state = train_lib.init_state(jax.random.key(0), CFG, OPTIMIZER)
-    shardings = parallel.shardings(parallel.state_specs(state, par, OPTIMIZER), par.mesh)
-    state = jax.device_put(state, shardings)
-    step = jax.jit(lambda s, b: train_lib.train_step(s, b, jax.random.key(2), model_cfg=CFG, optimizer=OPTIMIZER,
-                                                     parallel=par), out_shardings=(shardings, None))
-    result = []
-    for i in range(num_steps):
-        batch = {"inputs": random_tokens(256, 32, seed=i).reshape(16, 16).astype(np.int32),
-                 "targets": random_tokens(256, 32, seed=100 + i).reshape(16, 16).astype(np.int32)}
-        state, metrics = step(state, parallel.device_put_batch(batch, par))
-        result.append((float(metrics["loss"]), float(metrics["grad_norm"])))
-    return state, result
+    batches = [{"inputs": random_tokens(256, 32, seed=i).reshape(16, 16).astype(np.int32),
+                "targets": random_tokens(256, 32, seed=100 + i).reshape(16, 16).astype(np.int32)}
+               for i in range(num_steps)]
+    state, metrics = train_on_mesh(CFG, OPTIMIZER, par, batches)
+    return state, [(float(m["loss"]), float(m["grad_norm"])) for m in metrics]
 
 
 @pytest.mark.parametrize("mesh", [(2, 2, 2), pytest.param((1, 8, 1), marks=pytest.mark.slow)],

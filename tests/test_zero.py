@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from moe_jax import config, parallel, train_lib, trainer
-from tests.helpers import losses
+from tests.helpers import losses, train_on_mesh
 
 CFG = config.ModelConfig(vocab_size=32, num_layers=4, hidden_size=16, num_heads=2, ffn_size=32, max_seq_len=16,
                          moe=config.MoEConfig(experts="4x1,8x1", drop_tokens=False, use_rts=False))
@@ -59,16 +59,8 @@ def _batch(seed):
 
 
 def _train(par, num_steps=3):
-    state = train_lib.init_state(jax.random.key(0), CFG, OPTIMIZER)
-    shardings = parallel.shardings(parallel.state_specs(state, par, OPTIMIZER), par.mesh)
-    state = jax.device_put(state, shardings)
-    step = jax.jit(lambda s, b: train_lib.train_step(s, b, jax.random.key(2), model_cfg=CFG, optimizer=OPTIMIZER,
-                                                     parallel=par), out_shardings=(shardings, None))
-    losses = []
-    for i in range(num_steps):
-        state, metrics = step(state, parallel.device_put_batch(_batch(i), par))
-        losses.append(float(metrics["loss"]))
-    return state, losses
+    state, metrics = train_on_mesh(CFG, OPTIMIZER, par, [_batch(i) for i in range(num_steps)])
+    return state, [float(m["loss"]) for m in metrics]
 
 
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "x".join(map(str, m)))
